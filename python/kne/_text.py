@@ -1,0 +1,105 @@
+"""Tokenising prompt/answer pairs the way EasyEdit does, and teacher-forced answer scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+__all__ = ["Batch", "encode", "join", "answer_logprobs"]
+
+
+def join(prompt: str, answer: str) -> str:
+    """``prompt + " " + answer`` (EasyEdit's rule); no second space when ``answer`` starts with one."""
+    return prompt + answer if answer[:1].isspace() else prompt + " " + answer
+
+
+@dataclass
+class Batch:
+    """Right-padded ``prompt + " " + answer`` sequences with the answer-token positions.
+
+    ``input_ids``/``attention_mask`` ``[B, T]``; ``rows``/``cols`` (LongTensors ``[n]``) locate every
+    answer token; the logits that predict it sit at ``cols - 1``; ``segment`` gives the sequence of
+    each answer token (== ``rows``); ``lengths`` the number of answer tokens per sequence.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    lengths: List[int]
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.input_ids[self.rows, self.cols]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.rows.to(device),
+                     self.cols.to(device), self.lengths)
+
+    def repeat(self, k: int) -> "Batch":
+        """``k`` copies of every sequence, copy-major: sequence ``b`` of copy ``c`` is row ``c*B + b``."""
+        B = self.size
+        off = (torch.arange(k, device=self.rows.device) * B).repeat_interleave(self.rows.numel())
+        return Batch(self.input_ids.repeat(k, 1), self.attention_mask.repeat(k, 1),
+                     self.rows.repeat(k) + off, self.cols.repeat(k), self.lengths * k)
+
+
+def _ids(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], *, add_special_tokens: bool = False,
+           device=None) -> Batch:
+    """Tokenise ``join(prompt, answer)`` for each pair; the answer tokens are those after the
+    prompt's own tokens (EasyEdit's rule)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    seqs, starts = [], []
+    for p, a in zip(prompts, answers):
+        full = _ids(tokenizer, join(p, a), add_special_tokens)
+        n_prompt = len(_ids(tokenizer, p, add_special_tokens))
+        if n_prompt < 1:
+            raise ValueError(f"prompt {p!r} tokenizes to nothing: the first answer token needs a context")
+        if n_prompt >= len(full):
+            raise ValueError(f"answer {a!r} adds no tokens after prompt {p!r}: give a non-empty answer")
+        seqs.append(full)
+        starts.append(n_prompt)
+    T = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids = torch.full((len(seqs), T), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    rows, cols, lengths = [], [], []
+    for b, (s, st) in enumerate(zip(seqs, starts)):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+        rows += [b] * (len(s) - st)
+        cols += list(range(st, len(s)))
+        lengths.append(len(s) - st)
+    batch = Batch(ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long), lengths)
+    return batch.to(device) if device is not None else batch
+
+
+def answer_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Float32 ``log P(answer token | prefix)`` for every answer token of ``batch`` (``[n]``)."""
+    sel = logits[batch.rows, batch.cols - 1].float()
+    return torch.log_softmax(sel, dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
+
+
+def answer_predictions(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Argmax token at every answer position (``[n]``)."""
+    return logits[batch.rows, batch.cols - 1].argmax(-1)
+
+
+def per_sequence_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean of ``values`` (``[n]``, one per answer token) per sequence: ``[B]``."""
+    sums = torch.zeros(batch.size, dtype=values.dtype, device=values.device).index_add_(0, batch.rows, values)
+    lens = torch.tensor(batch.lengths, dtype=values.dtype, device=values.device)
+    return sums / lens

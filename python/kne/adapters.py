@@ -1,0 +1,215 @@
+"""Architecture adapters: where the decoder layers and FFN projections of a model live.
+
+A registry maps a Hugging Face ``model_type`` to the dotted path of its decoder-layer list and to
+the FFN projections inside one layer under neutral aliases:
+
+* ``ffn_in``: the up projection (``mlp.up_proj``, GPT-2 ``mlp.c_fc``, OPT ``fc1``...),
+* ``ffn_gate``: the gate projection of gated FFNs (``mlp.gate_proj``),
+* ``ffn_out``: the down projection (``mlp.down_proj``, GPT-2 ``mlp.c_proj``, OPT ``fc2``...).
+
+Target modules may be named by alias or by their suffix inside a layer (``"mlp.down_proj"``). The
+weight layout is read from the module class: ``nn.Linear`` stores ``[out, in]``, GPT-2's
+``Conv1D`` stores ``[in, out]``; :meth:`ModuleSite.weight` always returns an ``[out, in]`` view,
+so every caller can ignore the difference. Other architectures are added with
+:func:`register_architecture`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Architecture",
+    "ModuleSite",
+    "register_architecture",
+    "get_architecture",
+    "supported_model_types",
+    "resolve_sites",
+    "num_layers",
+    "ALIASES",
+]
+
+ALIASES = ("ffn_in", "ffn_gate", "ffn_out")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the FFN projections of one family of models live."""
+
+    layers: str
+    modules: Tuple[Tuple[str, str], ...]  # (alias, suffix inside a layer)
+
+    def suffix(self, alias: str) -> Optional[str]:
+        return dict(self.modules).get(alias)
+
+    def alias(self, suffix: str) -> Optional[str]:
+        for a, s in self.modules:
+            if s == suffix:
+                return a
+        return None
+
+
+_REGISTRY: Dict[str, Architecture] = {}
+
+
+def register_architecture(
+    model_type: str,
+    *,
+    layers: str,
+    ffn_in: Optional[str] = None,
+    ffn_gate: Optional[str] = None,
+    ffn_out: Optional[str] = None,
+    overwrite: bool = False,
+) -> Architecture:
+    """Teach kne a new ``model_type``.
+
+    ``layers`` is the dotted path from the model to its list of decoder layers
+    (``"model.layers"``); ``ffn_in`` / ``ffn_gate`` / ``ffn_out`` are module paths inside one layer
+    (``"mlp.up_proj"``). Example::
+
+        kne.register_architecture("my_llama", layers="model.layers",
+                                  ffn_in="mlp.up_proj", ffn_gate="mlp.gate_proj", ffn_out="mlp.down_proj")
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError("model_type must be a non-empty string such as 'llama'")
+    if model_type in _REGISTRY and not overwrite:
+        raise ValueError(f"model_type {model_type!r} is already registered; pass overwrite=True to replace it")
+    mods = tuple((a, s) for a, s in (("ffn_in", ffn_in), ("ffn_gate", ffn_gate), ("ffn_out", ffn_out)) if s)
+    if not mods:
+        raise ValueError("register_architecture needs at least one of ffn_in, ffn_gate, ffn_out")
+    arch = Architecture(layers=layers, modules=mods)
+    _REGISTRY[model_type] = arch
+    return arch
+
+
+for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
+    register_architecture(_t, layers="model.layers", ffn_in="mlp.up_proj", ffn_gate="mlp.gate_proj",
+                          ffn_out="mlp.down_proj")
+register_architecture("gpt2", layers="transformer.h", ffn_in="mlp.c_fc", ffn_out="mlp.c_proj")
+register_architecture("gptj", layers="transformer.h", ffn_in="mlp.fc_in", ffn_out="mlp.fc_out")
+register_architecture("gpt_neox", layers="gpt_neox.layers", ffn_in="mlp.dense_h_to_4h", ffn_out="mlp.dense_4h_to_h")
+register_architecture("opt", layers="model.decoder.layers", ffn_in="fc1", ffn_out="fc2")
+
+
+def supported_model_types() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def get_architecture(model: nn.Module) -> Architecture:
+    mt = _model_type(model)
+    if mt in _REGISTRY:
+        return _REGISTRY[mt]
+    raise ValueError(
+        f"kne has no adapter for model_type {mt!r}. Supported: {', '.join(supported_model_types())}. "
+        "Name the modules explicitly with kne.register_architecture("
+        f"{mt!r}, layers='<path to the decoder layer list, e.g. model.layers>', "
+        "ffn_in='<e.g. mlp.up_proj>', ffn_out='<e.g. mlp.down_proj>')."
+    )
+
+
+def _layer_list(model: nn.Module, arch: Architecture) -> nn.ModuleList:
+    try:
+        layers = model.get_submodule(arch.layers)
+    except AttributeError as e:
+        raise ValueError(f"model of type {_model_type(model)!r} has no module {arch.layers!r} "
+                         "(its registered layer list); re-register it with the right path") from e
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        raise ValueError(f"{arch.layers!r} is a {type(layers).__name__}, not a list of decoder layers")
+    return layers
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(_layer_list(model, get_architecture(model)))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2): weight [in, out], y = x @ W + b
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+@dataclass
+class ModuleSite:
+    """One target module instance: a linear FFN projection of one decoder layer."""
+
+    name: str  # the name the caller used (alias or suffix)
+    suffix: str  # path inside the layer, e.g. "mlp.down_proj"
+    layer: int
+    path: str  # full module path inside the model
+    module: nn.Module
+    transposed: bool  # weight stored [in, out] (GPT-2 Conv1D)
+
+    def weight(self) -> torch.Tensor:
+        """The weight as an ``[out, in]`` view sharing storage with the module's parameter."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight().shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight().shape[1]
+
+    def num_neurons(self, axis: str) -> int:
+        return self.out_features if axis == "out" else self.in_features
+
+
+def resolve_sites(model: nn.Module, target_modules: Sequence[str],
+                  layers: Optional[Sequence[int]] = None) -> Dict[str, List[ModuleSite]]:
+    """``{name: [ModuleSite per layer]}`` for every target module name, layers ascending."""
+    arch = get_architecture(model)
+    layer_list = _layer_list(model, arch)
+    n = len(layer_list)
+    if layers is None:
+        idx = list(range(n))
+    else:
+        bad = [l for l in layers if not -n <= l < n]
+        if bad:
+            raise ValueError(f"KNEConfig.layers={tuple(layers)} has indices {bad} outside the model's "
+                             f"{n} layers: use indices in [0, {n - 1}] or None for all layers")
+        idx = sorted({l % n for l in layers})
+        if len(idx) != len(layers):
+            raise ValueError(f"KNEConfig.layers={tuple(layers)} names a layer twice")
+    out: Dict[str, List[ModuleSite]] = {}
+    for name in target_modules:
+        suffix = arch.suffix(name) or name
+        if name in ALIASES and arch.suffix(name) is None:
+            raise ValueError(f"model_type {_model_type(model)!r} has no {name!r} module; available: "
+                             + ", ".join(f"{a} ({s})" for a, s in arch.modules))
+        sites = []
+        for l in idx:
+            try:
+                mod = layer_list[l].get_submodule(suffix)
+            except AttributeError:
+                raise ValueError(
+                    f"target module {name!r} not found in layer {l} of a {_model_type(model)!r} model; use an "
+                    "alias (" + ", ".join(f"{a}={s}" for a, s in arch.modules) + ") or a module path inside "
+                    "a decoder layer such as 'mlp.down_proj'") from None
+            if isinstance(mod, nn.Linear):
+                transposed = False
+            elif _is_conv1d(mod):
+                transposed = True
+            else:
+                raise ValueError(f"target module {name!r} ({arch.layers}.{l}.{suffix}) is a "
+                                 f"{type(mod).__name__}; kne edits nn.Linear and GPT-2 Conv1D projections only")
+            sites.append(ModuleSite(name=name, suffix=suffix, layer=l, path=f"{arch.layers}.{l}.{suffix}",
+                                    module=mod, transposed=transposed))
+        out[name] = sites
+    suffixes = [s[0].suffix for s in out.values()]
+    if len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"target_modules {tuple(target_modules)} name the same module twice (alias and suffix)")
+    return out

@@ -1,0 +1,167 @@
+"""KNE hyper-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+__all__ = ["KNEConfig", "resolve_config"]
+
+_CHOICES = {
+    "neuron_axis": ("out", "in"),
+    "ig_path": ("layerwise", "joint"),
+    "objective": ("prob", "logprob"),
+    "aggregate": ("max", "mean"),
+    "delta_init": ("zeros", "kaiming"),
+    "backend": ("auto", "torch"),
+}
+
+
+@dataclass
+class KNEConfig:
+    """Settings of one KNE localisation and edit.
+
+    Localisation (``kne.attribute`` / ``kne.locate``):
+
+    * ``target_modules``: FFN modules whose neurons are scored, by neutral alias (``ffn_in``,
+      ``ffn_gate``, ``ffn_out``) or by Hugging Face suffix (``mlp.down_proj``).
+    * ``neuron_axis``: ``"out"`` -- neuron ``i`` is row ``W[i, :]`` (the authors' ``this_layer``);
+      ``"in"`` -- neuron ``j`` is column ``W[:, j]`` (``last_layer``).
+    * ``layers``: decoder layer indices to score (``None``: all).
+    * ``ig_steps``: Riemann steps ``m`` of the integrated-gradient path, ``a_k = k/m``; ``1`` is
+      gradient-times-weight at the model's own weights (the authors' "gas").
+    * ``ig_path``: ``"layerwise"`` scales one module instance at a time along the path (default,
+      as Dai et al. do for knowledge neurons); ``"joint"`` scales every target module together.
+      Both coincide when ``ig_steps == 1``.
+    * ``objective``: ``"prob"`` -- sum over answer tokens of ``P(y*_j)`` (the paper);
+      ``"logprob"`` -- sum of ``log P(y*_j)``. Answer = ``target_new``, teacher-forced.
+    * ``percentile`` / ``aggregate`` / ``positive_only``: keep neurons whose score, aggregated over
+      requests with ``max`` or ``mean``, is above the global ``numpy.percentile`` of all layers of a
+      module (strict ``>``), and above 0 when ``positive_only``.
+
+    Edit (``kne.fast_edit``): AdamW on a compact delta of the ensemble rows/columns with ``lr``,
+    ``weight_decay``; at most ``steps`` optimizer steps, stopping as soon as the loss is below
+    ``stop_loss``; the delta path ``y += s * dropout(x) @ dW^T`` with ``s = alpha / sqrt(K)``
+    (``rs_scaling``) or ``alpha / K``, ``K`` the ensemble size of that module instance;
+    ``delta_init`` ``"zeros"`` (the model is unchanged before the first step) or ``"kaiming"`` (the
+    authors' LoRA-style uniform noise, bound ``1/sqrt(in_features)``).
+
+    ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
+    implementation of the fast path (``"auto"`` or ``"torch"``); ``seed`` seeds dropout and the
+    delta initialisation (the caller's global RNG state is left untouched).
+    """
+
+    target_modules: Tuple[str, ...] = ("ffn_out",)
+    neuron_axis: str = "out"
+    layers: Optional[Tuple[int, ...]] = None
+    ig_steps: int = 1
+    ig_path: str = "layerwise"
+    objective: str = "prob"
+    percentile: float = 99.0
+    aggregate: str = "max"
+    positive_only: bool = True
+    lr: float = 5e-3
+    steps: int = 30
+    alpha: float = 1.0
+    rs_scaling: bool = True
+    dropout: float = 0.1
+    weight_decay: float = 0.0
+    stop_loss: float = 1e-2
+    delta_init: str = "zeros"
+    add_special_tokens: bool = False
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        try:
+            self.target_modules = tuple(self.target_modules)
+        except TypeError:
+            _bad("target_modules", self.target_modules, "a tuple of module names such as ('ffn_out',)")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            _bad("target_modules", self.target_modules, "a non-empty tuple of module names such as ('ffn_out',)")
+        if len(set(self.target_modules)) != len(self.target_modules):
+            _bad("target_modules", self.target_modules, "each module named once")
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = (self.layers,)
+            try:
+                self.layers = tuple(self.layers)
+            except TypeError:
+                _bad("layers", self.layers, "None (all layers) or a sequence of layer indices")
+            if not self.layers or not all(isinstance(l, int) and not isinstance(l, bool) for l in self.layers):
+                _bad("layers", self.layers, "None (all layers) or a non-empty sequence of int layer indices")
+            if len(set(self.layers)) != len(self.layers):
+                _bad("layers", self.layers, "each layer listed once")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                _bad(name, getattr(self, name), "one of " + ", ".join(repr(c) for c in choices))
+        _int(self, "ig_steps", 1)
+        _int(self, "steps", 0)
+        _int(self, "seed", None)
+        _num(self, "percentile", lo=0.0, hi=100.0, hi_open=True,
+             fix="a number in [0, 100); 99 keeps about 1% of neurons")
+        _num(self, "lr", lo=0.0, lo_open=True, fix="a positive learning rate such as 5e-3")
+        _num(self, "alpha", lo=0.0, lo_open=True, fix="a positive scale such as 1.0")
+        _num(self, "dropout", lo=0.0, hi=1.0, hi_open=True, fix="a probability in [0, 1)")
+        _num(self, "weight_decay", lo=0.0, fix="a non-negative number such as 0.0")
+        _num(self, "stop_loss", lo=0.0, fix="a non-negative loss (0 disables early stopping)")
+        for name in ("positive_only", "rs_scaling", "add_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "True or False")
+
+    def replace(self, **overrides: Any) -> "KNEConfig":
+        """A copy with some fields changed (validated; unknown names raise ``ValueError``)."""
+        return resolve_config(self, overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "KNEConfig":
+        return resolve_config(None, d)
+
+
+def resolve_config(config: Optional[KNEConfig], overrides: Optional[Dict[str, Any]] = None) -> KNEConfig:
+    """``config`` (default ``KNEConfig()``) with ``overrides`` applied, validated."""
+    if config is None:
+        config = KNEConfig()
+    elif isinstance(config, dict):
+        config = resolve_config(None, config)
+    elif not isinstance(config, KNEConfig):
+        raise ValueError(f"config must be a kne.KNEConfig or a dict, got {type(config).__name__}")
+    if not overrides:
+        return config
+    names = {f.name for f in dataclasses.fields(KNEConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown KNEConfig field(s) {unknown}; valid fields are: {', '.join(sorted(names))}")
+    return dataclasses.replace(config, **overrides)
+
+
+def _bad(name: str, value: Any, fix: str) -> None:
+    raise ValueError(f"KNEConfig.{name}={value!r} is invalid: use {fix}")
+
+
+def _int(cfg: KNEConfig, name: str, lo: Optional[int]) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
+        _bad(name, v, f"an integer >= {lo}" if lo is not None else "an integer")
+
+
+def _num(cfg: KNEConfig, name: str, *, lo=None, hi=None, lo_open=False, hi_open=False, fix: str) -> None:
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        _bad(name, v, fix)
+    setattr(cfg, name, float(v))
