@@ -1,0 +1,254 @@
+"""The fast KNE edit: a compact delta on the ensemble rows (or columns), merged in place.
+
+Per ensemble module instance with ``K`` neurons, a trainable float32 delta ``dW`` of shape
+``[K, in]`` (rows, ``neuron_axis="out"``) or ``[out, K]`` (columns, ``"in"``) enters the forward
+as ``y[..., idx] += s * dropout(x) @ dW^T`` (rows) or ``y += s * dropout(x)[..., idx] @ dW^T``
+(columns), ``s = alpha / sqrt(K)`` (``rs_scaling``) or ``alpha / K``. No parameter of the model
+requires a gradient: backward only forms ``s * dY[:, idx]^T x``, a GEMM the size of the
+ensemble, and the AdamW moments are compact too. At the end ``W[idx] = W[idx] + s * dW`` in place;
+the original rows are kept so :meth:`EditResult.restore` is bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kne_kernels.reference import adamw_update_
+
+from ._text import Batch, answer_logprobs, per_sequence_mean
+from ._utils import Timer, forward_logits, frozen, input_device, model_devices, seeded
+from .adapters import ModuleSite, get_architecture, resolve_sites
+from .attribution import request_batch
+from .config import KNEConfig, resolve_config
+from .ensemble import Ensemble, _match_suffix, locate
+from .requests import EditRequest, as_requests
+
+__all__ = ["EditError", "EditResult", "fast_edit", "edit_loss", "delta_scale", "initial_delta"]
+
+
+class EditError(RuntimeError):
+    """An edit could not be completed; the model was left exactly as it was."""
+
+
+def delta_scale(config: KNEConfig, k: int) -> float:
+    """``s = alpha / sqrt(K)`` with rs scaling, else ``alpha / K``."""
+    return config.alpha / math.sqrt(k) if config.rs_scaling else config.alpha / k
+
+
+def initial_delta(config: KNEConfig, site: ModuleSite, axis: str, k: int, device) -> torch.Tensor:
+    """The compact delta's starting value: zeros, or kaiming-uniform noise with the bound of the
+    dense ``[out, in]`` weight (``1/sqrt(in_features)``), drawn from a generator seeded by
+    ``(seed, layer, module)`` so every implementation draws the same numbers."""
+    shape = (k, site.in_features) if axis == "out" else (site.out_features, k)
+    if config.delta_init == "zeros":
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    gen = torch.Generator().manual_seed(
+        (config.seed * 1_000_003 + site.layer * 7919 + zlib.crc32(site.suffix.encode())) % (2**63))
+    bound = 1.0 / math.sqrt(site.in_features)
+    return (torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound).to(device)
+
+
+def edit_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean NLL of the answer tokens of each request (prompt and padding masked), then the mean over
+    requests (EasyEdit's FT-M loss)."""
+    return (-per_sequence_mean(answer_logprobs(logits, batch), batch)).mean()
+
+
+@dataclass
+class _Slot:
+    """One edited module instance."""
+
+    site: ModuleSite
+    idx: torch.Tensor
+    scale: float
+    delta: torch.Tensor
+    base: torch.Tensor  # original rows/columns, weight dtype
+
+
+class EditResult:
+    """Outcome of one edit: ``model`` (edited in place), ``ensemble``, ``stats`` and ``restore()``.
+
+    ``stats`` holds ``locate_seconds``, ``edit_seconds``, ``total_seconds``, ``steps`` (optimizer
+    steps taken), ``losses`` (the loss before each step, and the one that stopped the loop),
+    ``stopped_early``, ``neurons``, ``params_edited``, ``params_total`` (all model parameters),
+    ``param_fraction`` and ``target_param_fraction`` (share of the target modules' parameters).
+    """
+
+    def __init__(self, model: nn.Module, ensemble: Ensemble, stats: Dict[str, Any], config: KNEConfig,
+                 requests: List[EditRequest], saved: List[Tuple[ModuleSite, int, torch.Tensor, torch.Tensor]]):
+        self.model = model
+        self.ensemble = ensemble
+        self.stats = stats
+        self.config = config
+        self.requests = requests
+        self._saved = saved  # (site, dim, idx, original rows/cols)
+        self.restored = False
+
+    def restore(self) -> nn.Module:
+        """Put every edited weight back bit for bit (idempotent). Returns the model."""
+        if not self.restored:
+            for site, dim, idx, base in reversed(self._saved):
+                with torch.no_grad():
+                    site.weight().index_copy_(dim, idx.to(base.device), base)
+            self.restored = True
+        return self.model
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"EditResult(steps={s.get('steps')}, final_loss={s['losses'][-1] if s.get('losses') else None}, "
+                f"neurons={s.get('neurons')}, params_edited={s.get('params_edited')}, "
+                f"total_seconds={s.get('total_seconds', 0):.3f}, restored={self.restored})")
+
+
+def _train(model: nn.Module, batch: Batch, params: List[torch.Tensor], config: KNEConfig,
+           step_fn: Callable[[int, List[torch.Tensor]], None], on_step: Optional[Callable] = None):
+    """The loop shared by the fast and the reference edit: loss, stop test, gradient, step."""
+    losses: List[float] = []
+    steps = 0
+    stopped = False
+    for it in range(config.steps + 1):
+        loss = edit_loss(forward_logits(model, batch), batch)
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value):
+            raise EditError(f"the edit loss became {value} at step {it}: lower KNEConfig.lr (now {config.lr}) or "
+                            "use a float32/bfloat16 model; the model was restored")
+        if value < config.stop_loss:
+            stopped = True
+            break
+        if it == config.steps:
+            break
+        grads = torch.autograd.grad(loss, params)
+        step_fn(it + 1, list(grads))
+        steps += 1
+        if on_step is not None:
+            on_step(steps, value)
+    return losses, steps, stopped
+
+
+def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
+              ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
+              **overrides: Any) -> EditResult:
+    """Edit ``model`` in place with KNE; returns an :class:`EditResult`.
+
+    Without ``ensemble`` the ensemble is located from ``requests`` (:func:`kne.locate`); with one
+    (for instance a dataset-level ensemble from ``kne.locate`` over many requests) its modules,
+    layers and ``neuron_axis`` are used as they are. Several requests are edited together (the
+    loss is the mean of their per-request losses). The model is left exactly as it was if the edit
+    fails or is interrupted (a non-finite loss raises :class:`EditError`).
+
+    >>> res = kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": "Rome"})
+    >>> res.stats["steps"], res.restore()
+    """
+    cfg = resolve_config(config, overrides)
+    reqs = as_requests(requests)
+    total = Timer()
+    if ensemble is None:
+        ensemble = locate(model, tokenizer, reqs, cfg)
+        locate_seconds = total()
+    else:
+        if not isinstance(ensemble, Ensemble):
+            raise ValueError(f"ensemble must be a kne.Ensemble (see kne.locate / Ensemble.load), got "
+                             f"{type(ensemble).__name__}")
+        locate_seconds = 0.0
+    axis = ensemble.neuron_axis
+    pairs = ensemble.sites(model)
+    if not pairs:
+        raise EditError("the ensemble is empty: no neuron scored above the percentile threshold; lower "
+                        f"KNEConfig.percentile (now {cfg.percentile}) or set positive_only=False")
+    timer = Timer()
+    batch = request_batch(tokenizer, reqs, cfg, input_device(model))
+    slots: List[_Slot] = []
+    for site, idx in pairs:
+        w = site.weight()
+        idx = idx.to(w.device)
+        dim = 0 if axis == "out" else 1
+        slots.append(_Slot(site=site, idx=idx, scale=delta_scale(cfg, idx.numel()),
+                           delta=initial_delta(cfg, site, axis, idx.numel(), w.device),
+                           base=w.index_select(dim, idx).detach().clone()))
+    dim = 0 if axis == "out" else 1
+    saved = [(s.site, dim, s.idx, s.base) for s in slots]
+    moments = [(torch.zeros_like(s.delta), torch.zeros_like(s.delta)) for s in slots]
+    deltas = [s.delta.requires_grad_(True) for s in slots]
+
+    def make_hook(slot: _Slot):
+        p = cfg.dropout
+
+        def hook(module, args, out):
+            x = args[0]
+            if p > 0:
+                x = F.dropout(x, p=p, training=True)
+            d = slot.delta.to(x.dtype)
+            if axis == "out":
+                return out.index_add(-1, slot.idx, (x @ d.t()) * slot.scale)
+            return out + (x.index_select(-1, slot.idx) @ d.t()) * slot.scale
+
+        return hook
+
+    def step_fn(step: int, grads: List[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for delta, g, (m1, m2) in zip(deltas, grads, moments):
+                adamw_update_(delta, g, m1, m2, step=step, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    handles = []
+    merged: List[_Slot] = []
+    try:
+        with frozen(model), seeded(cfg.seed, model_devices(model)):
+            handles = [s.site.module.register_forward_hook(make_hook(s)) for s in slots]
+            losses, steps, stopped = _train(model, batch, deltas, cfg, step_fn, on_step)
+        for h in handles:
+            h.remove()
+        handles = []
+        with torch.no_grad():
+            for s in slots:
+                w = s.site.weight()
+                w.index_copy_(dim, s.idx, (s.base.float() + s.scale * s.delta.detach()).to(w.dtype))
+                merged.append(s)
+    except BaseException:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for s in merged:
+                s.site.weight().index_copy_(dim, s.idx, s.base)
+        raise
+    edit_seconds = timer()
+    edited = sum(int(s.delta.numel()) for s in slots)
+    n_total = sum(p.numel() for p in model.parameters())
+    stats = {
+        "locate_seconds": locate_seconds,
+        "edit_seconds": edit_seconds,
+        "total_seconds": total(),
+        "steps": steps,
+        "losses": losses,
+        "stopped_early": stopped,
+        "neurons": len(ensemble),
+        "params_edited": edited,
+        "params_total": n_total,
+        "param_fraction": edited / n_total,
+        "target_param_fraction": edited / max(1, _target_params(model, ensemble)),
+    }
+    for d in deltas:
+        d.requires_grad_(False)
+    return EditResult(model, ensemble, stats, cfg, reqs, saved)
+
+
+def _target_params(model: nn.Module, ensemble: Ensemble) -> int:
+    """Parameters of the target modules the ensemble was selected from: the layers the config
+    scored when known, else the layers the ensemble touches."""
+    arch = get_architecture(model)
+    layers = ensemble.config.get("layers") if ensemble.config else None
+    total = 0
+    for suffix, per in ensemble.indices.items():
+        name = _match_suffix(model, arch, suffix)
+        use = layers if (layers is not None or ensemble.n_layers.get(suffix)) else sorted(per)
+        if use is not None and not use:
+            continue
+        total += sum(site.module.weight.numel() for site in resolve_sites(model, [name], use)[name])
+    return total

@@ -1,0 +1,220 @@
+"""The pure-torch reference KNE: written for obvious correctness, not speed.
+
+Same signatures as the fast path (:func:`kne.attribute`, :func:`kne.locate`, :func:`kne.fast_edit`),
+implemented the direct way:
+
+* ``attribute``: the weights themselves are scaled along the integrated-gradient path, autograd
+  fills ``.grad``, and a neuron's score is ``(W * mean_k G_k)`` summed over its weights;
+* ``locate``: aggregate over requests, then ``numpy.percentile`` (linear) over all layers of a
+  module, strict ``>`` and ``> 0``;
+* ``edit``: a dense ``[out, in]`` float32 delta per edited module, masked to the ensemble rows (or
+  columns), trained with ``torch.optim.AdamW``, merged into ``W`` at the end.
+
+The fast path must agree with this module; the tests hold them to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._text import answer_logprobs, encode, per_sequence_mean
+from ._utils import Timer, forward_logits, input_device, model_devices, seeded
+from .adapters import resolve_sites
+from .attribution import Attribution
+from .config import KNEConfig, resolve_config
+from .editing import EditError, EditResult, delta_scale, initial_delta
+from .ensemble import Ensemble
+from .requests import as_requests
+
+__all__ = ["attribute", "locate", "edit"]
+
+
+def _objective(model, batch, objective: str) -> torch.Tensor:
+    lp = answer_logprobs(forward_logits(model, batch), batch)
+    return lp.exp().sum() if objective == "prob" else lp.sum()
+
+
+def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, **overrides: Any) -> Attribution:
+    """Reference attribution: autograd on the scaled weights, ``W * G`` summed per neuron."""
+    cfg = resolve_config(config, overrides)
+    reqs = as_requests(requests)
+    timer = Timer()
+    sites = resolve_sites(model, cfg.target_modules, cfg.layers)
+    layers = tuple(s.layer for s in next(iter(sites.values())))
+    m = cfg.ig_steps
+    alphas = [k / m for k in range(1, m + 1)]
+    flat = [(name, li, s) for name, ss in sites.items() for li, s in enumerate(ss)]
+    scores = {name: torch.zeros(len(reqs), len(ss), ss[0].num_neurons(cfg.neuron_axis)) for name, ss in sites.items()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    passes = 0
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        originals = {id(s.module.weight): s.module.weight.detach().clone() for _, _, s in flat}
+        # With m == 1 the only path point is a = 1, the model itself: every weight at once.
+        groups = [flat] if (cfg.ig_path == "joint" or m == 1) else [[f] for f in flat]
+        for r, req in enumerate(reqs):
+            batch = encode(tokenizer, [req.prompt], [req.target_new], add_special_tokens=cfg.add_special_tokens,
+                           device=input_device(model))
+            for group in groups:
+                grad_sum = {id(s.module.weight): torch.zeros_like(s.module.weight, dtype=torch.float32)
+                            for _, _, s in group}
+                for a in alphas:
+                    for _, _, s in group:
+                        w = s.module.weight
+                        with torch.no_grad():
+                            w.copy_(originals[id(w)] * a)
+                        w.requires_grad_(True)
+                        w.grad = None
+                    try:
+                        _objective(model, batch, cfg.objective).backward()
+                        passes += 1
+                    finally:
+                        for _, _, s in group:
+                            w = s.module.weight
+                            with torch.no_grad():
+                                w.copy_(originals[id(w)])
+                            w.requires_grad_(False)
+                    for _, _, s in group:
+                        w = s.module.weight
+                        grad_sum[id(w)] += w.grad.float() if w.grad is not None else 0.0
+                        w.grad = None
+                for name, li, s in group:
+                    W = originals[id(s.module.weight)].float()
+                    G = grad_sum[id(s.module.weight)] / m
+                    if s.transposed:  # Conv1D stores [in, out]: view both as [out, in]
+                        W, G = W.t(), G.t()
+                    prod = W * G
+                    scores[name][r, li] = (prod.sum(1) if cfg.neuron_axis == "out" else prod.sum(0)).cpu()
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(training)
+    return Attribution(scores=scores, layers=layers, suffixes={n: ss[0].suffix for n, ss in sites.items()},
+                       config=cfg, requests=reqs, seconds=timer(), passes=passes)
+
+
+def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, **overrides: Any) -> Ensemble:
+    """Reference localisation: ``numpy.percentile`` over all layers of each module."""
+    cfg = resolve_config(config, overrides)
+    att = attribute(model, tokenizer, requests, cfg)
+    indices, thresholds, n_neurons, n_layers = {}, {}, {}, {}
+    for name, sc in att.scores.items():
+        agg = sc.max(0).values if cfg.aggregate == "max" else sc.mean(0)
+        thr = np.percentile(agg.numpy(), cfg.percentile)
+        keep = agg.numpy() > thr
+        if cfg.positive_only:
+            keep &= agg.numpy() > 0
+        suffix = att.suffixes[name]
+        indices[suffix] = {att.layers[i]: torch.from_numpy(np.nonzero(keep[i])[0]).long()
+                           for i in range(keep.shape[0])}
+        thresholds[suffix] = float(thr)
+        n_neurons[suffix] = sc.shape[2]
+        n_layers[suffix] = sc.shape[1]
+    return Ensemble(indices=indices, neuron_axis=cfg.neuron_axis, thresholds=thresholds, n_neurons=n_neurons,
+                    n_layers=n_layers, config=cfg.to_dict(), seconds=att.seconds)
+
+
+def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
+         ensemble: Optional[Ensemble] = None, **overrides: Any) -> EditResult:
+    """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``."""
+    cfg = resolve_config(config, overrides)
+    reqs = as_requests(requests)
+    total = Timer()
+    locate_seconds = 0.0
+    if ensemble is None:
+        ensemble = locate(model, tokenizer, reqs, cfg)
+        locate_seconds = total()
+    timer = Timer()
+    axis = ensemble.neuron_axis
+    pairs = ensemble.sites(model)
+    if not pairs:
+        raise EditError("the ensemble is empty: lower KNEConfig.percentile or set positive_only=False")
+    batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
+                   add_special_tokens=cfg.add_special_tokens, device=input_device(model))
+    edits = []
+    for site, idx in pairs:
+        W = site.weight()
+        mask = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        D = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        init = initial_delta(cfg, site, axis, idx.numel(), W.device)
+        if axis == "out":
+            mask[idx] = 1.0
+            D[idx] = init
+        else:
+            mask[:, idx] = 1.0
+            D[:, idx] = init
+        edits.append({"site": site, "idx": idx, "mask": mask, "D": D.requires_grad_(True),
+                      "s": delta_scale(cfg, idx.numel()), "orig": site.module.weight.detach().clone()})
+
+    def make_hook(e):
+        def hook(module, args, out):
+            x = F.dropout(args[0], p=cfg.dropout, training=True) if cfg.dropout > 0 else args[0]
+            return out + e["s"] * (x @ (e["D"] * e["mask"]).t().to(x.dtype))
+        return hook
+
+    opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    handles = []
+    losses: List[float] = []
+    steps, stopped = 0, False
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
+        with seeded(cfg.seed, model_devices(model)):
+            for it in range(cfg.steps + 1):
+                logits = forward_logits(model, batch)
+                loss = (-per_sequence_mean(answer_logprobs(logits, batch), batch)).mean()
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
+                if losses[-1] < cfg.stop_loss:
+                    stopped = True
+                    break
+                if it == cfg.steps:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+        for h in handles:
+            h.remove()
+        handles = []
+        dim = 0 if axis == "out" else 1
+        with torch.no_grad():
+            for e in edits:  # W[idx] += s * D[idx]
+                W = e["site"].weight()
+                rows = W.index_select(dim, e["idx"]).float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                W.index_copy_(dim, e["idx"], rows.to(W.dtype))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for e in edits:
+                e["site"].module.weight.copy_(e["orig"])
+        raise
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(training)
+    saved = [(e["site"], dim, e["idx"], e["orig"].t().index_select(dim, e["idx"]) if e["site"].transposed
+              else e["orig"].index_select(dim, e["idx"])) for e in edits]
+    edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)
+                 for e in edits)
+    n_total = sum(p.numel() for p in model.parameters())
+    stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), "steps": steps,
+             "losses": losses, "stopped_early": stopped, "neurons": len(ensemble), "params_edited": edited,
+             "params_total": n_total, "param_fraction": edited / n_total}
+    return EditResult(model, ensemble, stats, cfg, reqs, saved)
