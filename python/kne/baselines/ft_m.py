@@ -1,0 +1,84 @@
+"""FT-M (EasyEdit's ``FT`` with ``objective_optimization: target_new``): fine-tune one FFN output
+projection with the prompt masked out of the loss.
+
+EasyEdit's Llama-2-7B FT-M settings: ``layers: [21]`` (of 32), ``mlp.down_proj``, Adam, lr 5e-4,
+25 steps, weight decay 0, batch 1, stop once the loss (measured before a step) is below 1e-2.
+For other depths the default layer is scaled: ``round(L * 21 / 32)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .._text import encode
+from .._utils import Timer, forward_logits, input_device
+from ..adapters import num_layers, resolve_sites
+from ..editing import EditError, EditResult, edit_loss
+from ..requests import as_requests
+
+__all__ = ["ft_m"]
+
+
+def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int]] = None, module: str = "ffn_out",
+         lr: float = 5e-4, steps: int = 25, stop_loss: float = 1e-2, weight_decay: float = 0.0,
+         add_special_tokens: bool = False) -> EditResult:
+    """Edit ``model`` in place with FT-M; returns an :class:`kne.EditResult` (``restore()`` puts the
+    fine-tuned weights back bit for bit; ``ensemble`` is ``None``)."""
+    reqs = as_requests(requests)
+    if steps < 1:
+        raise ValueError(f"steps={steps} is invalid: use a positive number of steps (EasyEdit: 25)")
+    if not lr > 0:
+        raise ValueError(f"lr={lr} is invalid: use a positive learning rate (EasyEdit: 5e-4)")
+    L = num_layers(model)
+    layers = [round(L * 21 / 32)] if layers is None else list(layers)
+    sites = resolve_sites(model, [module], layers)[module]
+    timer = Timer()
+    batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
+                   add_special_tokens=add_special_tokens, device=input_device(model))
+    params = [s.module.weight for s in sites]
+    originals = [p.detach().clone() for p in params]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    losses, n_steps = [], 0
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = edit_loss(forward_logits(model, batch), batch)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise EditError(f"FT-M loss became {losses[-1]}; the model was restored")
+            loss.backward()
+            opt.step()
+            n_steps += 1
+            if losses[-1] < stop_loss:
+                break
+    except BaseException:
+        with torch.no_grad():
+            for p, o in zip(params, originals):
+                p.copy_(o)
+        raise
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(training)
+    edited = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
+             "losses": losses, "stopped_early": losses[-1] < stop_loss, "neurons": None, "params_edited": edited,
+             "params_total": n_total, "param_fraction": edited / n_total, "layers": layers}
+    saved = []
+    for s, o in zip(sites, originals):
+        w = o.t() if s.transposed else o
+        saved.append((s, 0, torch.arange(w.shape[0], device=w.device), w.clone()))
+    return EditResult(model, None, stats, None, reqs, saved)

