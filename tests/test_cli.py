@@ -1,0 +1,93 @@
+"""The command line on small inputs (in-process, and once through `python -m kne`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kne import cli
+
+KNOWEDIT = Path(os.environ.get("KNE_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "data" / "knowedit"
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "kne", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("demo", "edit", "eval"):
+        assert cmd in out
+    out = subprocess.run([sys.executable, "-m", "kne", "eval", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for opt in ("--limit", "--method", "--out", "--data", "--percentile"):
+        assert opt in out
+
+
+def test_bad_arguments_exit_with_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--method", "rome", "--data", "x.json"])
+    assert e.value.code == 2
+    assert "invalid choice: 'rome'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_missing_data_file_is_a_clear_error(embedded, capsys, tmp_path):
+    rc = cli.main(["eval", "--data", str(tmp_path / "nope.json"), "--limit", "1"])
+    assert rc == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_invalid_config_is_a_clear_error(embedded, capsys):
+    rc = cli.main(["edit", "--prompt", "The capital of France is", "--target", "Rome", "--percentile", "150"])
+    assert rc == 2
+    assert "KNEConfig.percentile" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo(embedded, capsys):
+    assert cli.main(["demo", "--restore"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy completions (before -> after)" in out
+    assert "edit success 100.00%" in out
+    assert "locality 100.00%" in out
+    assert "restored" in out
+    assert out.count("unrelated") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kne", "ft-m", "reference"])
+def test_eval_writes_results(embedded, tmp_path, capsys, method):
+    out = tmp_path / "res.json"
+    limit = 2 if method != "reference" else 1
+    rc = cli.main(["eval", "--data", str(KNOWEDIT / "ZsRE-test-all.json"), "--limit", str(limit), "--method", method,
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| method | data | n | Edit Succ." in text
+    res = json.loads(out.read_text())
+    assert res["method"] == method and res["summary"]["n"] == limit
+    assert len(res["records"]) == limit
+    rec = res["records"][0]
+    assert rec["rewrite_acc"] == 1.0
+    assert set(rec["locality"]) == {"Relation_Specificity"} or not rec["locality"]
+    assert 0.0 <= res["summary"]["portability"] <= 1.0
+    assert res["seconds_per_edit"] > 0
+
+
+@pytest.mark.slow
+def test_edit_saves_a_loadable_model(embedded, tmp_path, capsys):
+    import kne
+
+    save = tmp_path / "edited"
+    rc = cli.main(["edit", "--prompt", "The capital of France is", "--target", "Rome", "--subject", "France",
+                   "--stop-loss", "0.1", "--save", str(save)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "success 100.00%" in out
+    meta = json.loads((save / "kne_edit.json").read_text())
+    assert meta["request"]["subject"] == "France"
+    ens = kne.Ensemble.load(save / "kne_ensemble.json")
+    assert len(ens) == meta["stats"]["neurons"] > 0
+    model, tok = kne.load_model(save)
+    assert cli.greedy(model, tok, "The capital of France is").strip().startswith("Rome")
