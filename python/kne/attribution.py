@@ -78,8 +78,12 @@ class _Capture:
         self.act = (z if self.axis == "out" else x).detach()
         y = out
         if self.alphas is not None:
-            a = self.alphas.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
-            y = z * a + bias if bias is not None else z * a
+            # One alpha per sequence. Some models (OPT) flatten [B, T, D] to [B*T, D] around the FFN:
+            # view the output sequence-major as [B, tokens, D] to scale it.
+            B = self.alphas.numel()
+            a = self.alphas.to(device=out.device, dtype=out.dtype).view(B, 1, 1)
+            zs = (z.reshape(B, -1, z.shape[-1]) * a).reshape(z.shape)
+            y = zs + bias if bias is not None else zs
         if not y.requires_grad:
             y = y.detach().requires_grad_(True)
         self.y = y
@@ -92,8 +96,8 @@ class _Capture:
             dy = dy.float() @ self.site.weight().float()
             act = act.float()
         D = act.shape[-1]
-        T = act.shape[-2] if act.dim() > 1 else 1
-        seg = segments.to(act.device).repeat_interleave(T)
+        rows = act.numel() // D  # B * T, whether the model keeps [B, T, D] or flattens to [B*T, D]
+        seg = segments.to(act.device).repeat_interleave(rows // segments.numel())
         return kne_kernels.neuron_attribution(act.reshape(-1, D), dy.reshape(-1, D), segments=seg,
                                               num_segments=num_segments, scale=weight_scale)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -95,11 +96,23 @@ def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch
     else:
         src, local = str(name_or_path), kwargs.pop("local_files_only", False)
     tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
-    if "device_map" in kwargs:
+    with _quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
-        if device is not None:
-            model = model.to(device)
+    if device is not None and "device_map" not in kwargs:
+        model = model.to(device)
     model.eval()
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """No per-load "Loading weights" bar (a sub-second load of a cached model); restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

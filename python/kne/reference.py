@@ -51,13 +51,14 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     alphas = [k / m for k in range(1, m + 1)]
     flat = [(name, li, s) for name, ss in sites.items() for li, s in enumerate(ss)]
     scores = {name: torch.zeros(len(reqs), len(ss), ss[0].num_neurons(cfg.neuron_axis)) for name, ss in sites.items()}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's grads are kept
     training = model.training
     passes = 0
     try:
         model.eval()
-        for p, _ in flags:
+        for p, _, _ in flags:
             p.requires_grad_(False)
+            p.grad = None
         originals = {id(s.module.weight): s.module.weight.detach().clone() for _, _, s in flat}
         # With m == 1 the only path point is a = 1, the model itself: every weight at once.
         groups = [flat] if (cfg.ig_path == "joint" or m == 1) else [[f] for f in flat]
@@ -95,9 +96,9 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                     prod = W * G
                     scores[name][r, li] = (prod.sum(1) if cfg.neuron_axis == "out" else prod.sum(0)).cpu()
     finally:
-        for p, f in flags:
+        for p, f, g in flags:
             p.requires_grad_(f)
-            p.grad = None
+            p.grad = g
         model.train(training)
     return Attribution(scores=scores, layers=layers, suffixes={n: ss[0].suffix for n, ss in sites.items()},
                        config=cfg, requests=reqs, seconds=timer(), passes=passes)

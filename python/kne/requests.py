@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -14,20 +15,36 @@ __all__ = ["EditRequest", "as_request", "as_requests", "first_alias", "load_know
 Answer = Union[str, Sequence[Any]]
 
 
+class _NoAnswer(ValueError):
+    """An answer with no non-empty alias (KnowEdit probes such as ``""`` or ``[[]]``)."""
+
+
+def _aliases(answer: Any) -> Iterable[Any]:
+    if isinstance(answer, (list, tuple)):
+        for a in answer:
+            yield from _aliases(a)
+    else:
+        yield answer
+
+
 def first_alias(answer: Any, *, field_name: str = "ground_truth") -> str:
-    """The first alias of a KnowEdit answer (``"x"``, ``["x", "y"]`` or ``[["x", "y"], ...]``)."""
-    a = answer
-    while isinstance(a, (list, tuple)):
-        if not a:
-            raise ValueError(f"{field_name} is an empty list: give at least one answer string")
-        a = a[0]
-    if not isinstance(a, str) or not a.strip():
-        raise ValueError(f"{field_name}={answer!r} is not a non-empty string (or list of aliases)")
-    return a
+    """The first alias of a KnowEdit answer (``"x"``, ``["x", "y"]`` or ``[["x", "y"], ...]``).
+
+    Empty aliases are passed over (KnowEdit has answers such as ``[[], ["Honorary Doctor"]]``); an
+    answer with no non-empty alias at all raises ``ValueError``."""
+    for a in _aliases(answer):
+        if not isinstance(a, str):
+            raise ValueError(f"{field_name}={answer!r} holds a {type(a).__name__}: answers are strings or lists of them")
+        if a.strip():
+            return a
+    raise _NoAnswer(f"{field_name}={answer!r} has no non-empty answer string")
 
 
-def _probe_list(name: str, value: Any) -> Dict[str, List[Dict[str, str]]]:
-    """Normalise a locality/portability map ``{kind: [{prompt, ground_truth}, ...]}``."""
+def _probe_list(name: str, value: Any, skipped: Optional[List[str]] = None) -> Dict[str, List[Dict[str, str]]]:
+    """Normalise a locality/portability map ``{kind: [{prompt, ground_truth}, ...]}``.
+
+    A probe without any answer raises ``ValueError``, or, when ``skipped`` is a list, is left out
+    and named in it."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -51,8 +68,14 @@ def _probe_list(name: str, value: Any) -> Dict[str, List[Dict[str, str]]]:
             p = it["prompt"]
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"{name}[{kind!r}][{i}].prompt must be a non-empty string")
-            probes.append({"prompt": p, "ground_truth": first_alias(it["ground_truth"],
-                                                                     field_name=f"{name}[{kind!r}][{i}].ground_truth")})
+            try:
+                gt = first_alias(it["ground_truth"], field_name=f"{name}[{kind!r}][{i}].ground_truth")
+            except _NoAnswer:
+                if skipped is None:
+                    raise
+                skipped.append(f"{name}[{kind!r}][{i}]")
+                continue
+            probes.append({"prompt": p, "ground_truth": gt})
         if probes:
             out[str(kind)] = probes
     return out
@@ -75,8 +98,12 @@ class EditRequest:
     rephrase_prompt: Optional[str] = None
     locality: Dict[str, List[Dict[str, str]]] = field(default_factory=dict)
     portability: Dict[str, List[Dict[str, str]]] = field(default_factory=dict)
+    #: locality/portability probes left out because they have no answer at all (KnowEdit holds a
+    #: few, such as ``""`` or ``[[]]``); each is named here and in a warning
+    skipped_probes: List[str] = field(default_factory=list, init=False, compare=False, repr=False)
+    warn_skipped: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, warn_skipped: bool = True) -> None:
         for name in ("prompt", "target_new"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip():
@@ -92,11 +119,14 @@ class EditRequest:
             if self.rephrase_prompt is not None and (not isinstance(self.rephrase_prompt, str) or not self.rephrase_prompt.strip()):
                 raise ValueError(f"EditRequest.rephrase_prompt={self.rephrase_prompt!r} is invalid: "
                                  "give a non-empty string or None")
-        self.locality = _probe_list("locality", self.locality)
-        self.portability = _probe_list("portability", self.portability)
+        self.locality = _probe_list("locality", self.locality, self.skipped_probes)
+        self.portability = _probe_list("portability", self.portability, self.skipped_probes)
+        if self.skipped_probes and warn_skipped:
+            warnings.warn(f"request {self.prompt!r}: probe(s) without any answer left out: "
+                          + ", ".join(self.skipped_probes), stacklevel=3)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: Mapping[str, Any], *, warn_skipped: bool = True) -> "EditRequest":
         """From a KnowEdit record or an EasyEdit request dict (``target_new`` may be a list)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"a request must be a kne.EditRequest or a dict, got {type(d).__name__}")
@@ -116,7 +146,7 @@ class EditRequest:
         return cls(
             prompt=d["prompt"], target_new=target, subject=d.get("subject"), ground_truth=gt,
             rephrase_prompt=rephrase or None, locality=d.get("locality") or {},
-            portability=d.get("portability") or {},
+            portability=d.get("portability") or {}, warn_skipped=warn_skipped,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -145,15 +175,20 @@ def as_requests(requests: Any) -> List[EditRequest]:
 
 
 def load_knowedit(path: Union[str, Path], limit: Optional[int] = None) -> List[EditRequest]:
-    """Read KnowEdit records from a JSON array file or a JSON-lines file."""
+    """Read KnowEdit records from a JSON file (an array, or one record) or a JSON-lines file.
+
+    The published files hold a few locality/portability probes without any answer (``""``,
+    ``[[]]``); those probes are left out with one warning naming them (the records are kept).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"KnowEdit file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    try:
         records = json.loads(text)
-    else:
+    except json.JSONDecodeError:
+        records = None
+    if records is None or not isinstance(records, (list, Mapping)):
         records = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -168,9 +203,15 @@ def load_knowedit(path: Union[str, Path], limit: Optional[int] = None) -> List[E
             raise ValueError(f"limit must be >= 1, got {limit}")
         records = records[:limit]
     out = []
+    skipped = []
     for i, rec in enumerate(records):
         try:
-            out.append(EditRequest.from_dict(rec))
+            req = EditRequest.from_dict(rec, warn_skipped=False)
         except ValueError as e:
             raise ValueError(f"{path}: record {i}: {e}") from None
+        skipped += [f"record {i} {s}" for s in req.skipped_probes]
+        out.append(req)
+    if skipped:
+        warnings.warn(f"{path.name}: {len(skipped)} probe(s) without any answer were left out: "
+                      + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), stacklevel=2)
     return out
