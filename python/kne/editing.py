@@ -109,7 +109,11 @@ class EditResult:
 
 def _train(model: nn.Module, batch: Batch, params: List[torch.Tensor], config: KNEConfig,
            step_fn: Callable[[int, List[torch.Tensor]], None], on_step: Optional[Callable] = None):
-    """The loop shared by the fast and the reference edit: loss, stop test, gradient, step."""
+    """The edit loop: loss (recorded), non-finite check, stop test, gradient of ``params``, step.
+
+    Runs at most ``config.steps`` steps and records the loss before each, plus the loss after the
+    last step (or the one under ``stop_loss`` that ended the loop). ``kne.reference.edit`` writes
+    the same loop out with ``torch.optim.AdamW``."""
     losses: List[float] = []
     steps = 0
     stopped = False
@@ -165,15 +169,14 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                         f"KNEConfig.percentile (now {cfg.percentile}) or set positive_only=False")
     timer = Timer()
     batch = request_batch(tokenizer, reqs, cfg, input_device(model))
+    dim = 0 if axis == "out" else 1
     slots: List[_Slot] = []
     for site, idx in pairs:
         w = site.weight()
         idx = idx.to(w.device)
-        dim = 0 if axis == "out" else 1
         slots.append(_Slot(site=site, idx=idx, scale=delta_scale(cfg, idx.numel()),
                            delta=initial_delta(cfg, site, axis, idx.numel(), w.device),
                            base=w.index_select(dim, idx).detach().clone()))
-    dim = 0 if axis == "out" else 1
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
     moments = [(torch.zeros_like(s.delta), torch.zeros_like(s.delta)) for s in slots]
     deltas = [s.delta.requires_grad_(True) for s in slots]
