@@ -1,8 +1,118 @@
-"""Installs both packages from one place: ``kne`` (from python/kne) and ``kne_kernels``."""
+"""Installs both packages from one place -- ``kne`` (from python/kne) and ``kne_kernels`` -- and
+builds the C++ op library ``kne_kernels/_C`` (CPU kernels; plus CUDA kernels when possible).
+
+Switches (environment):
+  KNE_NO_EXT=1            build no extension (kne_kernels then runs its torch and Triton kernels)
+  FORCE_CUDA=1            build the CUDA kernels even where torch or nvcc say otherwise
+                          (by default: when torch is a CUDA build and nvcc is found)
+  TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "8.0;9.0" (default "8.0;9.0")
+  MAX_JOBS                parallel compile jobs (with ninja)
+  CUDA_HOME               the CUDA toolkit root; by default taken from ``nvcc --dryrun`` (its
+                          ``_HERE_`` line, one folder up), since a wrapper script on the PATH
+                          misleads torch's own guess
+
+Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
+already installed (the ABI must match the torch that loads it).
+"""
+
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["kne", "kne.baselines", "kne_kernels", "kne_kernels.triton"]
+PACKAGE_DIR = {"kne": "python/kne", "kne_kernels": "kne_kernels"}
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home_from_nvcc():
+    """The toolkit root from ``nvcc --dryrun``: its ``#$ _HERE_=<root>/bin`` line."""
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        line = line.strip()
+        if line.startswith("#$ _HERE_="):
+            return os.path.dirname(line.split("=", 1)[1].strip())
+    return None
+
+
+def _ext_modules():
+    if _truthy("KNE_NO_EXT"):
+        print("kne: KNE_NO_EXT=1, building no C++ extension", file=sys.stderr)
+        return [], {}
+    if not os.environ.get("CUDA_HOME"):
+        home = _cuda_home_from_nvcc()
+        if home:
+            os.environ["CUDA_HOME"] = home
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = _truthy("FORCE_CUDA") or (torch.version.cuda is not None and shutil.which("nvcc") is not None)
+    if with_cuda and torch.version.cuda is None:
+        raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch (this one is CPU-only: " + torch.__version__ + ")")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
+    define = []
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        define = [("KNE_WITH_CUDA", None)]
+        ext = CUDAExtension("kne_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                            define_macros=define,
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("kne_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                           extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": bool(with_cuda),
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "cuda_home": os.environ.get("CUDA_HOME") if with_cuda else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+    class BuildExt(BuildExtension):
+        """Writes kne_kernels/_build_info.json (the facts the loader reports on a failed load)."""
+
+        def run(self):
+            super().run()
+            for path in {os.path.join(ROOT, "kne_kernels"),
+                         os.path.join(self.build_lib, "kne_kernels") if self.build_lib else None} - {None}:
+                if os.path.isdir(path):
+                    with open(os.path.join(path, "_build_info.json"), "w") as f:
+                        json.dump(info, f, indent=1)
+
+    print(f"kne: building kne_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU'}) against torch {torch.__version__}",
+          file=sys.stderr)
+    return [ext], {"build_ext": BuildExt}
+
+
+ext_modules, cmdclass = _ext_modules()
+
 setup(
-    packages=["kne", "kne.baselines", "kne_kernels"],
-    package_dir={"kne": "python/kne", "kne_kernels": "kne_kernels"},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"kne_kernels": ["_build_info.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

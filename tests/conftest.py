@@ -10,7 +10,14 @@ tokens of a prompt are always a prefix of the tokens of ``prompt + " " + answer`
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors (how CI tests
+# them); it must be switched on before any Triton kernel is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Two OpenMP threads are pathologically slow on this machine for the small ops these tests run.
 torch.set_num_threads(1)
