@@ -74,7 +74,7 @@ INVALID = [
     ("stop_loss", float("nan")),
     ("delta_init", "normal"),
     ("add_special_tokens", None),
-    ("backend", "cuda"),
+    ("backend", "rocm"),
     ("seed", 1.5),
     ("seed", "0"),
     ("seed", None),
@@ -469,3 +469,13 @@ def test_locate_result_round_trips_and_reedits_identically(tiny_model, tok, tmp_
     assert_state_equal(model, wa)
     assert math.isclose(a.stats["target_param_fraction"], b.stats["target_param_fraction"])
     b.restore()
+
+
+def test_presets():
+    assert kne.KNEConfig.preset("authors") == kne.KNEConfig()
+    t = kne.KNEConfig.preset("tuned", lr=1e-3)
+    assert (t.neuron_axis, t.dropout, t.stop_loss, t.lr) == ("in", 0.0, 0.1, 1e-3)
+    with pytest.raises(ValueError, match="unknown preset 'fastest'"):
+        kne.KNEConfig.preset("fastest")
+    with pytest.raises(ValueError, match="KNEConfig.dropout"):
+        kne.KNEConfig.preset("tuned", dropout=2.0)

@@ -88,14 +88,17 @@ def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], *, add_spe
 
 
 def answer_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Float32 ``log P(answer token | prefix)`` for every answer token of ``batch`` (``[n]``)."""
-    sel = logits[batch.rows, batch.cols - 1].float()
+    """Float32 ``log P(answer token | prefix)`` for every answer token of ``batch`` (``[n]``).
+
+    ``logits`` is the model's full ``[B, T, V]`` output, or already the ``[n, V]`` logits at the
+    answer-predicting positions (``kne._utils.answer_logits``)."""
+    sel = (logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]).float()
     return torch.log_softmax(sel, dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
 
 
 def answer_predictions(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Argmax token at every answer position (``[n]``)."""
-    return logits[batch.rows, batch.cols - 1].argmax(-1)
+    """Argmax token at every answer position (``[n]``); ``logits`` full or already selected."""
+    return (logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]).argmax(-1)
 
 
 def per_sequence_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -44,6 +44,36 @@ def forward_logits(model: nn.Module, batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
+_KEEP: dict = {}
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    cls = type(model)
+    if cls not in _KEEP:
+        import inspect
+
+        try:
+            _KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            _KEEP[cls] = False
+    return _KEEP[cls]
+
+
+def answer_logits(model: nn.Module, batch) -> torch.Tensor:
+    """Logits at the positions that predict the answer tokens, ``[n_answer_tokens, vocab]``.
+
+    The output projection runs only on those positions (``logits_to_keep``, which Hugging Face
+    causal LMs take): the prompt positions' logits are never used, and over a 49k vocabulary they
+    are a fifth of a small model's forward and backward."""
+    pos = batch.cols - 1
+    if _takes_logits_to_keep(model):
+        keep = torch.unique(pos)  # sorted
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       logits_to_keep=keep).logits
+        return logits[batch.rows, torch.searchsorted(keep, pos)]
+    return forward_logits(model, batch)[batch.rows, pos]
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Device of the input embeddings (where input ids must go)."""
     try:
@@ -59,3 +89,18 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def kernel_backend(config, device: torch.device):
+    """The ``kne_kernels`` backend for ops on ``device`` under ``config.backend``: ``None`` (auto)
+    for ``"auto"``; ``"torch"`` for the torch-only path; a named kernel backend for the tensors it
+    serves (``cpu`` on CPU, ``triton``/``cuda`` on CUDA, ``triton`` also on CPU under its
+    interpreter), auto elsewhere (scores, for instance, are reduced on the CPU)."""
+    name = config.backend
+    if name == "auto":
+        return None
+    if name == "torch":
+        return "torch"
+    import kne_kernels
+
+    return name if kne_kernels.status(name, device.type)[0] else None

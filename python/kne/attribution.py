@@ -12,7 +12,9 @@ copy ``k`` scaled by ``a_k = k/m`` (right Riemann sum, weights ``1/m``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import sys
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 import kne_kernels
 
 from ._text import Batch, answer_logprobs, encode
-from ._utils import Timer, forward_logits, frozen, input_device
+from ._utils import Timer, answer_logits, frozen, input_device, kernel_backend
 from .adapters import ModuleSite, resolve_sites
 from .config import KNEConfig, resolve_config
 from .requests import EditRequest, as_requests
@@ -66,8 +68,8 @@ def objective_value(logprobs: torch.Tensor, objective: str) -> torch.Tensor:
 class _Capture:
     """Forward hook on one module site: optional per-row output scaling, keeps what the score needs."""
 
-    def __init__(self, site: ModuleSite, axis: str, alphas: Optional[torch.Tensor]):
-        self.site, self.axis, self.alphas = site, axis, alphas
+    def __init__(self, site: ModuleSite, axis: str, alphas: Optional[torch.Tensor], config: KNEConfig):
+        self.site, self.axis, self.alphas, self.config = site, axis, alphas, config
         self.act: Optional[torch.Tensor] = None  # z (axis "out") or x (axis "in")
         self.y: Optional[torch.Tensor] = None
 
@@ -93,20 +95,20 @@ class _Capture:
         """``[num_segments, D]`` float32: ``weight_scale * sum over tokens of act * dy`` per segment."""
         act = self.act
         if self.axis == "in":
-            dy = dy.float() @ self.site.weight().float()
+            dy = dy.float() @ self.site.weight().to(dy.device).float()
             act = act.float()
         D = act.shape[-1]
         rows = act.numel() // D  # B * T, whether the model keeps [B, T, D] or flattens to [B*T, D]
         seg = segments.to(act.device).repeat_interleave(rows // segments.numel())
-        return kne_kernels.neuron_attribution(act.reshape(-1, D), dy.reshape(-1, D), segments=seg,
-                                              num_segments=num_segments, scale=weight_scale)
+        return kne_kernels.neuron_attribution(act.reshape(-1, D).contiguous(), dy.reshape(-1, D).contiguous(),
+                                              segments=seg, num_segments=num_segments, scale=weight_scale,
+                                              backend=kernel_backend(self.config, act.device))
 
 
 def _run_pass(model, batch: Batch, captures: List[_Capture], objective: str) -> List[torch.Tensor]:
     handles = [c.site.module.register_forward_hook(c) for c in captures]
     try:
-        logits = forward_logits(model, batch)
-        obj = objective_value(answer_logprobs(logits, batch), objective)
+        obj = objective_value(answer_logprobs(answer_logits(model, batch), batch), objective)
         ys = [c.y for c in captures]
         if any(y is None for y in ys):
             raise RuntimeError("a target module did not run in the forward pass (is it used by the model?)")
@@ -117,8 +119,79 @@ def _run_pass(model, batch: Batch, captures: List[_Capture], objective: str) -> 
     return [torch.zeros_like(y) if g is None else g for y, g in zip(ys, grads)]
 
 
-def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None,
-              **overrides: Any) -> Attribution:
+class _PrefixCache:
+    """Decoder-layer outputs of the unscaled model for one copy of a batch.
+
+    A layerwise IG pass scales layer ``l`` only, so layers below it compute exactly what the model
+    itself computes: :meth:`skip_below` makes layers ``0 .. l-2`` pass their input through and
+    layer ``l-1`` return its cached output (repeated for the ``m`` copies), so the pass starts at
+    layer ``l``. Works for every model whose decoder layers return a tensor; for others it does
+    nothing (the pass then runs the whole model, which is merely slower).
+    """
+
+    def __init__(self, model: nn.Module, batch: Batch):
+        from .adapters import get_architecture
+
+        self.layers = model.get_submodule(get_architecture(model).layers)
+        self.outputs: List[Optional[torch.Tensor]] = [None] * len(self.layers)
+        self.ok = True
+
+        def keep(i):
+            def hook(module, args, out):
+                if isinstance(out, torch.Tensor):
+                    self.outputs[i] = out.detach()
+                else:
+                    self.ok = False
+            return hook
+
+        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
+        try:
+            with torch.no_grad():
+                answer_logits(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        self.ok = self.ok and all(o is not None for o in self.outputs)
+
+    @contextlib.contextmanager
+    def skip_below(self, layer: int, copies: int):
+        if not self.ok or layer == 0:
+            yield
+            return
+        cached = self.outputs[layer - 1].repeat(copies, *([1] * (self.outputs[layer - 1].dim() - 1)))
+
+        def passthrough(*args, **kwargs):
+            return args[0] if args else kwargs["hidden_states"]
+
+        def replay(*args, **kwargs):
+            return cached
+
+        saved = []
+        try:
+            for i in range(layer):
+                mod = self.layers[i]
+                saved.append((mod, mod.__dict__.get("forward")))  # keep an instance-level forward (accelerate)
+                mod.forward = replay if i == layer - 1 else passthrough
+            yield
+        finally:
+            for mod, prev in saved:
+                if prev is None:
+                    del mod.forward
+                else:
+                    mod.forward = prev
+
+
+def _length_order(tokenizer, reqs: Sequence[EditRequest], config: KNEConfig) -> List[int]:
+    """Request indices sorted by token length, so chunks pad little."""
+    from ._text import join
+
+    lens = [len(tokenizer(join(r.prompt, r.target_new), add_special_tokens=config.add_special_tokens)["input_ids"])
+            for r in reqs]
+    return sorted(range(len(reqs)), key=lambda i: lens[i])
+
+
+def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
+              batch_size: int = 16, progress: Optional[bool] = None, **overrides: Any) -> Attribution:
     """Score every neuron of the target modules for each request (fast path).
 
     Returns an :class:`Attribution` whose ``scores[name]`` is float32 ``[R, L, D]`` with ``R`` the
@@ -126,9 +199,14 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     (``out_features`` for ``neuron_axis="out"``, ``in_features`` for ``"in"``). The score of a
     neuron is ``sum over its weights of W * (1/m) sum_k dP(x; a_k W)/dW`` -- computed without
     weight gradients (see the module docstring). The model is not modified.
+
+    Requests run in padded batches of ``batch_size`` (sorted by length); ``progress`` shows a
+    progress bar and the throughput (default: when there is more than one batch).
     """
     cfg = resolve_config(config, overrides)
     reqs = as_requests(requests)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: use a positive number of requests per batch")
     timer = Timer()
     sites = resolve_sites(model, cfg.target_modules, cfg.layers)
     layers = tuple(s.layer for s in next(iter(sites.values())))
@@ -137,28 +215,53 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     scores = {name: torch.zeros(R, len(ss), ss[0].num_neurons(cfg.neuron_axis), dtype=torch.float32)
               for name, ss in sites.items()}
     flat = [(name, li, s) for name, ss in sites.items() for li, s in enumerate(ss)]
-    batch = request_batch(tokenizer, reqs, cfg, input_device(model))
-    seg_one = torch.arange(R)
+    order = _length_order(tokenizer, reqs, cfg) if R > batch_size else list(range(R))
+    chunks = [order[i:i + batch_size] for i in range(0, R, batch_size)]
+    show = len(chunks) > 1 if progress is None else progress
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=R, desc="attribute", unit="req", file=sys.stderr)
     passes = 0
+    device = input_device(model)
     with frozen(model):
-        if m == 1:
-            # a_1 = 1: the path is the model itself, layerwise and joint coincide -- one pass.
-            caps = [_Capture(s, cfg.neuron_axis, None) for _, _, s in flat]
-            grads = _run_pass(model, batch, caps, cfg.objective)
-            passes += 1
-            for (name, li, _), c, g in zip(flat, caps, grads):
-                scores[name][:, li] = c.score(g, seg_one, R, 1.0).cpu()
-        else:
-            big = batch.repeat(m)
-            alphas = torch.arange(1, m + 1, dtype=torch.float32).repeat_interleave(R) / m
-            seg = seg_one.repeat(m)
-            groups = [flat] if cfg.ig_path == "joint" else [[f] for f in flat]
-            for group in groups:
-                caps = [_Capture(s, cfg.neuron_axis, alphas) for _, _, s in group]
-                grads = _run_pass(model, big, caps, cfg.objective)
+        for chunk in chunks:
+            B = len(chunk)
+            idx = torch.tensor(chunk)
+            batch = request_batch(tokenizer, [reqs[i] for i in chunk], cfg, device)
+            seg_one = torch.arange(B)
+            if m == 1:
+                # a_1 = 1: the path is the model itself, layerwise and joint coincide -- one pass.
+                caps = [_Capture(s, cfg.neuron_axis, None, cfg) for _, _, s in flat]
+                grads = _run_pass(model, batch, caps, cfg.objective)
                 passes += 1
-                for (name, li, _), c, g in zip(group, caps, grads):
-                    scores[name][:, li] = c.score(g, seg, R, 1.0 / m).cpu()
+                for (name, li, _), c, g in zip(flat, caps, grads):
+                    scores[name][idx, li] = c.score(g, seg_one, B, 1.0).cpu()
+            else:
+                big = batch.repeat(m)
+                alphas = torch.arange(1, m + 1, dtype=torch.float32).repeat_interleave(B) / m
+                seg = seg_one.repeat(m)
+                if cfg.ig_path == "joint":
+                    groups = [flat]
+                    prefix = None
+                else:
+                    groups = [[f] for f in flat]
+                    prefix = _PrefixCache(model, batch)
+                for group in groups:
+                    caps = [_Capture(s, cfg.neuron_axis, alphas, cfg) for _, _, s in group]
+                    skip = prefix.skip_below(group[0][2].layer, m) if prefix else contextlib.nullcontext()
+                    with skip:
+                        grads = _run_pass(model, big, caps, cfg.objective)
+                    passes += 1
+                    for (name, li, _), c, g in zip(group, caps, grads):
+                        scores[name][idx, li] = c.score(g, seg, B, 1.0 / m).cpu()
+            if bar is not None:
+                bar.update(B)
+    seconds = timer()
+    if bar is not None:
+        bar.close()
+        print(f"attribute: {R} requests in {seconds:.1f} s ({R / seconds:.2f} requests/s)", file=sys.stderr)
     suffixes = {name: ss[0].suffix for name, ss in sites.items()}
     return Attribution(scores=scores, layers=layers, suffixes=suffixes,
-                       config=cfg, requests=reqs, seconds=timer(), passes=passes)
+                       config=cfg, requests=reqs, seconds=seconds, passes=passes)

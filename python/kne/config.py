@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["KNEConfig", "resolve_config"]
 
@@ -15,7 +15,7 @@ _CHOICES = {
     "objective": ("prob", "logprob"),
     "aggregate": ("max", "mean"),
     "delta_init": ("zeros", "kaiming"),
-    "backend": ("auto", "torch"),
+    "backend": ("auto", "torch", "cpu", "triton", "cuda"),
 }
 
 
@@ -49,7 +49,9 @@ class KNEConfig:
     authors' LoRA-style uniform noise, bound ``1/sqrt(in_features)``).
 
     ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
-    implementation of the fast path (``"auto"`` or ``"torch"``); ``seed`` seeds dropout and the
+    kernels of the fast path (``kne_kernels``): ``"auto"`` (the C++ extension on CPU, Triton or
+    CUDA C++ on a GPU, falling back to torch), ``"torch"`` (the torch-only fast path), or one
+    kernel backend by name (``"cpu"``, ``"triton"``, ``"cuda"``); ``seed`` seeds dropout and the
     delta initialisation (the caller's global RNG state is left untouched).
     """
 
@@ -112,6 +114,22 @@ class KNEConfig:
         for name in ("positive_only", "rs_scaling", "add_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "KNEConfig":
+        """Named settings.
+
+        * ``"authors"``: the defaults -- the authors' published Llama-2-7B setting (rows of
+          ``mlp.down_proj``, dropout 0.1, stop at loss 1e-2).
+        * ``"tuned"``: columns (``neuron_axis="in"``), dropout 0, stop at loss 0.1 -- the authors'
+          own run scripts stop at ``t_loss=1e-1`` and their released YAML sets ``knb_dropout: 0``.
+          On SmolLM2-135M (20 counterfact records, see the README) it reaches 100% edit success
+          in about 12 steps where the defaults reach 93% in 22-28, with higher portability.
+        """
+        presets = {"authors": {}, "tuned": {"neuron_axis": "in", "dropout": 0.0, "stop_loss": 0.1}}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(presets)}")
+        return resolve_config(None, {**presets[name], **overrides})
 
     def replace(self, **overrides: Any) -> "KNEConfig":
         """A copy with some fields changed (validated; unknown names raise ``ValueError``)."""

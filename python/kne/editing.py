@@ -12,18 +12,19 @@ the original rows are kept so :meth:`EditResult.restore` is bit-exact.
 from __future__ import annotations
 
 import math
+import pathlib
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kne_kernels.reference import adamw_update_
+import kne_kernels
 
 from ._text import Batch, answer_logprobs, per_sequence_mean
-from ._utils import Timer, forward_logits, frozen, input_device, model_devices, seeded
+from ._utils import Timer, answer_logits, frozen, input_device, kernel_backend, model_devices, seeded
 from .adapters import ModuleSite, get_architecture, resolve_sites
 from .attribution import request_batch
 from .config import KNEConfig, resolve_config
@@ -68,8 +69,14 @@ class _Slot:
     site: ModuleSite
     idx: torch.Tensor
     scale: float
-    delta: torch.Tensor
-    base: torch.Tensor  # original rows/columns, weight dtype
+    delta: torch.Tensor  # fp32 compact delta (trained)
+    base: torch.Tensor  # original rows/columns, weight dtype, where the weight lives (what restore() writes)
+    base_dev: torch.Tensor  # the same on the module's compute device
+    merged: torch.Tensor  # base + scale * delta in the weight dtype, kept current by the optimizer kernel
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    local: torch.Tensor  # arange(K): the optimizer kernel writes all of ``merged``
+    idx_dev: torch.Tensor  # idx on the compute device (the forward hook's index)
 
 
 class EditResult:
@@ -90,6 +97,13 @@ class EditResult:
         self.requests = requests
         self._saved = saved  # (site, dim, idx, original rows/cols)
         self.restored = False
+
+    def save(self, path) -> "pathlib.Path":
+        """Write only what changed (indices, new and original rows, model fingerprint, config) to a
+        safetensors file; :func:`kne.apply_edit` / :func:`kne.revert_edit` apply and undo it."""
+        from .editfile import save_edit
+
+        return save_edit(self, path)
 
     def restore(self) -> nn.Module:
         """Put every edited weight back bit for bit (idempotent). Returns the model."""
@@ -118,7 +132,7 @@ def _train(model: nn.Module, batch: Batch, params: List[torch.Tensor], config: K
     steps = 0
     stopped = False
     for it in range(config.steps + 1):
-        loss = edit_loss(forward_logits(model, batch), batch)
+        loss = edit_loss(answer_logits(model, batch), batch)
         value = float(loss.detach())
         losses.append(value)
         if not math.isfinite(value):
@@ -172,13 +186,18 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     dim = 0 if axis == "out" else 1
     slots: List[_Slot] = []
     for site, idx in pairs:
-        w = site.weight()
+        w = site.weight()  # where the values live (an offloaded module: the offload store)
+        dev = site.device  # where the module computes: everything trained lives here
         idx = idx.to(w.device)
-        slots.append(_Slot(site=site, idx=idx, scale=delta_scale(cfg, idx.numel()),
-                           delta=initial_delta(cfg, site, axis, idx.numel(), w.device),
-                           base=w.index_select(dim, idx).detach().clone()))
+        scale = delta_scale(cfg, idx.numel())
+        delta = initial_delta(cfg, site, axis, idx.numel(), dev)
+        base = w.index_select(dim, idx).detach().clone()
+        base_dev = base.to(dev)
+        slots.append(_Slot(site=site, idx=idx, scale=scale, delta=delta, base=base, base_dev=base_dev,
+                           merged=(base_dev.float() + scale * delta).to(w.dtype), exp_avg=torch.zeros_like(delta),
+                           exp_avg_sq=torch.zeros_like(delta), local=torch.arange(idx.numel(), device=dev),
+                           idx_dev=idx.to(dev)))
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
-    moments = [(torch.zeros_like(s.delta), torch.zeros_like(s.delta)) for s in slots]
     deltas = [s.delta.requires_grad_(True) for s in slots]
 
     def make_hook(slot: _Slot):
@@ -190,15 +209,20 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                 x = F.dropout(x, p=p, training=True)
             d = slot.delta.to(x.dtype)
             if axis == "out":
-                return out.index_add(-1, slot.idx, (x @ d.t()) * slot.scale)
-            return out + (x.index_select(-1, slot.idx) @ d.t()) * slot.scale
+                return out.index_add(-1, slot.idx_dev, (x @ d.t()) * slot.scale)
+            return out + (x.index_select(-1, slot.idx_dev) @ d.t()) * slot.scale
 
         return hook
 
     def step_fn(step: int, grads: List[torch.Tensor]) -> None:
+        # One fused AdamW step per module instance (kne_kernels.ensemble_adamw_step_): updates the
+        # compact delta and moments, and rewrites the compact merged rows base + s * delta.
         with torch.no_grad():
-            for delta, g, (m1, m2) in zip(deltas, grads, moments):
-                adamw_update_(delta, g, m1, m2, step=step, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            for slot, g in zip(slots, grads):
+                kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
+                                                 slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr, scale=slot.scale,
+                                                 dim=dim, weight_decay=cfg.weight_decay,
+                                                 backend=kernel_backend(cfg, slot.delta.device))
 
     handles = []
     merged: List[_Slot] = []
@@ -210,9 +234,9 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
             h.remove()
         handles = []
         with torch.no_grad():
-            for s in slots:
+            for s in slots:  # merge: W[idx] = base + s * delta, in place
                 w = s.site.weight()
-                w.index_copy_(dim, s.idx, (s.base.float() + s.scale * s.delta.detach()).to(w.dtype))
+                w.index_copy_(dim, s.idx, s.merged.to(w.device))
                 merged.append(s)
     except BaseException:
         for h in handles:

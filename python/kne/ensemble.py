@@ -13,6 +13,7 @@ from torch import nn
 import kne_kernels
 
 from .adapters import ModuleSite, get_architecture, resolve_sites
+from ._utils import kernel_backend
 from .config import KNEConfig, resolve_config
 
 __all__ = ["Ensemble", "locate"]
@@ -84,7 +85,8 @@ class Ensemble:
         indices, thresholds, n_neurons, n_layers = {}, {}, {}, {}
         for name, scores in attribution.scores.items():
             sel = kne_kernels.ensemble_select(scores, percentile=cfg.percentile, aggregate=cfg.aggregate,
-                                              positive_only=cfg.positive_only)
+                                              positive_only=cfg.positive_only,
+                                              backend=kernel_backend(cfg, scores.device))
             suffix = attribution.suffixes[name]
             indices[suffix] = {attribution.layers[i]: idx for i, idx in enumerate(sel.indices)}
             thresholds[suffix] = sel.threshold
@@ -167,12 +169,15 @@ def _match_suffix(model: nn.Module, arch, key: str) -> str:
     return key  # a path inside the layer that is not registered: resolve_sites checks it
 
 
-def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, **overrides: Any) -> Ensemble:
+def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *, batch_size: int = 16,
+           progress: Optional[bool] = None, **overrides: Any) -> Ensemble:
     """Attribute (:func:`kne.attribute`) and keep the neurons above the global percentile.
 
     One ensemble for all ``requests`` (scores aggregated over requests with ``config.aggregate``):
     with many requests this is the authors' dataset-level ensemble, reusable for every edit.
+    ``batch_size`` and ``progress`` are passed to :func:`kne.attribute`.
     """
     from .attribution import attribute
 
-    return attribute(model, tokenizer, requests, resolve_config(config, overrides)).select()
+    return attribute(model, tokenizer, requests, resolve_config(config, overrides), batch_size=batch_size,
+                     progress=progress).select()

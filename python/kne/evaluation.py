@@ -24,15 +24,15 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._text import Batch, answer_predictions, encode
-from ._utils import forward_logits, input_device
-from .requests import EditRequest, as_requests
+from ._text import answer_predictions, encode
+from ._utils import answer_logits, input_device
+from .requests import as_requests
 
 __all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk"]
 
@@ -85,7 +85,7 @@ def _predict(model, tokenizer, pairs: Sequence[Tuple[str, str]], add_special_tok
     for chunk in _chunks(list(pairs), batch_size):
         batch = encode(tokenizer, [p for p, _ in chunk], [a for _, a in chunk],
                        add_special_tokens=add_special_tokens, device=device)
-        pred = answer_predictions(forward_logits(model, batch), batch).cpu().tolist()
+        pred = answer_predictions(answer_logits(model, batch), batch).cpu().tolist()
         tgt = batch.targets.cpu().tolist()
         pos = 0
         for n in batch.lengths:

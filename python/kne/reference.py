@@ -16,7 +16,7 @@ The fast path must agree with this module; the tests hold them to it.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from ._text import answer_logprobs, encode, per_sequence_mean
 from ._utils import Timer, forward_logits, input_device, model_devices, seeded
-from .adapters import resolve_sites
+from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
 from .editing import EditError, EditResult, delta_scale, initial_delta
@@ -50,6 +50,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     m = cfg.ig_steps
     alphas = [k / m for k in range(1, m + 1)]
     flat = [(name, li, s) for name, ss in sites.items() for li, s in enumerate(ss)]
+    require_resident([s for _, _, s in flat], "kne.reference.attribute")
     scores = {name: torch.zeros(len(reqs), len(ss), ss[0].num_neurons(cfg.neuron_axis)) for name, ss in sites.items()}
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's grads are kept
     training = model.training
@@ -140,6 +141,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     pairs = ensemble.sites(model)
     if not pairs:
         raise EditError("the ensemble is empty: lower KNEConfig.percentile or set positive_only=False")
+    require_resident([s for s, _ in pairs], "kne.reference.edit")
     batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
                    add_special_tokens=cfg.add_special_tokens, device=input_device(model))
     edits = []

@@ -1,0 +1,138 @@
+"""Evaluation runs over many records: independent and sequential edits, for several methods."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from torch import nn
+
+from .config import KNEConfig
+from .editing import EditError, EditResult
+from .evaluation import EvalResult, evaluate
+from .requests import EditRequest
+
+__all__ = ["METHODS", "edit_with", "run_edits", "merge_runs"]
+
+METHODS = ("kne", "reference", "ft-m")
+
+
+def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditRequest], config: KNEConfig,
+              ensemble=None) -> EditResult:
+    """One edit with ``method``: ``kne`` (kne.fast_edit), ``reference`` (kne.reference.edit) or
+    ``ft-m`` (kne.baselines.ft_m with EasyEdit's settings)."""
+    from . import baselines, reference
+    from .editing import fast_edit
+
+    if method == "kne":
+        return fast_edit(model, tokenizer, requests, config, ensemble=ensemble)
+    if method == "reference":
+        return reference.edit(model, tokenizer, requests, config, ensemble=ensemble)
+    if method == "ft-m":
+        if ensemble is not None:
+            raise ValueError("ft-m does not use an ensemble: drop --ensemble for it")
+        return baselines.ft_m(model, tokenizer, requests, add_special_tokens=config.add_special_tokens)
+    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], method: str, config: KNEConfig, *,
+              protocol: str = "independent", fluency: bool = False, progress: bool = True,
+              desc: Optional[str] = None, ensemble=None, indices: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Edit every request with ``method`` and evaluate with EasyEdit's metrics.
+
+    ``independent``: for each request evaluate, edit, evaluate again, restore (the model is never
+    edited twice). ``sequential``: evaluate every request on the unedited model, apply every edit in
+    turn without restoring, evaluate every request at the end (earlier edits must survive later
+    ones), then restore them all. A request whose edit fails (``EditError``) is left out of the means
+    and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
+    used for every edit instead of locating one per request. ``indices`` name the requests in the
+    records (default ``0..n-1``; a data-parallel shard passes its global indices). Returns ``{"method", "protocol", "summary", "seconds_per_edit",
+    "failures", "records"}``; the model is left as it was.
+    """
+    from tqdm.auto import tqdm
+
+    if protocol not in ("independent", "sequential"):
+        raise ValueError(f"protocol must be 'independent' or 'sequential', got {protocol!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    indices = list(range(len(requests))) if indices is None else list(indices)
+    if len(indices) != len(requests):
+        raise ValueError(f"{len(indices)} indices for {len(requests)} requests")
+    records: List[Dict[str, Any]] = []
+    seconds: List[float] = []
+    failures: List[Dict[str, Any]] = []
+    bar = tqdm(total=len(requests), desc=desc or f"{method} {protocol}", unit="edit", disable=not progress,
+               file=sys.stderr)
+
+    def record(i: int, req: EditRequest, post: EvalResult, res: Optional[EditResult]) -> Dict[str, Any]:
+        rec = dict(post.records[0])
+        rec.pop("locality_output", None)
+        rec.update(index=indices[i], prompt=req.prompt, target_new=req.target_new)
+        if res is not None:
+            rec.update(steps=res.stats["steps"], seconds=res.stats["total_seconds"], final_loss=res.stats["losses"][-1])
+        return rec
+
+    if protocol == "independent":
+        for i, req in enumerate(requests):
+            pre = evaluate(model, tokenizer, [req], add_special_tokens=config.add_special_tokens)
+            try:
+                res = edit_with(method, model, tokenizer, [req], config, ensemble)
+            except EditError as e:
+                failures.append({"index": indices[i], "error": str(e)})
+                bar.update(1)
+                continue
+            try:
+                post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i],
+                                add_special_tokens=config.add_special_tokens)
+            finally:
+                res.restore()
+            records.append(record(i, req, post, res))
+            seconds.append(res.stats["total_seconds"])
+            s = EvalResult(records).summary()
+            bar.set_postfix(succ=_pct(s["edit_succ"]), loc=_pct(s["locality"]))
+            bar.update(1)
+    else:
+        pre = evaluate(model, tokenizer, list(requests), add_special_tokens=config.add_special_tokens)
+        done: List[EditResult] = []
+        edited: List[int] = []
+        results: Dict[int, EditResult] = {}
+        try:
+            for i, req in enumerate(requests):
+                try:
+                    res = edit_with(method, model, tokenizer, [req], config, ensemble)
+                except EditError as e:
+                    failures.append({"index": indices[i], "error": str(e)})
+                    bar.update(1)
+                    continue
+                done.append(res)
+                edited.append(i)
+                results[i] = res
+                seconds.append(res.stats["total_seconds"])
+                bar.update(1)
+            for i in edited:
+                post = evaluate(model, tokenizer, [requests[i]], pre=EvalResult([pre.records[i]]), fluency=fluency,
+                                seed=config.seed + indices[i], add_special_tokens=config.add_special_tokens)
+                records.append(record(i, requests[i], post, results[i]))
+        finally:
+            for res in reversed(done):
+                res.restore()
+    bar.close()
+    summary = EvalResult(records).summary() if records else {"n": 0}
+    return {"method": method, "protocol": protocol, "summary": summary,
+            "seconds_per_edit": sum(seconds) / max(1, len(seconds)), "failures": failures, "records": records}
+
+
+def merge_runs(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One run from the shards of a data-parallel run (records back in index order)."""
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
+    failures = sorted((f for p in parts for f in p["failures"]), key=lambda f: f["index"])
+    secs = [r["seconds"] for r in records if "seconds" in r]
+    first = parts[0]
+    return {"method": first["method"], "protocol": first["protocol"],
+            "summary": EvalResult(records).summary() if records else {"n": 0},
+            "seconds_per_edit": sum(secs) / max(1, len(secs)), "failures": failures, "records": records,
+            "shards": len(parts)}

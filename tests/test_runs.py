@@ -1,0 +1,70 @@
+"""Evaluation runs (kne.runs): independent and sequential protocols, failures, restoring."""
+
+import pytest
+
+import kne
+from kne import runs
+from helpers import FACTS, assert_state_equal, snapshot
+
+
+def reqs(n):
+    return [kne.EditRequest(prompt=p, target_new=a, locality={"L": [{"prompt": FACTS[-1][0], "ground_truth": "x"}]})
+            for p, a in FACTS[:n]]
+
+
+@pytest.mark.parametrize("protocol", ["independent", "sequential"])
+@pytest.mark.parametrize("method", ["kne", "ft-m"])
+def test_runs_restore_the_model_and_report_every_record(protocol, method, tiny_model, tok):
+    model = tiny_model("llama")
+    snap = snapshot(model)
+    cfg = kne.KNEConfig(percentile=90.0, steps=5, lr=5e-2)
+    res = runs.run_edits(model, tok, reqs(3), method, cfg, protocol=protocol, progress=False)
+    assert_state_equal(model, snap, f"after a {protocol} {method} run")
+    assert res["protocol"] == protocol and res["method"] == method
+    assert res["summary"]["n"] == 3 and [r["index"] for r in res["records"]] == [0, 1, 2]
+    assert all(0.0 <= r["locality"]["L"] <= 1.0 for r in res["records"])
+    assert res["seconds_per_edit"] > 0 and not res["failures"]
+
+
+def test_sequential_keeps_earlier_edits_until_the_end(tiny_model, tok, monkeypatch):
+    """In the sequential protocol the second edit runs on the model the first one changed, and the
+    evaluation happens after both."""
+    model = tiny_model("gpt2")
+    snap = snapshot(model)
+    seen = []
+    real = runs.edit_with
+
+    def spy(method, m, t, rq, cfg, ensemble=None):
+        seen.append(all(v.equal(snap[k]) for k, v in m.state_dict().items()))
+        return real(method, m, t, rq, cfg, ensemble)
+
+    monkeypatch.setattr(runs, "edit_with", spy)
+    runs.run_edits(model, tok, reqs(2), "kne", kne.KNEConfig(percentile=90.0, steps=3), protocol="sequential",
+                   progress=False)
+    assert seen == [True, False]
+    assert_state_equal(model, snap)
+
+
+def test_failed_edits_are_listed_not_dropped(tiny_model, tok, monkeypatch):
+    model = tiny_model("opt")
+    real = runs.edit_with
+
+    def flaky(method, m, t, rq, cfg, ensemble=None):
+        if rq[0].prompt == FACTS[1][0]:
+            raise kne.EditError("boom")
+        return real(method, m, t, rq, cfg, ensemble)
+
+    monkeypatch.setattr(runs, "edit_with", flaky)
+    for protocol in ("independent", "sequential"):
+        res = runs.run_edits(model, tok, reqs(3), "kne", kne.KNEConfig(percentile=90.0, steps=2), protocol=protocol,
+                             progress=False)
+        assert res["failures"] == [{"index": 1, "error": "boom"}]
+        assert [r["index"] for r in res["records"]] == [0, 2]
+
+
+def test_bad_protocol_and_method(tiny_model, tok):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="protocol"):
+        runs.run_edits(model, tok, reqs(1), "kne", kne.KNEConfig(), protocol="parallel")
+    with pytest.raises(ValueError, match="unknown method"):
+        runs.run_edits(model, tok, reqs(1), "rome", kne.KNEConfig())
