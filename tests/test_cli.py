@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kne import cli
 
@@ -64,9 +65,9 @@ def test_eval_writes_results(embedded, tmp_path, capsys, method):
                    "--out", str(out), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "| method | data | n | Edit Succ." in text
+    assert "| data | method | protocol | n | Edit Succ." in text
     res = json.loads(out.read_text())
-    assert res["method"] == method and res["summary"]["n"] == limit
+    assert res["method"] == method and res["summary"]["n"] == limit and res["protocol"] == "independent"
     assert len(res["records"]) == limit
     rec = res["records"][0]
     assert rec["rewrite_acc"] == 1.0
@@ -76,18 +77,45 @@ def test_eval_writes_results(embedded, tmp_path, capsys, method):
 
 
 @pytest.mark.slow
-def test_edit_saves_a_loadable_model(embedded, tmp_path, capsys):
+def test_edit_saves_a_loadable_model_and_an_edit_file(embedded, tmp_path, capsys):
     import kne
 
-    save = tmp_path / "edited"
+    save, edit = tmp_path / "edited", tmp_path / "france.safetensors"
     rc = cli.main(["edit", "--prompt", "The capital of France is", "--target", "Rome", "--subject", "France",
-                   "--stop-loss", "0.1", "--save", str(save)])
+                   "--stop-loss", "0.1", "--save-model", str(save), "--save", str(edit)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "success 100.00%" in out
+    assert "success 100.00%" in out and "KB" in out
     meta = json.loads((save / "kne_edit.json").read_text())
     assert meta["request"]["subject"] == "France"
     ens = kne.Ensemble.load(save / "kne_ensemble.json")
     assert len(ens) == meta["stats"]["neurons"] > 0
     model, tok = kne.load_model(save)
     assert cli.greedy(model, tok, "The capital of France is").strip().startswith("Rome")
+    # the edit file turns the saved edited model back into the original, bit for bit
+    kne.revert_edit(model, edit)
+    assert cli.greedy(model, tok, "The capital of France is").strip().startswith("Paris")
+    base, _ = embedded
+    base_sd = base.state_dict()
+    assert all(torch.equal(v, base_sd[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_eval_all_both_protocols(embedded, tmp_path, capsys):
+    out, table = tmp_path / "all.json", tmp_path / "table.md"
+    rc = cli.main(["eval", "--all", "--data-dir", str(KNOWEDIT), "--limit", "2", "--method", "ft-m",
+                   "--protocol", "both", "--out", str(out), "--table", str(table), "--no-progress"])
+    assert rc == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["data"], r["protocol"]) for r in runs] == [
+        (f, p) for f in cli.KNOWEDIT_FILES for p in ("independent", "sequential")]
+    assert all(r["summary"]["n"] == 2 for r in runs)
+    md = table.read_text()
+    assert md.count("| ft-m | sequential | 2 |") == 3 and md.count("| ft-m | independent | 2 |") == 3
+    zsre = [r for r in runs if r["data"] == "ZsRE-test-all.json"]
+    assert all(r["summary"]["rephrase"] is not None for r in zsre)
+
+
+def test_eval_needs_data_or_all(capsys):
+    assert cli.main(["eval", "--limit", "1"]) == 2
+    assert "either --data FILE or --all" in capsys.readouterr().err

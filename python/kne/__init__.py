@@ -11,16 +11,17 @@ from .adapters import register_architecture, supported_model_types
 from .attribution import Attribution, attribute
 from .config import KNEConfig
 from .editing import EditError, EditResult, fast_edit
+from .editfile import apply_edit, read_edit, revert_edit
 from .ensemble import Ensemble, locate
 from .evaluation import EvalResult, evaluate
 from .models import load_model
 from .requests import EditRequest, load_knowedit
-from . import reference, baselines
+from . import baselines, plots, reference
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attribution", "EditError", "EditRequest", "EditResult", "Ensemble", "EvalResult", "KNEConfig",
-    "attribute", "baselines", "evaluate", "fast_edit", "load_knowedit", "load_model", "locate", "reference",
+    "apply_edit", "read_edit", "revert_edit", "Attribution", "EditError", "EditRequest", "EditResult", "Ensemble", "EvalResult", "KNEConfig",
+    "attribute", "baselines", "evaluate", "plots", "fast_edit", "load_knowedit", "load_model", "locate", "reference",
     "register_architecture", "supported_model_types", "__version__",
 ]

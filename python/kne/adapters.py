@@ -136,6 +136,43 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def _align_hook(module: nn.Module):
+    """Accelerate's AlignDevicesHook on ``module`` (also inside a SequentialHook), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    for h in hooks:
+        if type(h).__name__ == "AlignDevicesHook":
+            return h
+    return None
+
+
+def _offload_hook(module: nn.Module):
+    h = _align_hook(module)
+    return h if h is not None and getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None else None
+
+
+def _offloaded_weight(module: nn.Module, name: str = "weight") -> Optional[torch.Tensor]:
+    """The persistent tensor behind an offloaded module's parameter ``name`` (loaded once into the
+    offload store's in-memory dict when it lives on disk, so writes to it are what later forwards
+    load); ``None`` for a module Accelerate does not offload."""
+    hook = _offload_hook(module)
+    if hook is None:
+        return None
+    wm = hook.weights_map
+    store, key = (wm.dataset, wm.prefix + name) if hasattr(wm, "dataset") and hasattr(wm, "prefix") else (wm, name)
+    state = getattr(store, "state_dict", None)
+    if isinstance(state, dict):  # accelerate's OffloadedWeightsLoader: memory first, then disk
+        if key not in state:
+            state[key] = store[key].clone()  # a writable copy of the memory-mapped weight
+            if hasattr(store, "all_keys") and key not in store.all_keys:
+                store.all_keys.append(key)
+        return state[key]
+    if isinstance(store, dict):
+        return store[key]
+    raise ValueError(f"cannot reach the offloaded weight of {type(module).__name__} (offload store "
+                     f"{type(store).__name__}); load the model without offloading to edit it")
+
+
 @dataclass
 class ModuleSite:
     """One target module instance: a linear FFN projection of one decoder layer."""
@@ -148,13 +185,35 @@ class ModuleSite:
     transposed: bool  # weight stored [in, out] (GPT-2 Conv1D)
 
     def weight(self) -> torch.Tensor:
-        """The weight as an ``[out, in]`` view sharing storage with the module's parameter."""
-        w = self.module.weight
+        """The weight as an ``[out, in]`` view of the tensor that holds its values: the module's
+        parameter, or -- for a module whose weights Accelerate offloads (``device_map`` with
+        ``"cpu"``/``"disk"`` offload) -- the tensor in the offload store its hooks load from, so an
+        in-place write reaches every later forward."""
+        w = _offloaded_weight(self.module)
+        if w is None:
+            w = self.module.weight
         return w.t() if self.transposed else w
 
     @property
+    def offloaded(self) -> bool:
+        return _offload_hook(self.module) is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module computes: the execution device of Accelerate's hook, else its weight's."""
+        hook = _align_hook(self.module)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        return self.module.weight.device
+
+    @property
     def bias(self) -> Optional[torch.Tensor]:
-        return getattr(self.module, "bias", None)
+        """The bias values (for an offloaded module: from the offload store, on the compute device)."""
+        b = getattr(self.module, "bias", None)
+        if b is not None and b.device.type == "meta":
+            stored = _offloaded_weight(self.module, "bias")
+            b = None if stored is None else stored.to(self.device)
+        return b
 
     @property
     def out_features(self) -> int:
@@ -166,6 +225,15 @@ class ModuleSite:
 
     def num_neurons(self, axis: str) -> int:
         return self.out_features if axis == "out" else self.in_features
+
+
+def require_resident(sites, what: str) -> None:
+    """Refuse offloaded modules where an implementation trains parameters through autograd."""
+    off = [s.path for s in sites if s.offloaded]
+    if off:
+        raise ValueError(f"{what} trains parameters through autograd and cannot reach weights that Accelerate "
+                         f"offloads ({off[0]}{' ...' if len(off) > 1 else ''}): use kne.fast_edit, or load the model "
+                         "without offloading")
 
 
 def resolve_sites(model: nn.Module, target_modules: Sequence[str],

@@ -39,7 +39,7 @@ def _setup(args) -> None:
         pass
 
 
-def _load(args):
+def _load(args, quiet: bool = False):
     import torch
 
     import kne
@@ -48,14 +48,18 @@ def _load(args):
     t = time.perf_counter()
     model, tok = kne.load_model(args.model, dtype=dtype, device=args.device)
     n = sum(p.numel() for p in model.parameters())
-    print(f"model   {args.model} ({model.config.model_type}, {kne.adapters.num_layers(model)} layers, "
-          f"{n / 1e6:.1f}M parameters) on {args.device}, {args.dtype}, {torch.get_num_threads()} thread(s); "
-          f"loaded in {time.perf_counter() - t:.1f} s")
+    if not quiet:
+        print(f"model   {args.model} ({model.config.model_type}, {kne.adapters.num_layers(model)} layers, "
+              f"{n / 1e6:.1f}M parameters) on {args.device}, {args.dtype}, {torch.get_num_threads()} thread(s); "
+              f"loaded in {time.perf_counter() - t:.1f} s")
     return model, tok
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KNE settings (see kne.KNEConfig)")
+    g.add_argument("--preset", choices=("authors", "tuned"), default="authors",
+                   help="base settings: authors (KNEConfig's defaults, the authors' Llama-2-7B setting) or tuned "
+                        "(columns, dropout 0, stop at loss 0.1; see KNEConfig.preset); the options below override it")
     g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
                    help="FFN modules to score: aliases ffn_in/ffn_gate/ffn_out or suffixes like mlp.down_proj "
                         "(default: ffn_out)")
@@ -82,7 +86,7 @@ def _config(args):
         over["target_modules"] = tuple(over["target_modules"])
     if "layers" in over:
         over["layers"] = tuple(over["layers"])
-    return kne.KNEConfig(**over)
+    return kne.KNEConfig.preset(getattr(args, "preset", "authors") or "authors", **over)
 
 
 def _common(p: argparse.ArgumentParser, model_default: Optional[str] = "smollm2-135m") -> None:
@@ -113,14 +117,17 @@ def _pct(x: Optional[float]) -> str:
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of evaluation summaries (percentages; fluency x100 as in the KnowEdit tables)."""
-    head = "| method | data | n | Edit Succ. | Rephrase | Portability | Locality | Fluency | s/edit |"
-    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    head = "| data | method | protocol | n | Edit Succ. | Rephrase | Portability | Locality | Fluency | s/edit |"
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
     lines = [head, sep]
     for r in rows:
         s = r["summary"]
-        lines.append(f"| {r['method']} | {r['data']} | {s['n']} | {_pct(s['edit_succ'])} | {_pct(s['rephrase'])} | "
-                     f"{_pct(s['portability'])} | {_pct(s['locality'])} | {_pct(s['fluency'])} | "
-                     f"{r['seconds_per_edit']:.2f} |")
+        if not s.get("n"):
+            lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | 0 | - | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | {s['n']} | "
+                     f"{_pct(s['edit_succ'])} | {_pct(s['rephrase'])} | {_pct(s['portability'])} | "
+                     f"{_pct(s['locality'])} | {_pct(s['fluency'])} | {r['seconds_per_edit']:.2f} |")
     return "\n".join(lines)
 
 
@@ -182,78 +189,163 @@ def cmd_edit(args) -> int:
           f"{st['neurons']} neurons, {st['params_edited']:,} parameters ({100 * st['param_fraction']:.3f}%), "
           f"{st['total_seconds']:.2f} s")
     if args.save:
-        out = Path(args.save)
+        path = res.save(args.save)
+        print(f"saved   the edit ({path.stat().st_size / 1024:.0f} KB: indices, new and original rows) to {path}; "
+              "apply it with kne.apply_edit(model, path), undo with kne.revert_edit")
+    if args.save_model:
+        out = Path(args.save_model)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         res.ensemble.save(out / "kne_ensemble.json")
         meta = {"request": req.to_dict(), "config": cfg.to_dict(), "stats": st, "base_model": args.model}
         (out / "kne_edit.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        print(f"saved   edited model, ensemble and edit record to {out}")
+        print(f"saved   the edited model, its ensemble and an edit record to {out}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------ eval
-def run_eval(model, tok, requests, method: str, cfg, *, fluency: bool = False, progress: bool = True,
-             desc: str = "eval") -> Dict[str, Any]:
-    """Independent edits: for each request evaluate, edit, evaluate again, restore."""
-    from tqdm.auto import tqdm
+KNOWEDIT_FILES = ("ZsRE-test-all.json", "wiki_counterfact-train.json", "wiki_recent-train.json")
 
-    import kne
 
-    records, seconds, failures = [], [], []
-    bar = tqdm(requests, desc=desc, unit="edit", disable=not progress, file=sys.stderr)
-    for i, req in enumerate(bar):
-        pre = kne.evaluate(model, tok, [req])
-        try:
-            if method == "kne":
-                res = kne.fast_edit(model, tok, [req], cfg)
-            elif method == "reference":
-                res = kne.reference.edit(model, tok, [req], cfg)
-            elif method == "ft-m":
-                res = kne.baselines.ft_m(model, tok, [req], add_special_tokens=cfg.add_special_tokens)
-            else:
-                raise ValueError(f"unknown method {method!r}: use kne, reference or ft-m")
-        except kne.EditError as e:
-            failures.append({"index": i, "error": str(e)})
-            print(f"warning: record {i} failed and was skipped from the means: {e}", file=sys.stderr)
-            continue
-        try:
-            post = kne.evaluate(model, tok, [req], pre=pre, fluency=fluency, seed=cfg.seed)
-        finally:
-            res.restore()
-        rec = dict(post.records[0])
-        rec.pop("locality_output", None)
-        rec.update(index=i, prompt=req.prompt, target_new=req.target_new, steps=res.stats["steps"],
-                   seconds=res.stats["total_seconds"], final_loss=res.stats["losses"][-1])
-        records.append(rec)
-        seconds.append(res.stats["total_seconds"])
-        s = kne.EvalResult(records).summary()
-        bar.set_postfix(succ=f"{_pct(s['edit_succ'])}", loc=_pct(s["locality"]))
-    summary = kne.EvalResult(records).summary() if records else {"n": 0}
-    return {"method": method, "summary": summary, "seconds_per_edit": sum(seconds) / max(1, len(seconds)),
-            "failures": failures, "records": records}
+def _data_dir(arg: Optional[str]) -> Path:
+    if arg:
+        return Path(arg)
+    if os.environ.get("KNE_SHARED"):
+        return Path(os.environ["KNE_SHARED"]) / "data" / "knowedit"
+    return Path("..") / "shared" / "data" / "knowedit"
+
+
+def _distributed():
+    """``(rank, world_size)`` under torchrun (a gloo, or NCCL on CUDA, process group is started),
+    else ``(0, 1)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if os.environ.get("KNE_DIST_BACKEND") == "nccl" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
 
 
 def cmd_eval(args) -> int:
     import kne
+    from kne.runs import merge_runs, run_edits
 
-    model, tok = _load(args)
+    if args.all == bool(args.data):
+        raise ValueError("give either --data FILE or --all (the three KnowEdit files of --data-dir)")
+    files = [Path(args.data)] if args.data else [_data_dir(args.data_dir) / f for f in KNOWEDIT_FILES]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"KnowEdit file {str(f)!r} does not exist" +
+                                    ("" if args.data else " (set --data-dir or KNE_SHARED)"))
+    protocols = ("independent", "sequential") if args.protocol == "both" else (args.protocol,)
+    rank, world = _distributed()
+    if world > 1:
+        if "sequential" in protocols:
+            raise ValueError("sequential edits build on each other and cannot be split across processes: run "
+                             "--protocol sequential without torchrun")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    model, tok = _load(args) if rank == 0 else _load(args, quiet=True)
     cfg = _config(args)
-    requests = kne.load_knowedit(args.data, limit=args.limit)
-    print(f"data    {args.data}: {len(requests)} records; method {args.method}; independent edits")
-    res = run_eval(model, tok, requests, args.method, cfg, fluency=args.fluency, progress=not args.no_progress)
-    res["data"] = Path(args.data).name
+    runs = []
+    for f in files:
+        if args.skip < 0:
+            raise ValueError(f"--skip must be >= 0, got {args.skip}")
+        requests = kne.load_knowedit(f)[args.skip:]
+        if args.limit is not None:
+            if args.limit < 1:
+                raise ValueError(f"--limit must be >= 1, got {args.limit}")
+            requests = requests[:args.limit]
+        mine = list(range(rank, len(requests), world))  # every world-th record, so shards stay balanced
+        for method in args.method:
+            for protocol in protocols:
+                if rank == 0:
+                    print(f"data    {f.name}: {len(requests)} records; method {method}; {protocol} edits"
+                          + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
+                res = run_edits(model, tok, [requests[i] for i in mine], method, cfg, protocol=protocol,
+                                fluency=args.fluency, progress=not args.no_progress and rank == 0,
+                                indices=[args.skip + i for i in mine])
+                if world > 1:
+                    import torch.distributed as dist
+
+                    parts = [None] * world
+                    dist.all_gather_object(parts, res)
+                    res = merge_runs(parts)
+                res["data"] = f.name
+                runs.append(res)
+    if rank != 0:
+        return 0
+    table = format_table(runs)
     print()
-    print(format_table([res]))
-    if res["failures"]:
-        print(f"\n{len(res['failures'])} record(s) failed to edit (see the JSON output)")
+    print(table)
+    failed = sum(len(r["failures"]) for r in runs)
+    if failed:
+        print(f"\n{failed} edit(s) failed and are left out of the means (see the JSON output)")
+    if args.table:
+        Path(args.table).write_text(table + "\n")
+        print(f"wrote {args.table}")
     if args.out:
-        payload = {"model": args.model, "data": str(args.data), "limit": args.limit, "method": args.method,
-                   "config": cfg.to_dict() if args.method != "ft-m" else None, **res}
+        payload = {"model": args.model, "limit": args.limit, "skip": args.skip, "config": cfg.to_dict(),
+                   "processes": world,
+                   "runs": runs}
+        if len(runs) == 1:
+            payload.update(runs[0])
         Path(args.out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        print(f"\nwrote {args.out}")
-    return 0 if not res["failures"] else 1
+        print(f"wrote {args.out}")
+    return 0 if not failed else 1
+
+
+def cmd_info(args) -> int:
+    """Versions, kernel backends, threads, devices, cache."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    import kne
+    import kne_kernels.info
+    from kne.models import _CACHE_NAME, cache_dir
+
+    def version(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    print(f"kne {kne.__version__}   kne_kernels {kne_kernels.__version__}   Python {platform.python_version()} "
+          f"({platform.machine()}, {platform.system()})")
+    print("packages: " + ", ".join(f"{d} {version(d)}" for d in ("torch", "transformers", "accelerate", "triton",
+                                                                  "safetensors", "numpy")))
+    print(f"threads: torch {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (the CLI uses 1 thread on CPU unless --threads)")
+    devs = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    print("devices: cpu" + ("".join(f", {d}" for d in devs)))
+    cached = (cache_dir() / _CACHE_NAME / "config.json").is_file()
+    print(f"cache: {cache_dir()} (KNE_CACHE overrides); embedded model {'cached' if cached else 'not converted yet'}")
+    print(f"supported model types: {', '.join(kne.supported_model_types())}")
+    print()
+    return kne_kernels.info.main([])
+
+
+def cmd_plot(args) -> int:
+    from kne.plots import plot_file
+
+    out = plot_file(args.file, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.name == "edit":
+        from kne.bench import main as bench_main
+    else:
+        from kne_kernels.bench import main as bench_main
+    return bench_main(args.rest)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -285,28 +377,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", required=True, help="the new answer (target_new)")
     e.add_argument("--subject", default=None)
     e.add_argument("--ensemble", default=None, help="an ensemble JSON (kne or the authors' knb_dict) to use")
-    e.add_argument("--save", default=None, metavar="DIR",
-                   help="folder for the edited model (save_pretrained), its ensemble and an edit record")
+    e.add_argument("--save", default=None, metavar="FILE",
+                   help="write the compact edit file (safetensors: indices, new and original rows, model fingerprint)")
+    e.add_argument("--save-model", default=None, metavar="DIR",
+                   help="folder for the whole edited model (save_pretrained), its ensemble and an edit record")
     _config_args(e)
     e.set_defaults(func=cmd_edit)
 
-    v = sub.add_parser("eval", help="evaluate a method on a KnowEdit file (independent edits)",
-                       description="For each record: evaluate, edit, evaluate again (EasyEdit's metrics), restore.")
+    v = sub.add_parser("eval", help="evaluate methods on KnowEdit files (EasyEdit's metrics)",
+                       description="Independent edits (per record: evaluate, edit, evaluate again, restore) or "
+                                   "sequential edits (all edits kept, evaluated at the end), with EasyEdit's "
+                                   "metrics; prints a table like the KnowEdit papers'.")
     _common(v)
-    v.add_argument("--data", required=True, help="KnowEdit JSON or JSON-lines file")
-    v.add_argument("--limit", type=int, default=None, help="first N records only")
-    v.add_argument("--method", choices=("kne", "reference", "ft-m"), default="kne")
+    v.add_argument("--data", default=None, help="a KnowEdit JSON or JSON-lines file")
+    v.add_argument("--all", action="store_true",
+                   help="the three shared KnowEdit files (ZsRE, counterfact, recent) from --data-dir")
+    v.add_argument("--data-dir", default=None,
+                   help="folder of the KnowEdit files for --all (default $KNE_SHARED/data/knowedit, else "
+                        "../shared/data/knowedit)")
+    v.add_argument("--limit", type=int, default=None, help="N records of each file only (after --skip)")
+    v.add_argument("--skip", type=int, default=0, help="leave out the first N records of each file")
+    v.add_argument("--method", nargs="+", choices=("kne", "reference", "ft-m"), default=["kne"],
+                   help="one or more methods (default kne)")
+    v.add_argument("--protocol", choices=("independent", "sequential", "both"), default="independent")
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
     v.add_argument("--out", default=None, help="write the results JSON here")
+    v.add_argument("--table", default=None, help="write the markdown table here")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     _config_args(v)
     v.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="picture of an ensemble JSON or of kne eval results",
+                        description="An ensemble JSON (kne's or the authors' knb_dict) becomes a heatmap of ensemble "
+                                    "density per layer and module with the counts; a results JSON from kne eval "
+                                    "becomes bars of its metrics.")
+    pl.add_argument("file", help="ensemble JSON or results JSON")
+    pl.add_argument("-o", "--out", default=None, help="PNG path (default: the input with .png)")
+    pl.set_defaults(func=cmd_plot)
+
+    i = sub.add_parser("info", help="versions, kernel backends, threads, devices, cache location")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks: 'kne bench edit ...' or 'kne bench kernels ...'",
+                       description="Run a benchmark; arguments after the name go to it (see "
+                                   "'kne bench edit --help', 'kne bench kernels --help').")
+    b.add_argument("name", choices=("edit", "kernels"))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup(args)
+    if args.command not in ("bench", "info", "plot"):  # these set (or report) threads and devices themselves
+        _setup(args)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -315,3 +439,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"kne {args.command}: interrupted (the model in memory was restored; nothing was saved)", file=sys.stderr)
         return 130
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass

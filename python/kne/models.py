@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 
@@ -90,8 +90,14 @@ def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch
         dtype = getattr(torch, dtype)
     if str(name_or_path) == EMBEDDED:
         folder = cache_dir() / _CACHE_NAME
-        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-            _convert_embedded(folder)
+        if not _cached(folder):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with open(folder.parent / f".{_CACHE_NAME}.lock", "w") as lock:
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one converter at a time (torchrun ranks, parallel tests)
+                if not _cached(folder):
+                    _convert_embedded(folder)
         src, local = str(folder), True
     else:
         src, local = str(name_or_path), kwargs.pop("local_files_only", False)
@@ -102,6 +108,10 @@ def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch
         model = model.to(device)
     model.eval()
     return model, tok
+
+
+def _cached(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 @contextlib.contextmanager

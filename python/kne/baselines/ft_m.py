@@ -9,14 +9,14 @@ For other depths the default layer is scaled: ``round(L * 21 / 32)``.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .._text import encode
 from .._utils import Timer, forward_logits, input_device
-from ..adapters import num_layers, resolve_sites
+from ..adapters import num_layers, require_resident, resolve_sites
 from ..editing import EditError, EditResult, edit_loss
 from ..requests import as_requests
 
@@ -36,6 +36,7 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     L = num_layers(model)
     layers = [round(L * 21 / 32)] if layers is None else list(layers)
     sites = resolve_sites(model, [module], layers)[module]
+    require_resident(sites, "FT-M")
     timer = Timer()
     batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
                    add_special_tokens=add_special_tokens, device=input_device(model))

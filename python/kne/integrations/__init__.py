@@ -1,0 +1,1 @@
+"""Adapters to the codebases KNE users already work in."""

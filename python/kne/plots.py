@@ -1,0 +1,101 @@
+"""Pictures: ensemble density per layer and module, and evaluation tables as bars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ["plot_ensemble", "plot_results", "plot_file"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ensemble(ensemble, out: Union[str, Path], *, n_layers: Optional[int] = None,
+                  n_neurons: Optional[Dict[str, int]] = None, title: Optional[str] = None) -> Path:
+    """Heatmap: one row per module, one column per layer, colour = share of that module instance's
+    neurons in the ensemble, number = neuron count."""
+    import numpy as np
+
+    plt = _plt()
+    mods = list(ensemble.indices)
+    counts = ensemble.counts()
+    L = n_layers or max([max(ensemble.n_layers.values(), default=0)] +
+                        [max(per, default=-1) + 1 for per in ensemble.indices.values()])
+    L = max(L, 1)
+    grid = np.zeros((max(1, len(mods)), L))
+    share = np.zeros_like(grid)
+    for r, m in enumerate(mods):
+        width = (n_neurons or {}).get(m) or ensemble.n_neurons.get(m)
+        for layer, c in counts[m].items():
+            grid[r, layer] = c
+            share[r, layer] = c / width if width else c
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * L + 2), 1.0 + 0.7 * max(1, len(mods))))
+    im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(L), [str(i) for i in range(L)], fontsize=7)
+    ax.set_yticks(range(len(mods)), mods, fontsize=8)
+    ax.set_xlabel("layer")
+    for r in range(len(mods)):
+        for c in range(L):
+            if grid[r, c]:
+                ax.text(c, r, f"{int(grid[r, c])}", ha="center", va="center", fontsize=6,
+                        color="white" if share[r, c] < share.max() * 0.6 else "black")
+    cb = fig.colorbar(im, ax=ax, fraction=0.03)
+    cb.set_label("share of neurons" if (n_neurons or ensemble.n_neurons) else "neurons", fontsize=8)
+    ax.set_title(title or f"KNE ensemble: {len(ensemble)} neurons (axis {ensemble.neuron_axis})", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+_METRICS = (("edit_succ", "Edit Succ."), ("rephrase", "Rephrase"), ("portability", "Portability"),
+            ("locality", "Locality"), ("fluency", "Fluency"))
+
+
+def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Optional[str] = None) -> Path:
+    """Grouped bars: one group per metric, one bar per (data, method, protocol) run; percentages
+    (fluency as EasyEdit's entropy x 100, as the KnowEdit tables print it)."""
+    plt = _plt()
+    metrics = [(k, name) for k, name in _METRICS if any(r["summary"].get(k) is not None for r in runs)]
+    if not metrics:
+        raise ValueError("the results hold no metric to plot (no run has a summary)")
+    fig, ax = plt.subplots(figsize=(1.6 * len(metrics) * max(1, len(runs)) ** 0.5 + 3, 4))
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        vals = [100 * (r["summary"].get(k) or 0.0) for k, _ in metrics]
+        label = f"{r.get('method', '?')} {r.get('protocol', '')} {r.get('data', '')}".strip()
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(metrics))]
+        bars = ax.bar(xs, vals, width, label=label)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(metrics)), [n for _, n in metrics])
+    ax.set_ylabel("%  (fluency: entropy x 100)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title or "KnowEdit evaluation", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Path:
+    """Plot an ensemble JSON (kne's or a bare knb_dict) or a results JSON written by ``kne eval``."""
+    from .ensemble import Ensemble
+
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    out = Path(out) if out else path.with_suffix(".png")
+    if isinstance(data, dict) and ("runs" in data or "summary" in data):
+        runs = data.get("runs") or [data]
+        return plot_results(runs, out, title=f"{path.name}")
+    return plot_ensemble(Ensemble.load(path), out, title=None)

@@ -1,0 +1,41 @@
+"""kne plot: ensemble heatmaps and result bars are produced and non-empty."""
+
+import json
+
+import pytest
+
+import kne
+from kne import cli
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return len(data), w, h
+
+
+def test_plot_ensemble_from_a_real_locate_and_a_knb_dict(tiny_model, tok, tmp_path, capsys):
+    model = tiny_model("llama")
+    ens = kne.locate(model, tok, [{"prompt": "The capital of France is", "target_new": "Rome"}],
+                     target_modules=("ffn_out", "ffn_in"), percentile=80.0)
+    p = ens.save(tmp_path / "ens.json")
+    assert cli.main(["plot", str(p), "-o", str(tmp_path / "ens.png")]) == 0
+    size, w, h = _png_size(tmp_path / "ens.png")
+    assert size > 5000 and w > 400 and h > 100
+    (tmp_path / "knb.json").write_text(json.dumps({"mlp.down_proj": {"0": [1, 2], "7": [3]}}))
+    assert cli.main(["plot", str(tmp_path / "knb.json")]) == 0  # default output: knb.png
+    assert _png_size(tmp_path / "knb.png")[0] > 3000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_plot_results_of_kne_eval(tmp_path):
+    runs = [{"method": m, "protocol": "independent", "data": "ZsRE-test-all.json", "seconds_per_edit": 1.0,
+             "summary": {"n": 3, "edit_succ": 1.0, "rephrase": 0.8, "portability": 0.3, "locality": lo,
+                         "fluency": None}} for m, lo in (("kne", 0.7), ("ft-m", 0.9))]
+    (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
+    out = kne.plots.plot_file(tmp_path / "r.json", tmp_path / "r.png")
+    assert _png_size(out)[0] > 5000
+    (tmp_path / "empty.json").write_text(json.dumps({"runs": [{"summary": {"n": 0}}]}))
+    with pytest.raises(ValueError, match="no metric"):
+        kne.plots.plot_file(tmp_path / "empty.json")
