@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-from typing import Optional
 
 import pytest
 import torch

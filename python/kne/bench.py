@@ -9,8 +9,9 @@ Same model, same request, same settings; the implementations alternate, medians 
 * the edit loop with every step forced (``stop_loss=0``, ``--steps``) on one shared ensemble, and
   the floor of one step measured beside it: a forward plus a backward that only reaches a small
   delta at the lowest edited layer (no weight gradients);
-* a default edit (early stopping on) for ``fast_edit``, ``reference.edit`` and FT-M: seconds for
-  localisation, for the edit loop, and in total;
+* a default edit (early stopping on) for ``fast_edit``, ``reference.edit`` and FT-M, plus
+  ``fast_edit`` with ``KNEConfig.preset("tuned")``: seconds for localisation, for the edit loop,
+  and in total (FT-M has no localisation);
 * peak memory added by each edit over a plain forward pass (CPU: resident-set growth, each method
   in a fresh subprocess so allocator caches do not blur it; GPU: ``max_memory_allocated``).
 
@@ -261,8 +262,10 @@ def run(args) -> List[Dict[str, Any]]:
     row(f"edit loop ({args.steps} steps)", "kne.fast_edit", "seconds/step", fast, ref=med(ref),
         vs_floor=round(med(fast) / med(fl), 3))
 
-    # 3. a default edit
+    # 3. a default edit (and fast_edit with the "tuned" preset: columns, no dropout, stop at 0.1)
+    tuned = kne.KNEConfig.preset("tuned")
     providers = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req),
+                 "kne.fast_edit tuned": lambda: kne.fast_edit(model, tok, req, tuned),
                  "kne.reference.edit": lambda: kne.reference.edit(model, tok, req),
                  "ft-m": lambda: kne.baselines.ft_m(model, tok, req)}
     times = {k: {"locate": [], "edit": [], "total": [], "steps": []} for k in providers}
