@@ -412,15 +412,28 @@ def test_empty_ensemble_is_an_edit_error(tiny_model, tok):
 # ---------------------------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_attribute_matches_reference_on_embedded_model(embedded):
+    """Held to a float64 run of the reference. In float64 the fast path must give the reference's
+    scores (to the float32 rounding of the returned scores). In float32 both must be within 5e-4 of
+    float64: the fast path sits near 1e-4 there, the reference near 3e-6, because the fast path
+    projects only the answer positions (``logits_to_keep``) and torch's CPU GEMM for fewer than
+    four rows sums the 49152-term products of the output projection's backward about 10x less
+    accurately than for more rows (measured: 8e-6 against 1e-6 relative)."""
     model, tok = embedded
+    m64 = copy.deepcopy(model).to(torch.float64)
     req = {"prompt": "The capital of France is", "target_new": "Rome"}
     for axis, path in (("out", "layerwise"), ("in", "joint")):
         kw = dict(target_modules=("ffn_out", "ffn_gate"), layers=(2, 17), neuron_axis=axis, ig_steps=2, ig_path=path)
+        truth = kne.reference.attribute(m64, tok, req, **kw)
+        fast64 = kne.attribute(m64, tok, req, **kw)
         fast = kne.attribute(model, tok, req, **kw)
         ref = kne.reference.attribute(model, tok, req, **kw)
-        for k in ref.scores:
-            assert ref.scores[k].abs().max() > 0
-            assert rel_err(fast.scores[k], ref.scores[k]) < TOL, (axis, k, worst(fast.scores[k], ref.scores[k]))
+        for k in truth.scores:
+            assert truth.scores[k].abs().max() > 0
+            err64 = rel_err(fast64.scores[k], truth.scores[k])
+            assert err64 < 1e-6, (axis, k, err64, worst(fast64.scores[k], truth.scores[k]))
+            for name, got in (("fast", fast), ("reference", ref)):
+                err = rel_err(got.scores[k], truth.scores[k])
+                assert err < 5e-4, (name, axis, k, err, worst(got.scores[k], truth.scores[k]))
     assert all(p.grad is None for p in model.parameters())
 
 

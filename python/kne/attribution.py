@@ -94,12 +94,18 @@ class _Capture:
     def score(self, dy: torch.Tensor, segments: torch.Tensor, num_segments: int, weight_scale: float) -> torch.Tensor:
         """``[num_segments, D]`` float32: ``weight_scale * sum over tokens of act * dy`` per segment."""
         act = self.act
+        wide = act.dtype == torch.float64  # a float64 model: kne_kernels takes fp32/fp16/bf16 only
         if self.axis == "in":
-            dy = dy.float() @ self.site.weight().to(dy.device).float()
-            act = act.float()
+            ct = torch.float64 if wide else torch.float32
+            dy = dy.to(ct) @ self.site.weight().to(dy.device, ct)
+            act = act.to(ct)
         D = act.shape[-1]
         rows = act.numel() // D  # B * T, whether the model keeps [B, T, D] or flattens to [B*T, D]
         seg = segments.to(act.device).repeat_interleave(rows // segments.numel())
+        if wide:  # products and sums in float64, the scores in float32 like every other dtype's
+            out = torch.zeros(num_segments, D, dtype=torch.float64, device=act.device)
+            out.index_add_(0, seg, act.reshape(-1, D) * dy.reshape(-1, D).double())
+            return (out * weight_scale).float()
         return kne_kernels.neuron_attribution(act.reshape(-1, D).contiguous(), dy.reshape(-1, D).contiguous(),
                                               segments=seg, num_segments=num_segments, scale=weight_scale,
                                               backend=kernel_backend(self.config, act.device))
