@@ -39,8 +39,17 @@ def test_cpu_extension_is_live_in_ci():
         assert "CPU" in _extension.registered_keys(name), name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", list(_ops.SCHEMAS))
-def test_opcheck_torch_default_kernels(name, gen):
+def test_opcheck_torch_and_triton_kernels(name, backend, gen):
+    """opcheck with the torch kernel (the default) and, under Triton's interpreter, the Triton
+    launcher registered as the op's CPU kernel (the C++ kernels: tests/test_kernels_cpu.py)."""
+    if backend == "triton":
+        live, why = _backends.status("triton", "cpu")
+        assert live, why
+        from kne_kernels.triton.kernels import KERNELS as impls
+    else:
+        impls = _ops.TORCH_KERNELS
     args = {
         "neuron_attribution_": lambda: (torch.zeros(2, 9), torch.randn(7, 9, generator=gen), torch.randn(7, 9, generator=gen),
                                         torch.randint(0, 2, (7,), generator=gen), torch.rand(7, generator=gen), 0.5),
@@ -54,8 +63,8 @@ def test_opcheck_torch_default_kernels(name, gen):
                                          torch.randn(2, 4, generator=gen), 1, 1e-3, 0.5, 0, 0.9, 0.999, 1e-8, 0.0),
     }[name]()
     lib = torch.library.Library("kne", "IMPL")
-    try:  # route CPU tensors to the torch kernel even where the C++ one is registered
-        lib.impl(name, _ops.TORCH_KERNELS[name], "CPU")
+    try:  # route CPU tensors to this kernel even where the C++ one is registered
+        lib.impl(name, impls[name], "CPU")
         torch.library.opcheck(_ops.op(name), args)
     finally:
         lib._destroy()

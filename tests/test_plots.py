@@ -39,3 +39,24 @@ def test_plot_results_of_kne_eval(tmp_path):
     (tmp_path / "empty.json").write_text(json.dumps({"runs": [{"summary": {"n": 0}}]}))
     with pytest.raises(ValueError, match="no metric"):
         kne.plots.plot_file(tmp_path / "empty.json")
+
+
+def test_a_metric_a_run_lacks_gets_no_bar(tmp_path, monkeypatch):
+    """counterfact has no rephrase prompts: its runs must not show a 0% rephrase bar."""
+    import matplotlib.axes
+
+    heights = []
+    orig = matplotlib.axes.Axes.bar
+
+    def spy(self, x, height, *args, **kwargs):
+        heights.append([round(h, 6) for h in height])
+        return orig(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    runs = [{"method": "kne", "data": "wiki_counterfact-train.json",
+             "summary": {"edit_succ": 1.0, "rephrase": None, "portability": 0.3, "locality": 0.7, "fluency": None}},
+            {"method": "kne", "data": "ZsRE-test-all.json",
+             "summary": {"edit_succ": 0.9, "rephrase": 0.5, "portability": 0.25, "locality": 0.8, "fluency": None}}]
+    out = kne.plots.plot_results(runs, tmp_path / "x.png")
+    assert _png_size(out)[0] > 5000
+    assert heights == [[100.0, 30.0, 70.0], [90.0, 50.0, 25.0, 80.0]]

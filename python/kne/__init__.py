@@ -18,7 +18,7 @@ from .models import load_model
 from .requests import EditRequest, load_knowedit
 from . import baselines, plots, reference
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "apply_edit", "read_edit", "revert_edit", "Attribution", "EditError", "EditRequest", "EditResult", "Ensemble", "EvalResult", "KNEConfig",

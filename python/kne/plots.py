@@ -71,11 +71,13 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
     fig, ax = plt.subplots(figsize=(1.6 * len(metrics) * max(1, len(runs)) ** 0.5 + 3, 4))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
-        vals = [100 * (r["summary"].get(k) or 0.0) for k, _ in metrics]
+        # a metric a run does not have (no rephrase prompts in the file, fluency not measured)
+        # gets no bar, not a zero
+        have = [(j, 100 * r["summary"][k]) for j, (k, _) in enumerate(metrics) if r["summary"].get(k) is not None]
         label = f"{r.get('method', '?')} {r.get('protocol', '')} {r.get('data', '')}".strip()
-        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(metrics))]
-        bars = ax.bar(xs, vals, width, label=label)
-        for b, v in zip(bars, vals):
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j, _ in have]
+        bars = ax.bar(xs, [v for _, v in have], width, label=label)
+        for b, (_, v) in zip(bars, have):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(metrics)), [n for _, n in metrics])
     ax.set_ylabel("%  (fluency: entropy x 100)")
