@@ -33,10 +33,11 @@ and, on a GPU, Triton or the CUDA C++ extension for ``CUDA`` (see ``kne_kernels.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from .reference import adamw_update_
 
 NAMESPACE = "kne"
 
@@ -103,15 +104,8 @@ def ensemble_adamw_step_torch(weight: torch.Tensor, index: torch.Tensor, grad: t
                               exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, base: torch.Tensor, step: int,
                               lr: float, scale: float, dim: int, beta1: float, beta2: float, eps: float,
                               weight_decay: float) -> None:
-    if weight_decay:
-        delta.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    delta.addcdiv_(exp_avg, denom, value=-step_size)
+    adamw_update_(delta, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay)
     weight.index_copy_(dim, index, (base.float() + scale * delta).to(weight.dtype))
 
 
