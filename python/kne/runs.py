@@ -76,14 +76,20 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             rec.update(steps=res.stats["steps"], seconds=res.stats["total_seconds"], final_loss=res.stats["losses"][-1])
         return rec
 
+    def attempt(i: int, req: EditRequest) -> Optional[EditResult]:
+        """The edit, or ``None`` with the failure listed (the model is left as it was)."""
+        try:
+            return edit_with(method, model, tokenizer, [req], config, ensemble)
+        except EditError as e:
+            failures.append({"index": indices[i], "error": str(e)})
+            bar.update(1)
+            return None
+
     if protocol == "independent":
         for i, req in enumerate(requests):
             pre = evaluate(model, tokenizer, [req], add_special_tokens=config.add_special_tokens)
-            try:
-                res = edit_with(method, model, tokenizer, [req], config, ensemble)
-            except EditError as e:
-                failures.append({"index": indices[i], "error": str(e)})
-                bar.update(1)
+            res = attempt(i, req)
+            if res is None:
                 continue
             try:
                 post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i],
@@ -97,28 +103,21 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             bar.update(1)
     else:
         pre = evaluate(model, tokenizer, list(requests), add_special_tokens=config.add_special_tokens)
-        done: List[EditResult] = []
-        edited: List[int] = []
-        results: Dict[int, EditResult] = {}
+        results: Dict[int, EditResult] = {}  # request position -> its edit, in the order applied
         try:
             for i, req in enumerate(requests):
-                try:
-                    res = edit_with(method, model, tokenizer, [req], config, ensemble)
-                except EditError as e:
-                    failures.append({"index": indices[i], "error": str(e)})
-                    bar.update(1)
+                res = attempt(i, req)
+                if res is None:
                     continue
-                done.append(res)
-                edited.append(i)
                 results[i] = res
                 seconds.append(res.stats["total_seconds"])
                 bar.update(1)
-            for i in edited:
+            for i, res in results.items():
                 post = evaluate(model, tokenizer, [requests[i]], pre=EvalResult([pre.records[i]]), fluency=fluency,
                                 seed=config.seed + indices[i], add_special_tokens=config.add_special_tokens)
-                records.append(record(i, requests[i], post, results[i]))
+                records.append(record(i, requests[i], post, res))
         finally:
-            for res in reversed(done):
+            for res in reversed(list(results.values())):
                 res.restore()
     bar.close()
     summary = EvalResult(records).summary() if records else {"n": 0}
