@@ -59,3 +59,31 @@ def worst(a: torch.Tensor, ref: torch.Tensor) -> str:
 
 def grad_flags(model: nn.Module):
     return [(n, p.requires_grad) for n, p in model.named_parameters()]
+
+
+# Integer views of the float dtypes, for bit-for-bit comparisons.
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def where(shape, flat: int):
+    """The index tuple of flat position ``flat`` in ``shape``."""
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, bitwise: bool = False) -> None:
+    """Exact equality on one device (floats by value: NaN == NaN, -0.0 == +0.0; or bit for bit),
+    naming the first differing index."""
+    assert actual.device == expected.device, (actual.device, expected.device)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+        f"{what}: {tuple(actual.shape)} {actual.dtype} vs {tuple(expected.shape)} {expected.dtype}"
+    if bitwise and actual.is_floating_point():
+        bad = actual.view(INT_VIEW[actual.dtype]) != expected.view(INT_VIEW[expected.dtype])
+    elif actual.is_floating_point():
+        bad = (actual != expected) & ~(actual.isnan() & expected.isnan())
+    else:
+        bad = actual != expected
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at "
+                             f"{where(actual.shape, i)}: got {actual.flatten()[i].item()!r}, want "
+                             f"{expected.flatten()[i].item()!r}")

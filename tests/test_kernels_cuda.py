@@ -23,6 +23,7 @@ import torch
 
 import kne_kernels
 from kne_kernels import _extension, _ops, _selfcheck
+from helpers import assert_equal, where
 
 LIVE, WHY = _extension.status("cuda")
 if not LIVE:
@@ -30,7 +31,6 @@ if not LIVE:
 
 DEV = torch.device("cuda")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -69,28 +69,6 @@ def poison_cache() -> None:
     torch.cuda.synchronize()
 
 
-def _where(shape, flat: int):
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
-
-
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, bitwise: bool = False) -> None:
-    """Exact equality (floats: by value, NaN equal to NaN, -0.0 equal to +0.0; or bit for bit)."""
-    assert actual.device == expected.device, (actual.device, expected.device)
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
-        f"{what}: {tuple(actual.shape)} {actual.dtype} vs {tuple(expected.shape)} {expected.dtype}"
-    if bitwise and actual.is_floating_point():
-        bad = actual.view(_INT_VIEW[actual.dtype]) != expected.view(_INT_VIEW[expected.dtype])
-    elif actual.is_floating_point():
-        bad = (actual != expected) & ~(actual.isnan() & expected.isnan())
-    else:
-        bad = actual != expected
-    if bad.any():
-        i = int(bad.flatten().nonzero()[0])
-        at = _where(actual.shape, i)
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {at}: got "
-                             f"{actual.flatten()[i].item()!r}, want {expected.flatten()[i].item()!r}")
-
-
 def assert_sum_close(actual: torch.Tensor, exact: torch.Tensor, torch_result: torch.Tensor, abs_sum: torch.Tensor,
                      what: str, floor_ulps: float = 64.0) -> None:
     """An fp32 sum against the float64 ``exact`` value: error at most twice that of the torch kernel,
@@ -101,7 +79,7 @@ def assert_sum_close(actual: torch.Tensor, exact: torch.Tensor, torch_result: to
     bad = ~(err <= bound)  # NaN fails
     if bad.any():
         i = int(((err - bound).nan_to_num(float("inf")) * bad).flatten().argmax())
-        at = _where(actual.shape, i)
+        at = where(actual.shape, i)
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance; worst at {at}: "
                              f"got {actual.flatten()[i].item()!r}, exact {exact.flatten()[i].item()!r}, torch "
                              f"{torch_result.flatten()[i].item()!r}, bound {bound.flatten()[i].item():.3g}")

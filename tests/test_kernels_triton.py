@@ -38,6 +38,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "") != "
 from kne_kernels import _backends, _ops
 from kne_kernels.triton import ensemble_select
 from kne_kernels.triton.kernels import KERNELS
+from helpers import assert_equal, where
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -53,7 +54,6 @@ TOL = {
     torch.float16: dict(sum_ulps=64.0, state=(1e-5, 1e-7), weight=(1e-3, 1e-5)),
     torch.bfloat16: dict(sum_ulps=64.0, state=(1e-5, 1e-7), weight=(8e-3, 1e-5)),
 }
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def _dtypes():
@@ -66,27 +66,6 @@ def rand(shape, dtype, gen, scale: float = 1.0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _where(shape, flat: int):
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
-
-
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, bitwise: bool = False) -> None:
-    """Exact equality (floats by value: NaN == NaN, -0.0 == +0.0; or bit for bit)."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
-        f"{what}: {tuple(actual.shape)} {actual.dtype} vs {tuple(expected.shape)} {expected.dtype}"
-    if bitwise and actual.is_floating_point():
-        bad = actual.view(_INT_VIEW[actual.dtype]) != expected.view(_INT_VIEW[expected.dtype])
-    elif actual.is_floating_point():
-        bad = (actual != expected) & ~(actual.isnan() & expected.isnan())
-    else:
-        bad = actual != expected
-    if bad.any():
-        i = int(bad.flatten().nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at "
-                             f"{_where(actual.shape, i)}: got {actual.flatten()[i].item()!r}, want "
-                             f"{expected.flatten()[i].item()!r}")
-
-
 def assert_sum_close(actual, expected, abs_sum, dtype, what) -> None:
     """fp32 sums: |actual - torch| within ``sum_ulps`` fp32 ulps of the absolute sum (+ a tiny floor)."""
     assert actual.shape == expected.shape and actual.dtype == torch.float32, (actual.shape, actual.dtype)
@@ -96,7 +75,7 @@ def assert_sum_close(actual, expected, abs_sum, dtype, what) -> None:
     if bad.any():
         i = int(((err - bound).nan_to_num(float("inf")) * bad).flatten().argmax())
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} out of tolerance; worst at "
-                             f"{_where(actual.shape, i)}: got {actual.flatten()[i].item()!r}, torch "
+                             f"{where(actual.shape, i)}: got {actual.flatten()[i].item()!r}, torch "
                              f"{expected.flatten()[i].item()!r}, bound {bound.flatten()[i].item():.3g}")
 
 
@@ -108,7 +87,7 @@ def assert_close(actual, expected, rtol, atol, what) -> None:
     if bad.any():
         i = int(((err - bound).nan_to_num(float("inf")) * bad).flatten().argmax())
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} out of tolerance; worst at "
-                             f"{_where(actual.shape, i)}: got {actual.flatten()[i].item()!r}, want "
+                             f"{where(actual.shape, i)}: got {actual.flatten()[i].item()!r}, want "
                              f"{expected.flatten()[i].item()!r}")
 
 
