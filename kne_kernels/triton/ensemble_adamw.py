@@ -25,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES
+
 # (dim, shape class) -> config; the launcher picks only these (aot.py compiles each).
 CONFIGS: Dict[str, dict] = {
     "dim0": dict(DIM=0, BLOCK_R=2, BLOCK_C=512, num_warps=4),
     "dim1_narrow": dict(DIM=1, BLOCK_R=64, BLOCK_C=16, num_warps=4),  # K <= 16
     "dim1_wide": dict(DIM=1, BLOCK_R=16, BLOCK_C=64, num_warps=4),
 }
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 

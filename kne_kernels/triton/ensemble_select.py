@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import chunk, target_programs
+
 AGGREGATE_CONFIG = dict(BLOCK=1024, num_warps=4)
 HISTOGRAM_CONFIG = dict(BLOCK=2048, num_warps=8)
 # (SHIFT, BITS) of each radix pass, most significant digit first: 11 + 11 + 10 = 32 bits.
@@ -42,9 +44,7 @@ INTERPRETER_PROGRAMS = 4
 
 
 def _target_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_PROGRAMS
+    return target_programs(device, per_sm, INTERPRETER_PROGRAMS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +170,8 @@ def order_statistics(values: torch.Tensor, k: int) -> torch.Tensor:
     state = torch.tensor([0, k, 0, k1], dtype=torch.int64, device=device)
     hist = torch.zeros(len(RADIX_PASSES), 2 * MAX_BINS, dtype=torch.int64, device=device)
     block = HISTOGRAM_CONFIG["BLOCK"]
-    tiles = triton.cdiv(M, block)
-    programs = max(1, min(tiles, _target_programs(device)))
-    tiles_per_prog = triton.cdiv(tiles, programs)
-    programs = triton.cdiv(tiles, tiles_per_prog)
+    tiles_per_prog = chunk(M, block, _target_programs(device)) // block
+    programs = triton.cdiv(triton.cdiv(M, block), tiles_per_prog)
     for p, (shift, bits) in enumerate(RADIX_PASSES):
         _radix_histogram_kernel[(programs,)](
             hist[p], values, state, M, tiles_per_prog, SHIFT=shift, BITS=bits, FIRST=p == 0,
@@ -211,9 +209,7 @@ def threshold_mask(values: torch.Tensor, threshold: float, positive_only: bool) 
     if L == 0 or D == 0:
         return mask, counts
     block = THRESHOLD_CONFIG["BLOCK"]
-    tiles = triton.cdiv(D, block)
-    chunks = max(1, min(tiles, triton.cdiv(_target_programs(values.device, 8), L)))
-    per = triton.cdiv(tiles, chunks) * block
+    per = chunk(D, block, triton.cdiv(_target_programs(values.device, 8), L))
     _threshold_mask_kernel[(L, triton.cdiv(D, per))](
         mask, counts, values, float(threshold), D, per, POSITIVE_ONLY=bool(positive_only), BLOCK=block,
         num_warps=THRESHOLD_CONFIG["num_warps"], **LAUNCH_OPTIONS)

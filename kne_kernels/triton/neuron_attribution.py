@@ -22,12 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, chunk, products, target_programs
+
 # Launch configurations, the only ones the launcher picks (``aot.py`` compiles each of them).
 CONFIGS: Dict[str, dict] = {
     "wide": dict(BLOCK_N=16, BLOCK_D=256, num_warps=8),   # D >= 512
     "narrow": dict(BLOCK_N=64, BLOCK_D=64, num_warps=8),  # small D
 }
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Passed to every launch (and to the AOT compile): FP contraction of a*b+acc into fma is wanted.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 PROGRAMS_PER_SM = 8
@@ -38,10 +39,14 @@ def pick_config(D: int) -> str:
     return "wide" if D >= 512 else "narrow"
 
 
-def _target_programs(device: torch.device, per_sm: int, interpreter: int) -> int:
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return interpreter
+@triton.jit
+def _scaled_products(act_ptr, grad_ptr, scale_ptr, rows, cols, rmask, cmask, D, HAS_SCALE: tl.constexpr):
+    """``act * grad`` (times ``scale[row]`` when given) of a ``[BLOCK_N, BLOCK_D]`` tile, fp32."""
+    p = products(act_ptr, grad_ptr, rows[:, None] * D + cols[None, :], rmask[:, None] & cmask[None, :])
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+        p = p * s[:, None]
+    return p
 
 
 @triton.jit
@@ -61,15 +66,7 @@ def _neuron_attribution_kernel(out_ptr, act_ptr, grad_ptr, seg_ptr, scale_ptr, s
         for start in range(row_begin, row_end, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
             rmask = rows < row_end
-            m2 = rmask[:, None] & cmask[None, :]
-            offs = rows[:, None] * D + cols[None, :]
-            a = tl.load(act_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            g = tl.load(grad_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            p = a * g
-            if HAS_SCALE:
-                s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-                p = p * s[:, None]
-            p = p * scale_value
+            p = _scaled_products(act_ptr, grad_ptr, scale_ptr, rows, cols, rmask, cmask, D, HAS_SCALE) * scale_value
             seg = tl.load(seg_ptr + rows, mask=rmask, other=cur)  # padding rows join `cur`
             smin = tl.min(seg, axis=0)
             smax = tl.max(seg, axis=0)
@@ -81,23 +78,15 @@ def _neuron_attribution_kernel(out_ptr, act_ptr, grad_ptr, seg_ptr, scale_ptr, s
                     acc = tl.sum(p, axis=0)
                     cur = smin
                 else:
-                    tl.atomic_add(out_ptr + seg[:, None] * D + cols[None, :], p, mask=m2, sem="relaxed")
+                    tl.atomic_add(out_ptr + seg[:, None] * D + cols[None, :], p,
+                                  mask=rmask[:, None] & cmask[None, :], sem="relaxed")
                     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         tl.atomic_add(out_ptr + cur * D + cols, acc, mask=cmask, sem="relaxed")
     else:
         tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for start in range(row_begin, row_end, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
-            rmask = rows < row_end
-            m2 = rmask[:, None] & cmask[None, :]
-            offs = rows[:, None] * D + cols[None, :]
-            a = tl.load(act_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            g = tl.load(grad_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            p = a * g
-            if HAS_SCALE:
-                s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-                p = p * s[:, None]
-            tile += p
+            tile += _scaled_products(act_ptr, grad_ptr, scale_ptr, rows, cols, rows < row_end, cmask, D, HAS_SCALE)
         total = tl.sum(tile, axis=0) * scale_value
         tl.atomic_add(out_ptr + cols, total, mask=cmask, sem="relaxed")
 
@@ -111,11 +100,8 @@ def neuron_attribution_(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor
     cfg = CONFIGS[pick_config(D)]
     bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
     d_blocks = triton.cdiv(D, bd)
-    tiles = triton.cdiv(N, bn)
-    chunks = max(1, min(tiles, _target_programs(act.device, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS) // d_blocks))
-    rows_per_prog = triton.cdiv(tiles, chunks) * bn
-    chunks = triton.cdiv(N, rows_per_prog)
-    _neuron_attribution_kernel[(d_blocks, chunks)](
+    rows_per_prog = chunk(N, bn, target_programs(act.device, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS) // d_blocks)
+    _neuron_attribution_kernel[(d_blocks, triton.cdiv(N, rows_per_prog))](
         out, act, grad,
         segments if segments is not None else out,
         scale if scale is not None else out,

@@ -19,22 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, chunk, products, target_programs
+
 # dim -> config (the only ones the launcher picks; aot.py compiles each).
 CONFIGS: Dict[str, dict] = {
     "cols": dict(BLOCK_R=16, BLOCK_C=256, num_warps=8),  # dim=0: reduce over rows
     "rows": dict(BLOCK_R=4, BLOCK_C=512, num_warps=4),   # dim=1: reduce over columns
 }
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Passed to every launch (and to the AOT compile): FP contraction of a*b+acc into fma is wanted.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 PROGRAMS_PER_SM = 8
 INTERPRETER_PROGRAMS = 8
-
-
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_PROGRAMS
 
 
 @triton.jit
@@ -50,10 +45,7 @@ def _weight_attribution_cols_kernel(out_ptr, w_ptr, g_ptr, R, C, rows_per_prog,
     for start in range(row_begin, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         m2 = (rows < row_end)[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        w = tl.load(w_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        p = w * g
+        p = products(w_ptr, g_ptr, rows[:, None] * C + cols[None, :], m2)
         if ABSOLUTE:
             p = tl.abs(p)
         tile += p
@@ -73,10 +65,7 @@ def _weight_attribution_rows_kernel(out_ptr, w_ptr, g_ptr, R, C, cols_per_prog,
     for start in range(col_begin, col_end, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         m2 = rmask[:, None] & (cols < col_end)[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        w = tl.load(w_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        p = w * g
+        p = products(w_ptr, g_ptr, rows[:, None] * C + cols[None, :], m2)
         if ABSOLUTE:
             p = tl.abs(p)
         tile += p
@@ -88,27 +77,21 @@ def weight_attribution_(out: torch.Tensor, weight: torch.Tensor, grad: torch.Ten
     R, C = weight.shape
     if R == 0 or C == 0:
         return
-    target = _target_programs(weight.device)
-    if dim == 0:
+    target = target_programs(weight.device, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS)
+    if dim == 0:  # grid (column blocks, row chunks)
         cfg = CONFIGS["cols"]
         br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
-        c_blocks = triton.cdiv(C, bc)
-        tiles = triton.cdiv(R, br)
-        chunks = max(1, min(tiles, target // c_blocks))
-        per = triton.cdiv(tiles, chunks) * br
-        _weight_attribution_cols_kernel[(c_blocks, triton.cdiv(R, per))](
-            out, weight, grad, R, C, per, ABSOLUTE=bool(absolute), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
-    else:
+        blocks = triton.cdiv(C, bc)
+        per = chunk(R, br, target // blocks)
+        grid, kernel = (blocks, triton.cdiv(R, per)), _weight_attribution_cols_kernel
+    else:  # grid (row blocks, column chunks)
         cfg = CONFIGS["rows"]
         br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
-        r_blocks = triton.cdiv(R, br)
-        tiles = triton.cdiv(C, bc)
-        chunks = max(1, min(tiles, target // r_blocks))
-        per = triton.cdiv(tiles, chunks) * bc
-        _weight_attribution_rows_kernel[(r_blocks, triton.cdiv(C, per))](
-            out, weight, grad, R, C, per, ABSOLUTE=bool(absolute), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+        blocks = triton.cdiv(R, br)
+        per = chunk(C, bc, target // blocks)
+        grid, kernel = (blocks, triton.cdiv(C, per)), _weight_attribution_rows_kernel
+    kernel[grid](out, weight, grad, R, C, per, ABSOLUTE=bool(absolute), BLOCK_R=br, BLOCK_C=bc,
+                 num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
 
 
 def aot_specs() -> List[dict]:
