@@ -214,15 +214,16 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
 
         return hook
 
+    backends = [kernel_backend(cfg, s.delta.device) for s in slots]  # once, not every step
+
     def step_fn(step: int, grads: List[torch.Tensor]) -> None:
         # One fused AdamW step per module instance (kne_kernels.ensemble_adamw_step_): updates the
         # compact delta and moments, and rewrites the compact merged rows base + s * delta.
         with torch.no_grad():
-            for slot, g in zip(slots, grads):
+            for slot, g, backend in zip(slots, grads, backends):
                 kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
                                                  slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr, scale=slot.scale,
-                                                 dim=dim, weight_decay=cfg.weight_decay,
-                                                 backend=kernel_backend(cfg, slot.delta.device))
+                                                 dim=dim, weight_decay=cfg.weight_decay, backend=backend)
 
     handles = []
     merged: List[_Slot] = []
