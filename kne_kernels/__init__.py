@@ -34,13 +34,14 @@ from .api import (  # noqa: E402
     neuron_attribution,
     weight_attribution,
 )
-from .reference import percentile_linear  # noqa: E402
+from .reference import FLOAT_DTYPES, percentile_linear  # noqa: E402
 
 __version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",
     "EnsembleSelection",
+    "FLOAT_DTYPES",
     "default_backend",
     "ensemble_adamw_step_",
     "ensemble_select",

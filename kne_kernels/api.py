@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from . import _backends
+from .reference import FLOAT_DTYPES
 
 __all__ = ["neuron_attribution", "weight_attribution", "ensemble_select", "ensemble_adamw_step_",
            "EnsembleSelection", "numpy_percentile_from_neighbours"]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _tensor(name: str, t, dtypes=None, dim: Optional[int] = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -60,8 +58,8 @@ def neuron_attribution(act: torch.Tensor, grad: torch.Tensor, *, segments: Optio
     >>> torch.allclose(neuron_attribution(a, g), (a * g).sum(0), atol=1e-6)
     True
     """
-    _tensor("act", act, _FLOATS)
-    _tensor("grad", grad, _FLOATS)
+    _tensor("act", act, FLOAT_DTYPES)
+    _tensor("grad", grad, FLOAT_DTYPES)
     if act.dtype != grad.dtype:
         raise TypeError(f"act ({act.dtype}) and grad ({grad.dtype}) must have the same dtype")
     if act.shape != grad.shape:
@@ -120,8 +118,8 @@ def weight_attribution(weight: torch.Tensor, grad: torch.Tensor, *, dim: int = 1
     ``weight``/``grad``: 2-D ``[R, C]``, float32/float16/bfloat16, same dtype. ``dim=1`` gives one
     score per row ``[R]``, ``dim=0`` one per column ``[C]``. With ``out`` the result is added in place.
     """
-    _tensor("weight", weight, _FLOATS, dim=2)
-    _tensor("grad", grad, _FLOATS, dim=2)
+    _tensor("weight", weight, FLOAT_DTYPES, dim=2)
+    _tensor("grad", grad, FLOAT_DTYPES, dim=2)
     if weight.dtype != grad.dtype:
         raise TypeError(f"weight ({weight.dtype}) and grad ({grad.dtype}) must have the same dtype")
     if weight.shape != grad.shape:
@@ -231,7 +229,7 @@ def ensemble_adamw_step_(weight: torch.Tensor, index: torch.Tensor, grad: torch.
     ``dim=1``: columns, ``[out, K]``. ``delta`` and the moments are updated exactly as
     ``torch.optim.AdamW`` would (``step`` counts from 1). Nothing outside the ensemble is touched.
     """
-    _tensor("weight", weight, _FLOATS, dim=2)
+    _tensor("weight", weight, FLOAT_DTYPES, dim=2)
     _tensor("index", index, (torch.int64,), dim=1)
     if dim not in (0, 1):
         raise ValueError(f"dim must be 0 (rows) or 1 (columns), got {dim}")

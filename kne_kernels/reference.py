@@ -30,12 +30,14 @@ __all__ = [
     "percentile_linear",
     "adamw_update_",
     "ensemble_adamw_step_",
+    "FLOAT_DTYPES",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The float dtypes every op takes (inputs, weights); results and optimizer state are float32.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_float(name: str, t: torch.Tensor, dtypes=_FLOAT_DTYPES) -> None:
+def _check_float(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:

@@ -252,6 +252,22 @@ def test_fast_edit_matches_reference_edit(model_type, neuron_axis, delta_init, w
     assert_state_equal(ref_model, orig, "reference model after restore()")
 
 
+@pytest.mark.parametrize("neuron_axis", ["out", "in"])
+def test_float64_model_edits_like_the_reference(neuron_axis, tiny_model, tok, seed, gen):
+    """kne_kernels takes fp32/fp16/bf16 weights: a float64 model scores and steps in plain torch
+    and still edits exactly as the reference does."""
+    fast_model = tiny_model("llama", seed=seed % 10_000).to(torch.float64)
+    ref_model = copy.deepcopy(fast_model)
+    orig = snapshot(fast_model)
+    req = requests(gen, 1)
+    kw = dict(EDIT_KW, neuron_axis=neuron_axis)
+    fast_res = kne.fast_edit(fast_model, tok, req, **kw)
+    ref_res = kne.reference.edit(ref_model, tok, req, **kw)
+    _check_edit_pair(fast_model, ref_model, fast_res, ref_res, orig)
+    fast_res.restore()
+    assert_state_equal(fast_model, orig, "float64 model after restore()")
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
 def test_multi_request_edit_matches_reference(model_type, tiny_model, tok, seed, gen):
     fast_model = tiny_model(model_type, seed=seed % 10_000)

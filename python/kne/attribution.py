@@ -94,7 +94,8 @@ class _Capture:
     def score(self, dy: torch.Tensor, segments: torch.Tensor, num_segments: int, weight_scale: float) -> torch.Tensor:
         """``[num_segments, D]`` float32: ``weight_scale * sum over tokens of act * dy`` per segment."""
         act = self.act
-        wide = act.dtype == torch.float64  # a float64 model: kne_kernels takes fp32/fp16/bf16 only
+        # a float64 model: kne_kernels takes fp32/fp16/bf16 only, so its scores are summed here
+        wide = act.dtype not in kne_kernels.FLOAT_DTYPES
         if self.axis == "in":
             ct = torch.float64 if wide else torch.float32
             dy = dy.to(ct) @ self.site.weight().to(dy.device, ct)

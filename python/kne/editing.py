@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kne_kernels
+from kne_kernels.reference import adamw_update_
 
 from ._text import Batch, answer_logprobs, per_sequence_mean
 from ._utils import Timer, answer_logits, frozen, input_device, kernel_backend, model_devices, seeded
@@ -221,9 +222,15 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         # compact delta and moments, and rewrites the compact merged rows base + s * delta.
         with torch.no_grad():
             for slot, g, backend in zip(slots, grads, backends):
-                kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
-                                                 slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr, scale=slot.scale,
-                                                 dim=dim, weight_decay=cfg.weight_decay, backend=backend)
+                if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
+                    kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
+                                                     slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr,
+                                                     scale=slot.scale, dim=dim, weight_decay=cfg.weight_decay,
+                                                     backend=backend)
+                else:  # a float64 model: the same step in plain torch (the kernels take fp32/fp16/bf16)
+                    adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+                    slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
 
     handles = []
     merged: List[_Slot] = []
