@@ -28,8 +28,9 @@ namespace {
 //   contiguous [R, M] input cascade_sum reduces each column in one of two orders:
 //   - "cascade": a running float sum over r = 0..R-1, flushed into up to four levels every
 //     2^level_power rows (level_power = max(4, ceil(log2 R) / 4)), i.e. a plain in-order sum for
-//     R < 16. Columns in whole groups of 4 vectors (4 * W columns, W = floats per ATen vector: 16
-//     with AVX-512, else 8), or of 4 columns when M < W.
+//     R < 16. Columns in whole groups of 4 vectors (4 * W columns, W = floats per ATen vector,
+//     measured once by aten_float_vec_width: 8 with AVX2, 16 where ATen runs AVX-512 kernels), or
+//     of 4 columns when M < W.
 //   - "ilp4": four cascade sums over r = 4i + k, the R % 4 last rows added to the first, then the
 //     four added in order. The remaining columns.
 //   M == 1 and R >= W takes ATen's contiguous inner sum instead (emulated below).
@@ -48,12 +49,23 @@ int64_t ceil_log2(int64_t x) {  // at::native::utils::CeilLog2
   return bits;
 }
 
+// The float vector width ATen's sum kernel actually uses here. The reported capability is not
+// enough (a torch build may run its 8-wide kernels on an AVX-512 machine), so it is measured once:
+// in a contiguous [5, M] column sum, the first column is summed in cascade order when M >= 4 * W
+// and in ilp4 order otherwise, and the two orders differ on this column (cascade: 0, ilp4: 3 *
+// 2^-24). W is M / 4 for the smallest M in {16, 32, 64, 128} summed in cascade order.
 int64_t aten_float_vec_width() {
   static const int64_t w = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return int64_t(16);
-    if (cap == "SVE128") return int64_t(4);
-    return int64_t(8);
+    for (int64_t M : {16, 32, 64, 128}) {
+      at::Tensor x = at::zeros({5, M}, at::kFloat);
+      const float tiny = std::ldexp(1.0f, -24);
+      float* p = x.mutable_data_ptr<float>();
+      p[0 * M] = 1.0f;
+      p[1 * M] = p[2 * M] = p[3 * M] = tiny;
+      p[4 * M] = -1.0f;
+      if (x.sum(0).const_data_ptr<float>()[0] == 0.0f) return M / 4;
+    }
+    return int64_t(32);
   }();
   return w;
 }
