@@ -26,7 +26,9 @@ namespace kne {
                             at::Tensor& delta, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,         \
                             const at::Tensor& base, int64_t step, double lr, double scale,          \
                             int64_t dim, double beta1, double beta2, double eps,                    \
-                            double weight_decay);
+                            double weight_decay);                                                   \
+  void nullspace_project_(at::Tensor& weight, const at::Tensor& index, at::Tensor& delta,             \
+                          const at::Tensor& basis, const at::Tensor& base, double scale);
 
 namespace cpu {
 KNE_DECLARE_OPS

@@ -11,7 +11,8 @@
   m.impl("ensemble_aggregate", &kne::ns::ensemble_aggregate);            \
   m.impl("order_statistics", &kne::ns::order_statistics);                \
   m.impl("threshold_mask", &kne::ns::threshold_mask);                    \
-  m.impl("ensemble_adamw_step_", &kne::ns::ensemble_adamw_step_);
+  m.impl("ensemble_adamw_step_", &kne::ns::ensemble_adamw_step_);        \
+  m.impl("nullspace_project_", &kne::ns::nullspace_project_);
 
 TORCH_LIBRARY_IMPL(kne, CPU, m) { KNE_REGISTER(cpu) }
 

@@ -7,7 +7,9 @@ Ops (float32 results and optimizer state):
 * :func:`ensemble_select` -- aggregate over requests, one global ``numpy.percentile`` threshold,
   exact at any size (radix select), masks, counts and per-layer indices;
 * :func:`ensemble_adamw_step_` -- one fused AdamW step on a compact ensemble delta, written into
-  the ensemble rows (or columns) of the weight in place.
+  the ensemble rows (or columns) of the weight in place;
+* :func:`nullspace_project_` -- a compact row delta projected off the preserved key space
+  (AlphaEdit), written into the ensemble rows of the weight in place.
 
 Schemas are defined once with ``torch.library`` (namespace ``kne``, see ``kne_kernels._ops``), with
 the pure-torch kernel as the default and a fake kernel for ``torch.compile``; the C++ extension
@@ -32,6 +34,7 @@ from .api import (  # noqa: E402
     ensemble_adamw_step_,
     ensemble_select,
     neuron_attribution,
+    nullspace_project_,
     weight_attribution,
 )
 from .reference import FLOAT_DTYPES, percentile_linear  # noqa: E402
@@ -46,6 +49,7 @@ __all__ = [
     "ensemble_adamw_step_",
     "ensemble_select",
     "neuron_attribution",
+    "nullspace_project_",
     "percentile_linear",
     "reference",
     "status",

@@ -26,6 +26,10 @@ Ops (namespace ``kne``), all on contiguous tensors; results and optimizer state 
     One ``torch.optim.AdamW`` step on the compact fp32 ``delta`` (rows ``[K, in]`` for ``dim=0``,
     columns ``[out, K]`` for ``dim=1``) and its moments, then
     ``weight[index] = (base + scale * delta).to(weight.dtype)`` along ``dim``.
+``nullspace_project_(Tensor(a!) weight, Tensor index, Tensor(b!) delta, Tensor basis, Tensor base, float scale) -> ()``
+    Project the compact fp32 row delta ``[K, in]`` off the span of ``basis`` (fp32 ``[in, r]``,
+    orthonormal columns): ``delta -= (delta @ basis) @ basis^T`` (products and sums in fp32), then
+    ``weight[index] = (base + scale * delta).to(weight.dtype)`` (rows, ``base`` ``[K, in]``).
 
 Kernels are registered per dispatch key on top of the default: the CPU C++ extension for ``CPU``
 and, on a GPU, Triton or the CUDA C++ extension for ``CUDA`` (see ``kne_kernels._backends``).
@@ -51,6 +55,8 @@ SCHEMAS: Dict[str, str] = {
     "ensemble_adamw_step_": "(Tensor(a!) weight, Tensor index, Tensor grad, Tensor(b!) delta, Tensor(c!) exp_avg, "
                             "Tensor(d!) exp_avg_sq, Tensor base, int step, float lr, float scale, int dim, "
                             "float beta1, float beta2, float eps, float weight_decay) -> ()",
+    "nullspace_project_": "(Tensor(a!) weight, Tensor index, Tensor(b!) delta, Tensor basis, Tensor base, "
+                          "float scale) -> ()",
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +115,13 @@ def ensemble_adamw_step_torch(weight: torch.Tensor, index: torch.Tensor, grad: t
     weight.index_copy_(dim, index, (base.float() + scale * delta).to(weight.dtype))
 
 
+def nullspace_project_torch(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, basis: torch.Tensor,
+                            base: torch.Tensor, scale: float) -> None:
+    if basis.shape[1]:
+        delta.sub_((delta @ basis) @ basis.t())
+    weight.index_copy_(0, index, (base.float() + scale * delta).to(weight.dtype))
+
+
 TORCH_KERNELS = {
     "neuron_attribution_": neuron_attribution_torch,
     "weight_attribution_": weight_attribution_torch,
@@ -116,6 +129,7 @@ TORCH_KERNELS = {
     "order_statistics": order_statistics_torch,
     "threshold_mask": threshold_mask_torch,
     "ensemble_adamw_step_": ensemble_adamw_step_torch,
+    "nullspace_project_": nullspace_project_torch,
 }
 
 
@@ -146,6 +160,7 @@ FAKE_KERNELS = {
     "order_statistics": _fake_order_statistics,
     "threshold_mask": _fake_threshold_mask,
     "ensemble_adamw_step_": _fake_none,
+    "nullspace_project_": _fake_none,
 }
 
 _LIB: Optional[torch.library.Library] = None

@@ -94,6 +94,22 @@ def _adamw(impl, ref, device):
     return ok, why
 
 
+def _project(impl, ref, device):
+    g = _gen(device)
+    basis = torch.linalg.qr(torch.randn(77, 20, generator=g)).Q.contiguous().to(device)
+    idx = torch.tensor([1, 5, 6], device=device)
+    res = []
+    for fn in (impl, ref):
+        w = torch.randn(9, 77, generator=torch.Generator().manual_seed(3)).to(device)
+        delta = torch.randn(3, 77, generator=torch.Generator().manual_seed(4)).to(device)
+        fn(w, idx, delta, basis, w[idx].clone(), 0.3)
+        res.append((w, delta))
+    ok, why = _close(res[0][0], res[1][0], 1e-5)
+    if ok:
+        ok, why = _close(res[0][1], res[1][1], 1e-5)
+    return ok, why
+
+
 CASES: Dict[str, Callable] = {
     "neuron_attribution_": _neuron,
     "weight_attribution_": _weight,
@@ -101,4 +117,5 @@ CASES: Dict[str, Callable] = {
     "order_statistics": _order,
     "threshold_mask": _mask,
     "ensemble_adamw_step_": _adamw,
+    "nullspace_project_": _project,
 }

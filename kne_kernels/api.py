@@ -18,7 +18,7 @@ from . import _backends
 from .reference import FLOAT_DTYPES
 
 __all__ = ["neuron_attribution", "weight_attribution", "ensemble_select", "ensemble_adamw_step_",
-           "EnsembleSelection", "numpy_percentile_from_neighbours"]
+           "nullspace_project_", "EnsembleSelection", "numpy_percentile_from_neighbours"]
 
 def _tensor(name: str, t, dtypes=None, dim: Optional[int] = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -259,3 +259,44 @@ def ensemble_adamw_step_(weight: torch.Tensor, index: torch.Tensor, grad: torch.
     _, fn = _backends.kernel("ensemble_adamw_step_", backend, device)
     fn(weight, index, grad, delta, exp_avg, exp_avg_sq, base, int(step), float(lr), float(scale), int(dim),
        float(beta1), float(beta2), float(eps), float(weight_decay))
+
+
+# ----------------------------------------------------------------------------------------------
+def nullspace_project_(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, basis: torch.Tensor,
+                       base: torch.Tensor, *, scale: float, backend: Optional[str] = None) -> None:
+    """Project a compact row delta off the preserved key space, then rewrite the ensemble rows.
+
+    ``delta`` (float32 ``[K, in]``, the rows ``index`` of ``weight [out, in]``) becomes
+    ``delta - (delta @ basis) @ basis^T`` in place, and ``weight[index] = base + scale * delta``
+    (cast to the weight's dtype; ``base`` ``[K, in]`` in the weight's dtype). ``basis`` is float32
+    ``[in, r]`` with orthonormal columns: the key directions whose outputs the edit must leave
+    unchanged (AlphaEdit's null-space projection; ``r`` may be 0). Products and sums are float32.
+
+    >>> B = torch.linalg.qr(torch.randn(8, 3)).Q
+    >>> w, d = torch.zeros(4, 8), torch.randn(2, 8)
+    >>> nullspace_project_(w, torch.tensor([0, 2]), d, B, torch.zeros(2, 8), scale=1.0)
+    >>> bool((d @ B).abs().max() < 1e-5)
+    True
+    """
+    _tensor("weight", weight, FLOAT_DTYPES, dim=2)
+    _tensor("index", index, (torch.int64,), dim=1)
+    K, n = index.numel(), weight.shape[1]
+    _tensor("delta", delta, (torch.float32,), dim=2)
+    if tuple(delta.shape) != (K, n):
+        raise ValueError(f"delta must have the compact row shape {(K, n)} (K={K}, in={n}), got {tuple(delta.shape)}")
+    _tensor("basis", basis, (torch.float32,), dim=2)
+    if basis.shape[0] != n:
+        raise ValueError(f"basis must be [in={n}, r] (one orthonormal key direction per column), got "
+                         f"{tuple(basis.shape)}")
+    _tensor("base", base, (weight.dtype,), dim=2)
+    if tuple(base.shape) != (K, n):
+        raise ValueError(f"base must have the compact row shape {(K, n)}, got {tuple(base.shape)}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    device = _same_device(weight=weight, index=index, delta=delta, basis=basis, base=base)
+    if K and (int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
+        raise ValueError(f"index values must lie in [0, {weight.shape[0]}) (weight.shape[0])")
+    if K == 0 or n == 0:
+        return
+    _, fn = _backends.kernel("nullspace_project_", backend, device)
+    fn(weight, index, delta, basis, base, float(scale))

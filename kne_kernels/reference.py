@@ -11,6 +11,8 @@ Ops (all results and optimizer state are float32):
   ``numpy.percentile`` (linear) threshold over all ``L * D`` values, strict ``>``.
 * :func:`ensemble_adamw_step_` -- one ``torch.optim.AdamW`` step on a compact ensemble delta, then
   ``weight[index] = base + scale * delta`` along ``dim``.
+* :func:`nullspace_project_` -- project a compact row delta off the span of an orthonormal basis
+  (``delta -= delta @ basis @ basis^T``), then ``weight[index] = base + scale * delta``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "percentile_linear",
     "adamw_update_",
     "ensemble_adamw_step_",
+    "nullspace_project_",
     "FLOAT_DTYPES",
 ]
 
@@ -295,3 +298,38 @@ def ensemble_adamw_step_(
                   weight_decay=weight_decay)
     new = (base.float() + scale * delta).to(weight.dtype)
     weight.index_copy_(dim, index, new)
+
+
+# --------------------------------------------------------------------------------------------
+# nullspace_project_
+# --------------------------------------------------------------------------------------------
+def nullspace_project_(
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    delta: torch.Tensor,
+    basis: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    scale: float,
+) -> None:
+    """Project the compact row delta off ``span(basis)``, then rewrite the ensemble rows.
+
+    ``delta`` fp32 ``[K, in]`` becomes ``delta - (delta @ basis) @ basis^T`` (``basis`` fp32
+    ``[in, r]`` with orthonormal columns: the key directions whose outputs must not change), then
+    ``weight[index] = (base + scale * delta).to(weight.dtype)``. The projection matrix is formed
+    explicitly here (``I - basis basis^T``, in float64), the obvious way.
+    """
+    _check_float("weight", weight)
+    if index.dtype != torch.long or index.dim() != 1:
+        raise ValueError(f"index must be a 1-D LongTensor, got {index.dtype} {tuple(index.shape)}")
+    shape = (index.numel(), weight.shape[1])
+    if delta.dtype != torch.float32 or tuple(delta.shape) != shape:
+        raise ValueError(f"delta must be float32 of shape {shape}, got {delta.dtype} {tuple(delta.shape)}")
+    if basis.dtype != torch.float32 or basis.dim() != 2 or basis.shape[0] != weight.shape[1]:
+        raise ValueError(f"basis must be float32 [in={weight.shape[1]}, r], got {basis.dtype} {tuple(basis.shape)}")
+    if base.dtype != weight.dtype or tuple(base.shape) != shape:
+        raise ValueError(f"base must be {weight.dtype} of shape {shape}, got {base.dtype} {tuple(base.shape)}")
+    B = basis.double()
+    P = torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t()
+    delta.copy_((delta.double() @ P).float())
+    weight.index_copy_(0, index, (base.float() + scale * delta).to(weight.dtype))

@@ -61,6 +61,9 @@ def test_opcheck_torch_and_triton_kernels(name, backend, gen):
         "ensemble_adamw_step_": lambda: (torch.randn(9, 4, generator=gen), torch.tensor([1, 5]), torch.randn(2, 4, generator=gen),
                                          torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4),
                                          torch.randn(2, 4, generator=gen), 1, 1e-3, 0.5, 0, 0.9, 0.999, 1e-8, 0.0),
+        "nullspace_project_": lambda: (torch.randn(9, 6, generator=gen), torch.tensor([2, 7]), torch.randn(2, 6, generator=gen),
+                                       torch.linalg.qr(torch.randn(6, 2, generator=gen)).Q.contiguous(),
+                                       torch.randn(2, 6, generator=gen), 0.5),
     }[name]()
     lib = torch.library.Library("kne", "IMPL")
     try:  # route CPU tensors to this kernel even where the C++ one is registered

@@ -486,6 +486,8 @@ def _opcheck_args(name: str, gen: torch.Generator):
         "ensemble_adamw_step_": (r(9, 4).bfloat16(), torch.tensor([1, 5]), r(2, 4), torch.zeros(2, 4),
                                  torch.zeros(2, 4), torch.zeros(2, 4), r(2, 4).bfloat16(), 1, 1e-3, 0.5, 0, 0.9, 0.999,
                                  1e-8, 0.0),
+        "nullspace_project_": (r(9, 6).half(), torch.tensor([2, 7]), r(2, 6), torch.linalg.qr(r(6, 2)).Q.contiguous(),
+                               r(2, 6).half(), 0.5),
     }[name]
 
 

@@ -395,6 +395,10 @@ def _opcheck_args(name, gen):
                                          rand((2, 4), torch.float32, gen), torch.zeros(2, 4, device=DEV),
                                          torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV),
                                          rand((2, 4), torch.float16, gen), 1, 1e-3, 0.5, 0, 0.9, 0.999, 1e-8, 0.0),
+        "nullspace_project_": lambda: (rand((9, 6), torch.bfloat16, gen), torch.tensor([2, 7], device=DEV),
+                                       rand((2, 6), torch.float32, gen),
+                                       torch.linalg.qr(torch.randn(6, 2, generator=gen)).Q.contiguous().to(DEV),
+                                       rand((2, 6), torch.bfloat16, gen), 0.5),
     }[name]()
 
 

@@ -64,6 +64,13 @@ cudaError_t ensemble_adamw_step(void* weight, DType dtype, const int64_t* index,
                                 int64_t step, double lr, double scale, double beta1, double beta2,
                                 double eps, double weight_decay, cudaStream_t stream);
 
+// delta[K, n] -= (delta @ basis) @ basis^T (fp32; basis [n, r], orthonormal columns), then
+// weight[index[k], :] = rne(float(base[k, :]) + scale * delta[k, :]) (rows of weight [*, n] of
+// `dtype`, base [K, n] of `dtype`). coef: fp32 device scratch of at least K * r floats.
+cudaError_t nullspace_project(void* weight, DType dtype, const int64_t* index, float* delta, const float* basis,
+                              float* coef, const void* base, int64_t K, int64_t n, int64_t r, float scale,
+                              cudaStream_t stream);
+
 }  // namespace launch
 }  // namespace cuda
 }  // namespace kne

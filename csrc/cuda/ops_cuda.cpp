@@ -228,5 +228,35 @@ void ensemble_adamw_step_(at::Tensor& weight, const at::Tensor& index, const at:
       static_cast<int>(dim), step, lr, scale, beta1, beta2, eps, weight_decay, c10::cuda::getCurrentCUDAStream()));
 }
 
+void nullspace_project_(at::Tensor& weight, const at::Tensor& index, at::Tensor& delta, const at::Tensor& basis,
+                        const at::Tensor& base, double scale) {
+  constexpr const char* op = "nullspace_project_";
+  const at::Device device = weight.device();
+  check_tensor(weight, op, "weight", device);
+  const DType dtype = float_dtype(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 2, "kne::", op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_tensor(index, op, "index", device);
+  check_dtype(index, op, "index", at::kLong);
+  TORCH_CHECK(index.dim() == 1, "kne::", op, ": index must be 1-D [K], got shape ", index.sizes());
+  const int64_t K = index.size(0), n = weight.size(1);
+  check_tensor(delta, op, "delta", device);
+  check_dtype(delta, op, "delta", at::kFloat);
+  check_shape(delta, op, "delta", {K, n});
+  check_tensor(basis, op, "basis", device);
+  check_dtype(basis, op, "basis", at::kFloat);
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == n, "kne::", op, ": basis must be [in=", n, ", r], got shape ",
+              basis.sizes());
+  check_tensor(base, op, "base", device);
+  check_dtype(base, op, "base", weight.scalar_type());
+  check_shape(base, op, "base", {K, n});
+  if (K == 0 || n == 0) return;
+  const int64_t r = basis.size(1);
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor coef = at::empty({K, std::max<int64_t>(r, 1)}, delta.options());
+  C10_CUDA_CHECK(launch::nullspace_project(weight.data_ptr(), dtype, index.data_ptr<int64_t>(), delta.data_ptr<float>(),
+                                           basis.data_ptr<float>(), coef.data_ptr<float>(), base.data_ptr(), K, n, r,
+                                           static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace cuda
 }  // namespace kne

@@ -392,6 +392,48 @@ void test_adamw() {
   expect_error([&] { call(w, idx, g, at::zeros({4, 2}).t(), base); }, "delta is not contiguous", "delta strides");
 }
 
+// ------------------------------------------------------------------------------------------ nullspace_project_
+// delta -= (delta @ B) @ B^T in float64 (B orthonormal), rows written as base + scale * delta.
+void test_nullspace_project() {
+  struct Case { int64_t K, n, r; };
+  for (const Case c : {Case{1, 1, 0}, Case{3, 77, 20}, Case{7, 130, 65}, Case{2, 31, 31}, Case{9, 257, 1}}) {
+    for (const auto dtype : kFloats) {
+      at::Tensor q = std::get<0>(at::linalg_qr(at::randn({c.n, std::max<int64_t>(c.r, 1)}, at::kDouble)));
+      at::Tensor basis = q.narrow(1, 0, c.r).to(at::kFloat).contiguous();
+      const int64_t out = 2 * c.K + 3;
+      at::Tensor weight = at::randn({out, c.n}).to(dtype);
+      at::Tensor index = at::randperm(out, at::kLong).narrow(0, 0, c.K).contiguous();
+      at::Tensor delta = at::randn({c.K, c.n});
+      at::Tensor base = weight.index_select(0, index).contiguous();
+      at::Tensor want_d = delta.to(at::kDouble) - delta.to(at::kDouble).matmul(basis.to(at::kDouble))
+                                                     .matmul(basis.to(at::kDouble).t());
+      at::Tensor got_w = weight.clone(), got_d = delta.clone();
+      kne::cpu::nullspace_project_(got_w, index, got_d, basis, base, 0.37);
+      const double err = (got_d.to(at::kDouble) - want_d).abs().max().item<double>() /
+                         std::max(delta.abs().max().item<double>(), 1e-30);
+      const double tol = 8.0 * static_cast<double>(c.n + c.r) * 1.1920929e-7;
+      KNE_EXPECT(err <= tol, "nullspace_project " << name(dtype) << " [" << c.K << "," << c.n << "] r=" << c.r
+                                                  << ": delta error " << err << " > " << tol);
+      at::Tensor want_rows = (base.to(at::kFloat) + 0.37 * got_d).to(dtype);
+      int64_t first = -1;
+      KNE_EXPECT(bit_equal(got_w.index_select(0, index), want_rows, &first),
+                 "nullspace_project " << name(dtype) << ": rows differ from base + scale * delta at " << first);
+      at::Tensor others = at::ones({out}, at::kBool).index_fill_(0, index, false);
+      KNE_EXPECT(at::equal(got_w.index({others}), weight.index({others})),
+                 "nullspace_project " << name(dtype) << ": rows outside the ensemble were written");
+    }
+  }
+  bool threw = false;
+  try {
+    at::Tensor w = at::zeros({4, 8}), d = at::zeros({2, 8}), b = at::zeros({7, 2}), base = at::zeros({2, 8});
+    at::Tensor idx = at::arange(2, at::kLong);
+    kne::cpu::nullspace_project_(w, idx, d, b, base, 1.0);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("basis must be") != std::string::npos;
+  }
+  KNE_EXPECT(threw, "nullspace_project: a basis of the wrong height must be refused naming basis");
+}
+
 void run_all(const char* label) {
   const int before = g_failures;
   test_neuron_attribution();
@@ -400,6 +442,7 @@ void run_all(const char* label) {
   test_order_statistics();
   test_threshold_mask();
   test_adamw();
+  test_nullspace_project();
   std::cout << label << ": " << (g_failures - before) << " failures\n";
 }
 

@@ -1,5 +1,5 @@
 """Triton kernels of the kne ops: one file per op family (``neuron_attribution``,
-``weight_attribution``, ``ensemble_select``, ``ensemble_adamw``), each a ``@triton.jit`` kernel, its
+``weight_attribution``, ``ensemble_select``, ``ensemble_adamw``, ``nullspace_project``), each a ``@triton.jit`` kernel, its
 block configurations in one table, and a launcher with the torch kernel's signature;
 ``kernels.KERNELS`` maps op names to launchers and ``aot`` compiles every shipped configuration
 ahead of time for sm_80/sm_90 (``python -m kne_kernels.triton.aot``).

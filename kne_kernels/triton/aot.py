@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Sequence
 
-MODULES = ("neuron_attribution", "weight_attribution", "ensemble_select", "ensemble_adamw")
+MODULES = ("neuron_attribution", "weight_attribution", "ensemble_select", "ensemble_adamw", "nullspace_project")
 
 
 def _specs() -> List[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .ensemble_adamw import ensemble_adamw_step_
 from .ensemble_select import ensemble_aggregate, order_statistics, threshold_mask
 from .neuron_attribution import neuron_attribution_
+from .nullspace_project import nullspace_project_
 from .weight_attribution import weight_attribution_
 
 KERNELS = {
@@ -17,4 +18,5 @@ KERNELS = {
     "order_statistics": order_statistics,
     "threshold_mask": threshold_mask,
     "ensemble_adamw_step_": ensemble_adamw_step_,
+    "nullspace_project_": nullspace_project_,
 }

@@ -1,0 +1,126 @@
+"""``kne_kernels.nullspace_project_`` on every backend live here (torch, the CPU C++ kernel, Triton
+under its interpreter; CUDA C++ and Triton on a GPU when present) against the float64 reference
+(``kne_kernels.reference.nullspace_project_``, the projector ``I - B B^T`` formed explicitly).
+
+Tolerances (one table per weight dtype): the delta is float32 whatever the weight, so its error
+bound is the float32 GEMM bound ``(in + r) * eps32`` relative to the delta's magnitude; the written
+rows are the float32 ``base + scale * delta`` rounded to the weight dtype, within one unit in the
+last place of that dtype of the float64 reference's rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kne_kernels
+from kne_kernels import _backends, reference
+
+from helpers import rel_err, worst
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS32 = torch.finfo(torch.float32).eps
+ULP = {torch.float32: 2 * EPS32, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def backends():
+    out = []
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            continue
+        for name in ("torch", "cpu", "triton", "cuda"):
+            if _backends.status(name, dev)[0]:
+                out.append((name, dev))
+    return out
+
+
+BACKENDS = backends()
+
+
+def test_cpu_backends_are_live():
+    """CI builds the C++ kernels and runs Triton's interpreter: every CPU backend must be live here."""
+    names = {b for b, d in BACKENDS if d == "cpu"}
+    assert {"torch", "cpu", "triton"} <= names, names
+
+
+def _case(K, n, r, dtype, device, gen):
+    basis = torch.linalg.qr(torch.randn(n, max(r, 1), generator=gen, dtype=torch.float64)).Q[:, :r]
+    basis = basis.float().contiguous()
+    out = 2 * K + 3
+    weight = torch.randn(out, n, generator=gen).to(dtype)
+    index = torch.randperm(out, generator=gen)[:K]
+    delta = torch.randn(K, n, generator=gen)
+    base = weight[index].clone()
+    return [t.to(device) for t in (weight, index, delta, basis, base)]
+
+
+# odd shapes: one row, primes, r = 0 (nothing preserved), r = n (everything preserved), wide r
+SHAPES = [(1, 1, 0), (1, 7, 3), (3, 77, 20), (7, 130, 65), (2, 31, 31), (17, 257, 100), (5, 64, 1)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_against_float64_reference(backend, device, dtype, shape, gen):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 (covered on a GPU)")
+    K, n, r = shape
+    weight, index, delta, basis, base = _case(K, n, r, dtype, device, gen)
+    want_w, want_d = weight.clone(), delta.clone()
+    reference.nullspace_project_(want_w, index, want_d, basis, base, scale=0.37)
+    # poison: rows outside the ensemble keep their values, so mark them and check them below
+    got_w, got_d = weight.clone(), delta.clone()
+    kne_kernels.nullspace_project_(got_w, index, got_d, basis, base, scale=0.37, backend=backend)
+    tol = 8 * (n + r) * EPS32  # relative to the input delta's magnitude (the result may be ~0: r = n)
+    err = float((got_d.double() - want_d.double()).abs().max()) / float(delta.abs().max())
+    assert err <= tol, f"{backend}: delta error {err:.2e} > {tol:.2e}; {worst(got_d, want_d)}"
+    if r:
+        inside = float((got_d.double() @ basis.double()).abs().max())
+        assert inside <= 8 * (n + r) * EPS32 * float(delta.abs().max()), \
+            f"{backend}: the projected delta keeps a component of {inside:.2e} inside span(basis)"
+    rows = got_w[index].double()
+    diff = (rows - want_w[index].double()).abs()
+    bound = ULP[dtype] * want_w[index].double().abs().clamp_min(1.0) + tol * float(delta.abs().max())
+    assert bool((diff <= bound).all()), f"{backend}: written rows off by {float(diff.max()):.3g}; {worst(rows, want_w[index])}"
+    others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    others[index] = False
+    assert torch.equal(got_w[others], weight[others]), f"{backend} wrote rows outside the ensemble"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_poisoned_rows_are_overwritten(backend, device, gen):
+    """The ensemble rows of the weight start as NaN: every element must be written."""
+    weight, index, delta, basis, base = _case(5, 67, 11, torch.float32, device, gen)
+    weight[index] = float("nan")
+    kne_kernels.nullspace_project_(weight, index, delta, basis, base, scale=1.0, backend=backend)
+    assert not weight.isnan().any(), f"{backend} left rows of the ensemble unwritten"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_projection_is_idempotent_and_keeps_orthogonal_part(backend, device, gen):
+    """A delta already orthogonal to the basis is unchanged (to rounding); projecting twice equals
+    projecting once."""
+    weight, index, delta, basis, base = _case(4, 96, 30, torch.float32, device, gen)
+    ortho = (delta.double() - (delta.double() @ basis.double()) @ basis.double().t()).float()
+    d = ortho.clone()
+    kne_kernels.nullspace_project_(weight, index, d, basis, base, scale=1.0, backend=backend)
+    assert rel_err(d, ortho) <= 64 * EPS32
+    once = d.clone()
+    kne_kernels.nullspace_project_(weight, index, d, basis, base, scale=1.0, backend=backend)
+    assert rel_err(d, once) <= 64 * EPS32
+
+
+def test_bad_inputs_name_the_argument():
+    w, idx, d, basis, base = _case(2, 8, 3, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="basis must be"):
+        kne_kernels.nullspace_project_(w, idx, d, basis[:5].contiguous(), base, scale=1.0)
+    with pytest.raises(ValueError, match="delta must have"):
+        kne_kernels.nullspace_project_(w, idx, d[:1], basis, base, scale=1.0)
+    with pytest.raises(TypeError, match="basis has dtype"):
+        kne_kernels.nullspace_project_(w, idx, d, basis.double(), base, scale=1.0)
+    with pytest.raises(ValueError, match="index values"):
+        kne_kernels.nullspace_project_(w, torch.tensor([0, 99]), d, basis, base, scale=1.0)
+    with pytest.raises(ValueError, match="not contiguous"):
+        kne_kernels.nullspace_project_(w, idx, d, basis.t().contiguous().t(), base, scale=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        kne_kernels.nullspace_project_(w, idx, d, basis, base, scale=float("nan"))
