@@ -112,7 +112,7 @@ ext_modules, cmdclass = _ext_modules()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"kne_kernels": ["_build_info.json"]},
+    package_data={"kne_kernels": ["_build_info.json"], "kne": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -78,6 +78,18 @@ INVALID = [
     ("seed", 1.5),
     ("seed", "0"),
     ("seed", None),
+    ("preserve_weight", -1.0),
+    ("preserve_weight", float("nan")),
+    ("preserve_count", -1),
+    ("preserve_count", 2.5),
+    ("preserve_prompt_positions", 1),
+    ("stop_rule", "margin"),
+    ("stop_prob", 0.0),
+    ("stop_prob", 1.5),
+    ("delta_l2", -0.1),
+    ("project", "yes"),
+    ("project_corpus", None),
+    ("project_threshold", -1e-2),
 ]
 
 

@@ -35,6 +35,12 @@ class Batch:
         return self.input_ids.shape[0]
 
     @property
+    def size_answers(self) -> int:
+        """Sequences with an answer (rows ``0..size_answers-1``; rows after them, such as the
+        neighbour prompts of preservation, carry none)."""
+        return len(self.lengths)
+
+    @property
     def targets(self) -> torch.Tensor:
         return self.input_ids[self.rows, self.cols]
 
@@ -102,7 +108,9 @@ def answer_predictions(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def per_sequence_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean of ``values`` (``[n]``, one per answer token) per sequence: ``[B]``."""
-    sums = torch.zeros(batch.size, dtype=values.dtype, device=values.device).index_add_(0, batch.rows, values)
+    """Mean of ``values`` (``[n]``, one per answer token) per answer sequence: ``[len(batch.lengths)]``
+    (the answer sequences are rows ``0..len(lengths)-1``; rows after them, such as preserved
+    prompts, carry no answer)."""
+    sums = torch.zeros(batch.size_answers, dtype=values.dtype, device=values.device).index_add_(0, batch.rows, values)
     lens = torch.tensor(batch.lengths, dtype=values.dtype, device=values.device)
     return sums / lens

@@ -65,13 +65,19 @@ def answer_logits(model: nn.Module, batch) -> torch.Tensor:
     The output projection runs only on those positions (``logits_to_keep``, which Hugging Face
     causal LMs take): the prompt positions' logits are never used, and over a 49k vocabulary they
     are a fifth of a small model's forward and backward."""
-    pos = batch.cols - 1
+    return logits_at(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols - 1)
+
+
+def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+              pos: torch.Tensor) -> torch.Tensor:
+    """Logits of sequence ``rows[i]`` at position ``pos[i]`` (``[n, vocab]``), the output projection
+    run only at the positions asked for (``logits_to_keep``) where the model takes it."""
     if _takes_logits_to_keep(model):
         keep = torch.unique(pos)  # sorted
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                        logits_to_keep=keep).logits
-        return logits[batch.rows, torch.searchsorted(keep, pos)]
-    return forward_logits(model, batch)[batch.rows, pos]
+        return logits[rows, torch.searchsorted(keep, pos)]
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, pos]
 
 
 def input_device(model: nn.Module) -> torch.device:

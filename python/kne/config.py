@@ -16,6 +16,7 @@ _CHOICES = {
     "aggregate": ("max", "mean"),
     "delta_init": ("zeros", "kaiming"),
     "backend": ("auto", "torch", "cpu", "triton", "cuda"),
+    "stop_rule": ("loss", "argmax", "min_prob"),
 }
 
 
@@ -48,6 +49,18 @@ class KNEConfig:
     ``delta_init`` ``"zeros"`` (the model is unchanged before the first step) or ``"kaiming"`` (the
     authors' LoRA-style uniform noise, bound ``1/sqrt(in_features)``).
 
+    Preservation (``kne.preservation``; all off by default, on in ``preset("local")``):
+    ``preserve_weight`` -- weight of the mean ``KL(p_before || p_after)`` over the next-token
+    distributions of neighbour prompts (0: off); ``preserve_count`` -- relation templates filled with
+    the request's subject (plus a few generic continuations); ``preserve_prompt_positions`` -- also
+    keep the edit prompt's own positions before the answer. ``stop_rule`` -- ``"loss"`` (the edit NLL
+    below ``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every
+    answer token's probability at least ``stop_prob``); ``delta_l2`` -- weight of the squared norm of
+    the weight change ``s * dW``. ``project`` -- keep the row delta in the null space of preserved
+    keys (``kne.nullspace``, ``neuron_axis="out"`` only): the neighbours' keys and, with
+    ``project_corpus``, the directions of a cached corpus key covariance whose eigenvalue is above
+    ``project_threshold``.
+
     ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
     kernels of the fast path (``kne_kernels``): ``"auto"`` (the C++ extension on CPU, Triton or
     CUDA C++ on a GPU, falling back to torch), ``"torch"`` (the torch-only fast path), or one
@@ -72,6 +85,15 @@ class KNEConfig:
     weight_decay: float = 0.0
     stop_loss: float = 1e-2
     delta_init: str = "zeros"
+    preserve_weight: float = 0.0
+    preserve_count: int = 16
+    preserve_prompt_positions: bool = False
+    stop_rule: str = "loss"
+    stop_prob: float = 0.9
+    delta_l2: float = 0.0
+    project: bool = False
+    project_corpus: bool = True
+    project_threshold: float = 1e-2
     add_special_tokens: bool = False
     backend: str = "auto"
     seed: int = 0
@@ -104,6 +126,7 @@ class KNEConfig:
         _int(self, "ig_steps", 1)
         _int(self, "steps", 0)
         _int(self, "seed", None)
+        _int(self, "preserve_count", 0)
         _num(self, "percentile", lo=0.0, hi=100.0, hi_open=True,
              fix="a number in [0, 100); 99 keeps about 1% of neurons")
         _num(self, "lr", lo=0.0, lo_open=True, fix="a positive learning rate such as 5e-3")
@@ -111,7 +134,16 @@ class KNEConfig:
         _num(self, "dropout", lo=0.0, hi=1.0, hi_open=True, fix="a probability in [0, 1)")
         _num(self, "weight_decay", lo=0.0, fix="a non-negative number such as 0.0")
         _num(self, "stop_loss", lo=0.0, fix="a non-negative loss (0 disables early stopping)")
-        for name in ("positive_only", "rs_scaling", "add_special_tokens"):
+        if self.project and self.neuron_axis != "out":
+            _bad("project", self.project, "False with neuron_axis='in': the null-space projection applies to row "
+                 "edits (neuron_axis='out'); a column delta sees only K coordinates of a key, whose K x K "
+                 "covariance is full rank, so its null space is empty")
+        _num(self, "preserve_weight", lo=0.0, fix="a non-negative weight (0 turns preservation off)")
+        _num(self, "stop_prob", lo=0.0, lo_open=True, hi=1.0, fix="a probability in (0, 1]")
+        _num(self, "delta_l2", lo=0.0, fix="a non-negative weight (0 turns the penalty off)")
+        _num(self, "project_threshold", lo=0.0, fix="a non-negative eigenvalue threshold such as 1e-2")
+        for name in ("positive_only", "rs_scaling", "add_special_tokens", "preserve_prompt_positions", "project",
+                     "project_corpus"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
 

@@ -24,12 +24,12 @@ from torch import nn
 import kne_kernels
 from kne_kernels.reference import adamw_update_
 
-from ._text import Batch, answer_logprobs, per_sequence_mean
-from ._utils import Timer, answer_logits, frozen, input_device, kernel_backend, model_devices, seeded
+from ._utils import Timer, frozen, input_device, kernel_backend, logits_at, model_devices, seeded
 from .adapters import ModuleSite, get_architecture, resolve_sites
-from .attribution import request_batch
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble, _match_suffix, locate
+from .nullspace import edit_bases
+from .objective import EditObjective, edit_loss
 from .requests import EditRequest, as_requests
 
 __all__ = ["EditError", "EditResult", "fast_edit", "edit_loss", "delta_scale", "initial_delta"]
@@ -55,12 +55,6 @@ def initial_delta(config: KNEConfig, site: ModuleSite, axis: str, k: int, device
         (config.seed * 1_000_003 + site.layer * 7919 + zlib.crc32(site.suffix.encode())) % (2**63))
     bound = 1.0 / math.sqrt(site.in_features)
     return (torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound).to(device)
-
-
-def edit_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean NLL of the answer tokens of each request (prompt and padding masked), then the mean over
-    requests (EasyEdit's FT-M loss)."""
-    return (-per_sequence_mean(answer_logprobs(logits, batch), batch)).mean()
 
 
 @dataclass
@@ -122,24 +116,25 @@ class EditResult:
                 f"total_seconds={s.get('total_seconds', 0):.3f}, restored={self.restored})")
 
 
-def _train(model: nn.Module, batch: Batch, params: List[torch.Tensor], config: KNEConfig,
+def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torch.Tensor], config: KNEConfig,
            step_fn: Callable[[int, List[torch.Tensor]], None], on_step: Optional[Callable] = None):
     """The edit loop: loss (recorded), non-finite check, stop test, gradient of ``params``, step.
 
+    ``objective()`` runs the forward and returns ``(loss, done)`` (:class:`kne.objective.EditObjective`).
     Runs at most ``config.steps`` steps and records the loss before each, plus the loss after the
-    last step (or the one under ``stop_loss`` that ended the loop). ``kne.reference.edit`` writes
-    the same loop out with ``torch.optim.AdamW``."""
+    last step (or the one whose stop test ended the loop). ``kne.reference.edit`` writes the same
+    loop out with ``torch.optim.AdamW``."""
     losses: List[float] = []
     steps = 0
     stopped = False
     for it in range(config.steps + 1):
-        loss = edit_loss(answer_logits(model, batch), batch)
+        loss, done = objective()
         value = float(loss.detach())
         losses.append(value)
         if not math.isfinite(value):
             raise EditError(f"the edit loss became {value} at step {it}: lower KNEConfig.lr (now {config.lr}) or "
                             "use a float32/bfloat16 model; the model was restored")
-        if value < config.stop_loss:
+        if done:
             stopped = True
             break
         if it == config.steps:
@@ -154,7 +149,7 @@ def _train(model: nn.Module, batch: Batch, params: List[torch.Tensor], config: K
 
 def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
-              **overrides: Any) -> EditResult:
+              preserve_prompts: Optional[List[str]] = None, **overrides: Any) -> EditResult:
     """Edit ``model`` in place with KNE; returns an :class:`EditResult`.
 
     Without ``ensemble`` the ensemble is located from ``requests`` (:func:`kne.locate`); with one
@@ -162,6 +157,10 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     layers and ``neuron_axis`` are used as they are. Several requests are edited together (the
     loss is the mean of their per-request losses). The model is left exactly as it was if the edit
     fails or is interrupted (a non-finite loss raises :class:`EditError`).
+
+    With ``preserve_weight > 0`` (``KNEConfig.preset("local")``) the loss also keeps the unedited
+    model's next-token distributions on neighbour prompts: ``preserve_prompts`` names them, else
+    they are made from each request's ``subject`` (:mod:`kne.preservation`).
 
     >>> res = kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": "Rome"})
     >>> res.stats["steps"], res.restore()
@@ -183,7 +182,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         raise EditError("the ensemble is empty: no neuron scored above the percentile threshold; lower "
                         f"KNEConfig.percentile (now {cfg.percentile}) or set positive_only=False")
     timer = Timer()
-    batch = request_batch(tokenizer, reqs, cfg, input_device(model))
+    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
     dim = 0 if axis == "out" else 1
     slots: List[_Slot] = []
     for site, idx in pairs:
@@ -216,6 +215,10 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         return hook
 
     backends = [kernel_backend(cfg, s.delta.device) for s in slots]  # once, not every step
+    if cfg.project and axis != "out":
+        raise ValueError("KNEConfig.project=True needs a row ensemble (neuron_axis='out'); this ensemble is on "
+                         f"axis {axis!r}: locate it with neuron_axis='out' or set project=False")
+    bases: List[Optional[torch.Tensor]] = [None] * len(slots)
 
     def step_fn(step: int, grads: List[torch.Tensor]) -> None:
         # One fused AdamW step per module instance (kne_kernels.ensemble_adamw_step_): updates the
@@ -231,13 +234,33 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                     adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
                     slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
+            for slot, basis, backend in zip(slots, bases, backends):
+                if basis is not None:  # keep the delta off the preserved keys (kne.nullspace)
+                    if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
+                        kne_kernels.nullspace_project_(slot.merged, slot.local, slot.delta, basis, slot.base_dev,
+                                                       scale=slot.scale, backend=backend)
+                    else:
+                        slot.delta.sub_((slot.delta @ basis.to(slot.delta.dtype)) @ basis.to(slot.delta.dtype).t())
+                        slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
+
+    def penalty() -> torch.Tensor:  # ||s * dW||^2 over every edited module instance
+        return sum((s.scale * s.delta).pow(2).sum() for s in slots)
+
+    def forward() -> Tuple[torch.Tensor, bool]:
+        return objective(logits_at(model, *objective.selection()), penalty)
 
     handles = []
     merged: List[_Slot] = []
     try:
         with frozen(model), seeded(cfg.seed, model_devices(model)):
+            if objective.preservation is not None:  # p_before and the neighbours' keys: the model itself
+                with torch.no_grad():
+                    keys = objective.capture(lambda *sel: logits_at(model, *sel),
+                                             [s.site for s in slots] if cfg.project else ())
+                if cfg.project:
+                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg)
             handles = [s.site.module.register_forward_hook(make_hook(s)) for s in slots]
-            losses, steps, stopped = _train(model, batch, deltas, cfg, step_fn, on_step)
+            losses, steps, stopped = _train(forward, deltas, cfg, step_fn, on_step)
         for h in handles:
             h.remove()
         handles = []
@@ -268,6 +291,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         "params_total": n_total,
         "param_fraction": edited / n_total,
         "target_param_fraction": edited / max(1, _target_params(model, ensemble)),
+        **objective.stats(),
     }
     for d in deltas:
         d.requires_grad_(False)

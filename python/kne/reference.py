@@ -29,6 +29,8 @@ from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
 from .editing import EditError, EditResult, delta_scale, initial_delta
+from .nullspace import edit_bases
+from .objective import EditObjective
 from .ensemble import Ensemble
 from .requests import as_requests
 
@@ -127,8 +129,10 @@ def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = 
 
 
 def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
-         ensemble: Optional[Ensemble] = None, **overrides: Any) -> EditResult:
-    """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``."""
+         ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None,
+         **overrides: Any) -> EditResult:
+    """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``; the preservation KL
+    from the full output logits, by plain autograd."""
     cfg = resolve_config(config, overrides)
     reqs = as_requests(requests)
     total = Timer()
@@ -142,8 +146,17 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     if not pairs:
         raise EditError("the ensemble is empty: lower KNEConfig.percentile or set positive_only=False")
     require_resident([s for s, _ in pairs], "kne.reference.edit")
-    batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
-                   add_special_tokens=cfg.add_special_tokens, device=input_device(model))
+    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
+    if cfg.project and axis != "out":
+        raise ValueError("KNEConfig.project=True needs a row ensemble (neuron_axis='out'); this ensemble is on "
+                         f"axis {axis!r}")
+
+    def full_logits(ids, mask, rows, pos) -> torch.Tensor:  # every position's logits, then the ones asked for
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
+
+    def logits() -> torch.Tensor:
+        return full_logits(*objective.selection())
+
     edits = []
     for site, idx in pairs:
         W = site.weight()
@@ -175,15 +188,24 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
         with seeded(cfg.seed, model_devices(model)):
+            projectors = []
+            if objective.preservation is not None:
+                with torch.no_grad():
+                    keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
+                if cfg.project:  # I - B B^T per edited module instance, formed explicitly
+                    for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg):
+                        n = edits[0]["D"].shape[1]
+                        B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
+                        projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
+            handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
             for it in range(cfg.steps + 1):
-                logits = forward_logits(model, batch)
-                loss = (-per_sequence_mean(answer_logprobs(logits, batch), batch)).mean()
+                loss, done = objective(logits(), lambda: sum(((e["s"] * e["D"] * e["mask"]) ** 2).sum()
+                                                             for e in edits))
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
                     raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
-                if losses[-1] < cfg.stop_loss:
+                if done:
                     stopped = True
                     break
                 if it == cfg.steps:
@@ -191,6 +213,9 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                with torch.no_grad():
+                    for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
+                        e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
                 steps += 1
         for h in handles:
             h.remove()
@@ -219,5 +244,5 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     n_total = sum(p.numel() for p in model.parameters())
     stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), "steps": steps,
              "losses": losses, "stopped_early": stopped, "neurons": len(ensemble), "params_edited": edited,
-             "params_total": n_total, "param_fraction": edited / n_total}
+             "params_total": n_total, "param_fraction": edited / n_total, **objective.stats()}
     return EditResult(model, ensemble, stats, cfg, reqs, saved)

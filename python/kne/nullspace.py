@@ -1,0 +1,338 @@
+"""Null-space projection of row edits (AlphaEdit, Fang et al., arXiv 2410.02355).
+
+A row edit of a linear module ``y = W x`` changes the output by ``dW x``. If every row of ``dW`` is
+orthogonal to the keys ``x`` of what must be kept, those outputs do not change at all. With
+``KNEConfig.project`` the fast path (and the reference) projects the compact delta after every
+optimizer step (``kne_kernels.nullspace_project_``)::
+
+    dW <- dW - (dW U) U^T
+
+with ``U`` an orthonormal basis of the *preserved key space* of that module instance: the
+eigenvectors of the keys' second moment ``C = K0 K0^T / n`` whose eigenvalue is above
+``KNEConfig.project_threshold`` (AlphaEdit removes eigenvalues above 1e-2), joined with the span
+of the edit's own neighbour prompts' keys (every token of them).
+
+``K0`` comes from a preservation corpus: the model's own greedy continuations of shipped training
+prompts (:func:`kne.preservation.training_prompts`), tens of thousands of tokens. :func:`build`
+computes ``C`` for every layer of the target modules once, eigendecomposes it and caches the result
+per model under ``$KNE_CACHE/nullspace/<key>/`` (the key hashes the model's config and the values
+of the parameters an FFN edit never writes, and the corpus settings); :func:`load` reads only the
+layers an ensemble touches.
+
+Columns (``neuron_axis="in"``) are not projected: a column delta ``[out, K]`` sees only the ``K``
+ensemble coordinates of a key, and the ``K x K`` second moment of tens of thousands of preserved
+keys is full rank, so its null space is empty: projecting would erase the edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ._utils import frozen, input_device
+from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
+from .models import cache_dir
+
+__all__ = ["KeyStatistics", "KeyCapture", "build", "load", "model_key", "preserved_basis", "edit_bases"]
+
+_FORMAT = "kne.nullspace/1"
+_VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+             "architectures", "use_cache", "quantization_config"}
+
+
+def model_key(model: nn.Module, suffixes: Sequence[str] = ()) -> str:
+    """A hash of the model that FFN edits do not change: its config, and the values of every
+    parameter except those of the FFN modules (``suffixes``; sampled: 4096 evenly spaced elements of
+    each tensor), so an edited model keeps its key and a fine-tuned one gets another."""
+    cfg = getattr(model, "config", None)
+    d = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items() if k not in _VOLATILE}
+    h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if any(name.endswith(s + ".weight") or name.endswith(s + ".bias") for s in suffixes):
+            continue
+        flat = p.detach().reshape(-1)
+        if flat.numel() > 4096:
+            flat = flat[torch.arange(4096, device=flat.device) * (flat.numel() - 1) // 4095]
+        h.update(flat.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class KeyStatistics:
+    """The cached eigendecompositions of one model's key second moments, read lazily per layer."""
+
+    folder: Path
+    meta: Dict
+    _cache: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def suffixes(self) -> List[str]:
+        return list(self.meta["suffixes"])
+
+    def eig(self, suffix: str, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(eigenvalues [in], eigenvectors [in, in])`` of ``C`` of one module instance (float32)."""
+        key = (suffix, layer)
+        if key not in self._cache:
+            from safetensors.torch import load_file
+
+            path = self.folder / f"{suffix}.{layer}.safetensors"
+            if not path.is_file():
+                raise ValueError(f"the null-space statistics in {self.folder} lack {suffix} layer {layer}: rebuild "
+                                 "them with kne.nullspace.build(model, tokenizer, target_modules=...)")
+            t = load_file(str(path))
+            self._cache[key] = (t["eigenvalues"], t["eigenvectors"])
+        return self._cache[key]
+
+    def basis(self, suffix: str, layer: int, threshold: float) -> torch.Tensor:
+        """Orthonormal ``[in, r]``: the eigenvectors whose eigenvalue is above ``threshold``."""
+        vals, vecs = self.eig(suffix, layer)
+        return vecs[:, vals > threshold].contiguous()
+
+
+def _stats_folder(model: nn.Module, suffixes: Sequence[str], prompts: Sequence[str], new_tokens: int,
+                  add_special_tokens: bool) -> Path:
+    h = hashlib.sha256(json.dumps([list(suffixes), list(prompts), new_tokens, add_special_tokens]).encode())
+    h = h.hexdigest()[:12]
+    return cache_dir() / "nullspace" / f"{model_key(model, suffixes)}-{h}"
+
+
+def _suffixes(model: nn.Module, target_modules: Sequence[str]) -> List[str]:
+    arch = get_architecture(model)
+    return [arch.suffix(m) or m for m in target_modules]
+
+
+def load(model: nn.Module, target_modules: Sequence[str] = ("ffn_out",), *, prompts: Optional[Sequence[str]] = None,
+         new_tokens: int = 32, add_special_tokens: bool = False) -> Optional[KeyStatistics]:
+    """The cached statistics of ``model`` for these settings, or ``None`` when not built yet."""
+    from .preservation import training_prompts
+
+    prompts = list(training_prompts() if prompts is None else prompts)
+    suffixes = _suffixes(model, target_modules)
+    folder = _stats_folder(model, suffixes, prompts, new_tokens, add_special_tokens)
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        return None
+    return KeyStatistics(folder, json.loads(meta.read_text()))
+
+
+@torch.no_grad()
+def _continuations(model: nn.Module, tokenizer, prompts: Sequence[str], new_tokens: int, batch_size: int,
+                   add_special_tokens: bool, bar) -> List[List[int]]:
+    """Each prompt's tokens followed by the model's greedy continuation (stopped at EOS)."""
+    device = input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eos = tokenizer.eos_token_id
+    out: List[List[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts[i:i + batch_size]]
+        T = max(len(x) for x in ids)
+        inp = torch.full((len(ids), T), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for b, x in enumerate(ids):  # left padding: generation appends on the right
+            inp[b, T - len(x):] = torch.tensor(x)
+            mask[b, T - len(x):] = 1
+        gen = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=int(pad), eos_token_id=eos)
+        for b, x in enumerate(ids):
+            cont = gen[b, T:].tolist()
+            if eos is not None and eos in cont:
+                cont = cont[:cont.index(eos)]
+            out.append(x + cont)
+        if bar is not None:
+            bar.update(len(ids))
+    return out
+
+
+def build(model: nn.Module, tokenizer, *, target_modules: Sequence[str] = ("ffn_out",),
+          prompts: Optional[Sequence[str]] = None, new_tokens: int = 32, batch_size: int = 32,
+          add_special_tokens: bool = False, max_bytes: int = 1 << 30, progress: bool = True,
+          force: bool = False) -> KeyStatistics:
+    """Compute (or load from the cache) the key statistics of every layer of ``target_modules``.
+
+    The corpus: each of ``prompts`` (default: the shipped training prompts,
+    :func:`kne.preservation.training_prompts`) with the model's greedy continuation of
+    ``new_tokens`` tokens. For every module instance, the second moment ``C = sum_t x_t x_t^T / n``
+    of its inputs over every corpus token is accumulated in float64 (layers in groups that keep the
+    accumulators under ``max_bytes``), eigendecomposed, and written to the cache (atomically).
+    Prints a progress bar; the model is not modified.
+    """
+    from tqdm.auto import tqdm
+
+    from .preservation import training_prompts
+
+    prompts = list(training_prompts() if prompts is None else prompts)
+    if not prompts:
+        raise ValueError("build needs at least one prompt for the preservation corpus")
+    suffixes = _suffixes(model, target_modules)
+    folder = _stats_folder(model, suffixes, prompts, new_tokens, add_special_tokens)
+    if not force and (folder / "meta.json").is_file():
+        return KeyStatistics(folder, json.loads((folder / "meta.json").read_text()))
+    sites = resolve_sites(model, list(target_modules), None)
+    flat: List[ModuleSite] = [s for name in target_modules for s in sites[name]]
+    with frozen(model):
+        bar = tqdm(total=len(prompts), desc="null-space corpus: generate", unit="prompt", file=sys.stderr,
+                   disable=not progress)
+        seqs = _continuations(model, tokenizer, prompts, new_tokens, batch_size, add_special_tokens, bar)
+        bar.close()
+        n_tokens = sum(len(s) for s in seqs)
+        per_site = [s.in_features ** 2 * 8 for s in flat]
+        groups: List[List[int]] = [[]]
+        used = 0
+        for i, b in enumerate(per_site):
+            if groups[-1] and used + b > max_bytes:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += b
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
+        try:
+            bar = tqdm(total=len(groups) * len(seqs) + len(flat), desc="null-space corpus: keys", unit="seq",
+                       file=sys.stderr, disable=not progress)
+            for group in groups:
+                acc = {i: torch.zeros(flat[i].in_features, flat[i].in_features, dtype=torch.float64) for i in group}
+                _accumulate(model, tokenizer, seqs, [flat[i] for i in group], [acc[i] for i in group], batch_size, bar)
+                for i in group:
+                    C = acc.pop(i) / n_tokens
+                    vals, vecs = torch.linalg.eigh(C)
+                    from safetensors.torch import save_file
+
+                    save_file({"eigenvalues": vals.float().contiguous(), "eigenvectors": vecs.float().contiguous()},
+                              str(tmp / f"{flat[i].suffix}.{flat[i].layer}.safetensors"))
+                    bar.update(1)
+            bar.close()
+            meta = {"format": _FORMAT, "suffixes": suffixes, "layers": sorted({s.layer for s in flat}),
+                    "prompts": len(prompts), "new_tokens": new_tokens, "tokens": n_tokens,
+                    "model_type": getattr(getattr(model, "config", None), "model_type", None)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return KeyStatistics(folder, json.loads((folder / "meta.json").read_text()))
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@torch.no_grad()
+def _accumulate(model, tokenizer, seqs, sites, accs, batch_size, bar) -> None:
+    device = input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    state = {}
+
+    def grab(i):
+        def hook(module, args, out):
+            x = args[0]
+            x = x.reshape(-1, x.shape[-1])[state["keep"].to(x.device)].double().cpu()
+            accs[i].addmm_(x.t(), x)
+        return hook
+
+    handles = [s.module.register_forward_hook(grab(i)) for i, s in enumerate(sites)]
+    try:
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            T = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), T), int(pad), dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for b, x in enumerate(chunk):
+                ids[b, :len(x)] = torch.tensor(x)
+                mask[b, :len(x)] = 1
+            state["keep"] = mask.reshape(-1).bool()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+            bar.update(len(chunk))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class KeyCapture:
+    """Inside ``with``: forward hooks on the modules of ``sites`` keep their inputs (the keys) at
+    every real token of sequences ``rows`` of the batch whose ``attention_mask`` is given.
+    :meth:`keys` returns them per site, ``[tokens, in]`` float32, for the rows a mask keeps."""
+
+    def __init__(self, sites: Sequence[ModuleSite], rows: torch.Tensor, attention_mask: torch.Tensor):
+        self.sites, self.rows, self.mask = list(sites), rows, attention_mask
+        self._keys: List[Optional[torch.Tensor]] = [None] * len(self.sites)  # [rows, T, in]
+        self._handles = []
+
+    def __enter__(self) -> "KeyCapture":
+        B = self.mask.shape[0]
+
+        def grab(i):
+            def hook(module, args, out):
+                x = args[0].reshape(B, -1, args[0].shape[-1])  # OPT flattens [B, T, D] around the FFN
+                self._keys[i] = x[self.rows.to(x.device)].detach().float()
+            return hook
+
+        self._handles = [s.module.register_forward_hook(grab(i)) for i, s in enumerate(self.sites)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def keys(self, keep: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        m = self.mask[self.rows].bool()
+        if keep is not None:
+            m = m & keep.to(m.device)[:, None]
+        out = []
+        for k in self._keys:
+            if k is None:
+                raise RuntimeError("a target module did not run in the forward pass (is it used by the model?)")
+            out.append(k[m.to(k.device)])
+        return out
+
+
+def preserved_basis(keys: Optional[torch.Tensor], corpus: Optional[torch.Tensor], rtol: float = 1e-3
+                    ) -> Optional[torch.Tensor]:
+    """Orthonormal ``[in, r]`` basis of the space to keep: ``corpus`` (orthonormal columns, or
+    ``None``) joined with the directions of ``keys`` (``[tokens, in]``) outside it whose singular
+    value is above ``rtol`` times the largest."""
+    parts = [] if corpus is None else [corpus.float()]
+    if keys is not None and keys.numel():
+        k = keys.double()
+        top = float(torch.linalg.matrix_norm(k, 2))  # the keys' largest singular value
+        if parts:
+            U0 = parts[0].to(k)
+            k = k - (k @ U0) @ U0.t()
+        if top > 0:
+            _, s, vh = torch.linalg.svd(k, full_matrices=False)
+            r = int((s > rtol * top).sum())
+            parts.append(vh[:r].t().float())
+    if not parts:
+        return None
+    return torch.cat(parts, 1).contiguous()
+
+
+def edit_bases(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], keys: Sequence[torch.Tensor], config,
+               progress: bool = True) -> List[Optional[torch.Tensor]]:
+    """The preserved-key basis of each edited module instance: the cached corpus statistics
+    (built on first use, :func:`build`) above ``config.project_threshold`` when
+    ``config.project_corpus``, joined with the neighbours' ``keys``."""
+    stats = None
+    if config.project_corpus:
+        suffixes = sorted({s.suffix for s in sites})
+        stats = build(model, tokenizer, target_modules=suffixes, add_special_tokens=config.add_special_tokens,
+                      progress=progress)
+    out = []
+    for site, k in zip(sites, keys):
+        corpus = stats.basis(site.suffix, site.layer, config.project_threshold).to(k.device) if stats else None
+        out.append(preserved_basis(k, corpus))
+    return out

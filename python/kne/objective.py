@@ -1,0 +1,123 @@
+"""The edit objective shared by :func:`kne.fast_edit` and :func:`kne.reference.edit`.
+
+``loss = NLL(target_new) + preserve_weight * mean KL(p_before || p_after) + delta_l2 * ||dW||^2``
+
+* NLL: mean over each request's answer tokens, then over requests (EasyEdit's FT-M loss);
+* KL: over the preserved next-token distributions (:mod:`kne.preservation`), when
+  ``preserve_weight > 0``;
+* ``||dW||^2``: the squared Frobenius norm of the weight change ``s * delta`` over every edited
+  module instance, when ``delta_l2 > 0`` (the caller computes it from its own delta).
+
+The stop test (``stop_rule``) reads the answer tokens only: ``"loss"`` (the NLL below
+``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every answer
+token's probability at least ``stop_prob``). Every part comes from the one forward the step takes
+anyway: none costs a pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._text import Batch, answer_logprobs, encode, per_sequence_mean
+from .preservation import Preservation, build_preservation
+
+__all__ = ["EditObjective", "edit_loss"]
+
+
+def edit_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean NLL of the answer tokens of each request (prompt and padding masked), then the mean over
+    requests (EasyEdit's FT-M loss)."""
+    return (-per_sequence_mean(answer_logprobs(logits, batch), batch)).mean()
+
+
+class EditObjective:
+    """Loss and stop test of one edit (see the module docstring).
+
+    ``selection()`` names the logits a step reads, ``(input_ids, attention_mask, rows, pos)``: the
+    caller computes ``logits[rows, pos]`` its own way (the fast path projects only those positions,
+    the reference indexes the full output) and passes them to ``__call__``, which returns
+    ``(loss, done)``. With preservation, :meth:`capture` must see the unedited model's logits first.
+    """
+
+    def __init__(self, tokenizer, requests, config, device, preserve_prompts: Optional[Sequence[str]] = None):
+        self.config = config
+        self.kl_on = config.preserve_weight > 0
+        self.preservation: Optional[Preservation] = None
+        if self.kl_on or config.project:
+            self.preservation = build_preservation(tokenizer, requests, config, device, preserve_prompts)
+        elif preserve_prompts is not None:
+            raise ValueError("preserve_prompts was given but neither KNEConfig.preserve_weight > 0 nor project=True: "
+                             "set one (for instance KNEConfig.preset('local')) to preserve them")
+        self.batch = self.preservation.edit if self.kl_on else \
+            encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                   add_special_tokens=config.add_special_tokens, device=device)
+        self.edit_losses: List[float] = []
+        self.kls: List[float] = []
+        self.flips: Optional[float] = None
+
+    def selection(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, rows, pos)`` of the logits one step reads: the answer
+        positions, then (with the KL on) the preserved ones."""
+        b = self.batch
+        if not self.kl_on:
+            return b.input_ids, b.attention_mask, b.rows, b.cols - 1
+        rows, pos = self.preservation.selection()
+        return b.input_ids, b.attention_mask, rows, pos
+
+    def capture(self, logits_fn: Callable[..., torch.Tensor], key_sites: Sequence = ()) -> List[torch.Tensor]:
+        """One forward of the unedited model over the edit and its neighbours (``logits_fn(input_ids,
+        attention_mask, rows, pos)`` returns the logits at those positions): keeps ``p_before``,
+        drops same-relation neighbours (:meth:`Preservation.capture`), and returns the inputs of
+        each of ``key_sites`` at every token of the kept neighbours (``[tokens, in]`` each, the keys
+        the null-space projection preserves)."""
+        from .nullspace import KeyCapture
+
+        pres = self.preservation
+        rows, pos = pres.selection()
+        with KeyCapture(key_sites, pres.neighbour_rows(), pres.attention_mask) as kc:
+            logits = logits_fn(pres.input_ids, pres.attention_mask, rows, pos)
+        keep = pres.capture(logits)
+        self.preservation = pres.subset(keep)
+        if self.kl_on:
+            self.batch = self.preservation.edit
+        return kc.keys(keep)
+
+    def __call__(self, logits: torch.Tensor, penalty: Optional[Callable[[], torch.Tensor]] = None
+                 ) -> Tuple[torch.Tensor, bool]:
+        cfg, b = self.config, self.batch
+        n = int(b.rows.numel())
+        answer = logits[:n] if self.kl_on else logits
+        lp = answer_logprobs(answer, b)
+        loss = (-per_sequence_mean(lp, b)).mean()
+        nll = float(loss.detach())
+        self.edit_losses.append(nll)
+        if self.kl_on:
+            kl = self.preservation.kl(logits)
+            mean_kl = kl.mean() if kl.numel() else kl.sum()
+            self.kls.append(float(mean_kl.detach()))
+            self.flips = self.preservation.flips(logits.detach())
+            loss = loss + cfg.preserve_weight * mean_kl
+        if penalty is not None and cfg.delta_l2 > 0:
+            loss = loss + cfg.delta_l2 * penalty()
+        if cfg.stop_rule == "loss":
+            done = nll < cfg.stop_loss
+        elif cfg.stop_rule == "argmax":
+            done = bool((answer.detach().argmax(-1) == b.targets).all())
+        else:  # "min_prob"
+            done = bool((lp.detach().exp() >= cfg.stop_prob).all())
+        return loss, done
+
+    def stats(self) -> dict:
+        """``edit_losses`` and, with preservation, ``preserve_kl`` (the final mean KL),
+        ``neighbor_flips`` (share of neighbours whose top token changed), ``neighbours`` (the
+        prompts kept) and ``neighbours_dropped`` (same-relation prompts left out)."""
+        out = {"edit_losses": list(self.edit_losses)}
+        p = self.preservation
+        if p is not None:
+            out.update(neighbours=list(p.prompts), neighbours_dropped=list(p.dropped))
+        if self.kl_on:
+            out.update(preserve_kl=self.kls[-1] if self.kls else None, preserve_kls=list(self.kls),
+                       neighbor_flips=self.flips)
+        return out

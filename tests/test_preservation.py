@@ -1,0 +1,353 @@
+"""Preservation (issue: local edits): neighbour KL, stop rules, L2, null-space projection.
+
+* the fast path agrees with the reference with every lever on (losses per step, final rows);
+* the levers off give the edits of kne 0.2.0 bit for bit (a checked-in trace, tools/golden_edits.py);
+* neighbours: templates, the same-relation filter, explicit prompts, the subject-less fallback;
+* stop rules and the L2 term do what they say;
+* the projection keeps the edited module's outputs on every neighbour token unchanged, and the
+  corpus statistics are cached per model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import kne
+import kne_kernels
+from kne import nullspace, preservation
+from kne.requests import EditRequest
+
+from helpers import assert_state_equal, rel_err, snapshot, worst
+
+TOL = 1e-4
+KERNEL_BACKENDS = ("cpu", "torch", "triton")
+REQ = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France", "ground_truth": "Paris"}
+# forced steps, no dropout: every step of both implementations is compared
+EDIT_KW = dict(dropout=0.0, stop_loss=0.0, steps=6, lr=2.5e-3, alpha=8.0, percentile=80.0, preserve_count=4)
+
+
+@pytest.fixture
+def small_cache(tmp_path, monkeypatch):
+    """The null-space statistics go to a fresh cache folder."""
+    monkeypatch.setenv("KNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _corpus_prompts():
+    return ["Paris is the capital of", "The Eiffel Tower is in", "Tokyo is a city in", "Gold is a"]
+
+
+# The tiny models' FFN is 48 wide: a few short neighbours leave most key directions free to edit
+# (the templates' ~40 byte-tokens each would span them all and the projection would erase the edit).
+SHORT = ["Gold is", "Rome,"]
+
+
+def _pair(tiny_model, tok, seed, backend, preserve_prompts=None, **kw):
+    fast_model = tiny_model("llama", seed=seed % 10_000)
+    ref_model = copy.deepcopy(fast_model)
+    orig = snapshot(fast_model)
+    cfg = kne.KNEConfig(**dict(EDIT_KW, backend=backend, **kw))
+    fast = kne.fast_edit(fast_model, tok, REQ, cfg, preserve_prompts=preserve_prompts)
+    ref = kne.reference.edit(ref_model, tok, REQ, cfg, preserve_prompts=preserve_prompts)
+    return fast_model, ref_model, fast, ref, orig
+
+
+def _check(fast_model, ref_model, fast, ref, orig):
+    lf, lr_ = fast.stats["losses"], ref.stats["losses"]
+    assert len(lf) == len(lr_) == EDIT_KW["steps"] + 1
+    for i, (a, b) in enumerate(zip(lf, lr_)):
+        assert abs(a - b) <= TOL * abs(b), f"step {i}: fast loss {a} vs reference {b}"
+    assert lf[-1] < lf[0]
+    assert fast.stats["neighbours"] == ref.stats["neighbours"]
+    fs, rs = fast_model.state_dict(), ref_model.state_dict()
+    moved = 0
+    for k, r in rs.items():
+        assert rel_err(fs[k], r) <= TOL, f"{k}: {rel_err(fs[k], r):.3g}; {worst(fs[k], r)}"
+        if not torch.equal(r, orig[k]):
+            moved += 1
+            df, dr = fs[k] - orig[k], r - orig[k]
+            assert rel_err(df, dr) <= 1e-3, f"{k}: weight change differs, {rel_err(df, dr):.3g}"
+    assert moved
+
+
+# ---------------------------------------------------------------------------------------------- fast == reference
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", [
+    dict(preserve_weight=5.0),
+    dict(preserve_weight=5.0, preserve_prompt_positions=True, delta_l2=0.5),
+    dict(preserve_weight=2.0, neuron_axis="in", delta_init="kaiming"),
+    dict(project=True, project_corpus=False, preserve_prompts=SHORT),
+    dict(project=True, project_corpus=False, preserve_weight=3.0, weight_decay=0.01, preserve_prompts=SHORT),
+], ids=["kl", "kl+prompt+l2", "kl-columns-kaiming", "project", "project+kl"])
+def test_fast_matches_reference_with_preservation(case, backend, tiny_model, tok, seed):
+    live, why = kne_kernels.status(backend, "cpu")
+    assert live, why
+    fm, rm, fast, ref, orig = _pair(tiny_model, tok, seed, backend, **case)
+    _check(fm, rm, fast, ref, orig)
+    if case.get("preserve_weight"):
+        assert fast.stats["preserve_kl"] == pytest.approx(ref.stats["preserve_kl"], rel=1e-3, abs=1e-7)
+        assert fast.stats["neighbor_flips"] == ref.stats["neighbor_flips"]
+        assert len(fast.stats["preserve_kls"]) == len(fast.stats["losses"])
+    fast.restore()
+    assert_state_equal(fm, orig, "fast model after restore()")
+
+
+def test_fast_matches_reference_with_corpus_projection(tiny_model, tok, seed, small_cache):
+    stats = nullspace.build(tiny_model("llama", seed=seed % 10_000), tok, prompts=_corpus_prompts(), new_tokens=6,
+                            progress=False)
+    assert stats.meta["tokens"] > 0
+    # the edit builds (or loads) the statistics of the default corpus; point it at the small one
+    fm, rm, fast, ref, orig = None, None, None, None, None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(preservation, "training_prompts", _corpus_prompts)
+        fm, rm, fast, ref, orig = _pair(tiny_model, tok, seed, "cpu", project=True, project_threshold=1e-2,
+                                        preserve_prompts=SHORT)
+    _check(fm, rm, fast, ref, orig)
+
+
+# ---------------------------------------------------------------------------------------------- levers off == 0.2.0
+GOLDEN_FILE = Path(__file__).parent / "data" / "golden_edits.json"
+
+
+def _golden():
+    return json.loads(GOLDEN_FILE.read_text())
+
+
+def _state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _golden_case(name, model, tok):
+    want = _golden()["cases"][name]
+    preset = name.split("/")[1]
+    over = {"percentile": 80.0, "steps": 6} if name.startswith("tiny") else {}
+    res = kne.fast_edit(model, tok, REQ, kne.KNEConfig.preset(preset, backend="cpu", **over))
+    assert [float(x).hex() for x in res.stats["losses"]] == want["losses"], name
+    assert res.stats["steps"] == want["steps"]
+    assert _state_hash(model) == want["state_sha256"], f"{name}: the edited weights differ from kne 0.2.0's"
+    res.restore()
+
+
+def _same_torch():
+    return torch.__version__.split("+")[0] == _golden()["made_with"]["torch"]
+
+
+@pytest.mark.skipif(not _same_torch(), reason="the golden edits were recorded with another torch version")
+@pytest.mark.parametrize("preset", ["authors", "tuned"])
+def test_presets_without_preservation_edit_as_kne_0_2_0_did(preset, tok):
+    from conftest import build_tiny_model
+
+    _golden_case(f"tiny-llama/{preset}", build_tiny_model("llama", tok, seed=3), tok)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _same_torch(), reason="the golden edits were recorded with another torch version")
+@pytest.mark.parametrize("preset", ["authors", "tuned"])
+def test_presets_on_the_embedded_model_edit_as_kne_0_2_0_did(preset, embedded):
+    model, tok = embedded
+    _golden_case(f"smollm2/{preset}", model, tok)
+
+
+def test_preserve_weight_zero_is_the_plain_edit(tiny_model, tok, seed):
+    """``preserve_weight=0`` with the other levers at their defaults runs the plain edit exactly."""
+    a, b = tiny_model("llama", seed=seed % 10_000), tiny_model("llama", seed=seed % 10_000)
+    kw = dict(EDIT_KW, stop_loss=0.05, steps=10)
+    ra = kne.fast_edit(a, tok, REQ, **kw)
+    rb = kne.fast_edit(b, tok, REQ, **dict(kw, preserve_weight=0.0, preserve_count=99, stop_rule="loss",
+                                           delta_l2=0.0, project=False))
+    assert ra.stats["losses"] == rb.stats["losses"]
+    assert_state_equal(a, snapshot(b))
+    assert "neighbours" not in ra.stats and "preserve_kl" not in ra.stats
+
+
+# ---------------------------------------------------------------------------------------------- neighbours
+def test_neighbours_fill_templates_with_the_subject_and_drop_the_edited_relation():
+    req = EditRequest(prompt="The place of birth of Ada Lovelace is", target_new="Paris", subject="Ada Lovelace")
+    kept, dropped = preservation.neighbour_prompts(req, 12)
+    assert len(kept) == 12 + len(preservation.GENERIC_TEMPLATES)
+    assert all("Ada Lovelace" in p for p in kept)
+    assert "The place of birth of Ada Lovelace is" not in kept
+    assert "The place of birth of Ada Lovelace is" in dropped
+    assert "The gender of Ada Lovelace is" in kept and "Ada Lovelace," in kept
+    # other wording of the same relation is recognised by its relation words
+    assert preservation.same_relation("The place of birth of {} is", "Where was Ada Lovelace born? Her place of birth:",
+                                      "Ada Lovelace")
+    assert preservation.same_relation("The name of the country of citizenship of {} is",
+                                      "Which country's citizenship does Ada Lovelace hold?", "Ada Lovelace")
+    assert not preservation.same_relation("The gender of {} is", "The place of birth of Ada Lovelace is",
+                                          "Ada Lovelace")
+
+
+def test_templates_come_from_training_records_only():
+    data = json.loads((Path(preservation.__file__).parent / "data" / "preservation.json").read_text())
+    assert "records 100+" in data["source"]
+    assert len(preservation.templates()) >= 32 and all(t.count("{}") == 1 for t in preservation.templates())
+    assert len(preservation.training_prompts()) >= 512
+
+
+def test_request_without_subject_falls_back_with_a_warning(tiny_model, tok, seed):
+    bare = EditRequest(prompt="The capital of France is", target_new="Rome")
+    with pytest.warns(UserWarning, match="the other requests' neighbours"):
+        kept, _ = preservation.neighbour_prompts(bare, 2, others=["Turing,", "Turing was", "x"])
+    assert kept == ["Turing,", "Turing was"]
+    with pytest.warns(UserWarning, match="shipped training prompts"):
+        kept, _ = preservation.neighbour_prompts(bare, 4)
+    assert kept == preservation.training_prompts()[:4]
+    # in one call: the subject-less request takes the other request's neighbours, and no prompt the
+    # call edits is ever preserved
+    model = tiny_model("llama", seed=seed % 10_000)
+    other = {"prompt": "Alan Turing was born in", "target_new": "New York City", "subject": "Alan Turing"}
+    with pytest.warns(UserWarning, match="has no subject"):
+        res = kne.fast_edit(model, tok, [bare, other], **dict(EDIT_KW, preserve_weight=1.0))
+    got = set(res.stats["neighbours"]) | set(res.stats["neighbours_dropped"])
+    assert got and all("Alan Turing" in p for p in got)
+    assert not got & {bare.prompt, other["prompt"]}
+
+
+def test_explicit_preserve_prompts_are_used_as_given(tiny_model, tok, seed):
+    model = tiny_model("llama", seed=seed % 10_000)
+    prompts = ["The capital of Japan is", "Gold is a"]
+    res = kne.fast_edit(model, tok, REQ, preserve_prompts=prompts, **dict(EDIT_KW, preserve_weight=1.0))
+    assert res.stats["neighbours"] == prompts
+    with pytest.raises(ValueError, match="preserve_weight"):
+        kne.fast_edit(model, tok, REQ, preserve_prompts=prompts, **EDIT_KW)
+    with pytest.raises(ValueError, match="list of non-empty"):
+        kne.fast_edit(model, tok, REQ, preserve_prompts="Gold is a", **dict(EDIT_KW, preserve_weight=1.0))
+
+
+def test_neighbour_predicting_the_old_answer_is_dropped(tiny_model, tok, seed):
+    """A neighbour whose top token before the edit is the old answer's first token asks the edited
+    relation: it is not preserved."""
+    model = tiny_model("llama", seed=seed % 10_000)
+    from kne.objective import EditObjective
+    from kne._utils import logits_at
+
+    cfg = kne.KNEConfig(**dict(EDIT_KW, preserve_weight=1.0))
+    obj = EditObjective(tok, kne.requests.as_requests(REQ), cfg, "cpu")
+    nb = list(obj.preservation.prompts)
+    with torch.no_grad():
+        sel = obj.preservation.selection()
+        logits = logits_at(model, obj.preservation.input_ids, obj.preservation.attention_mask, *sel)
+    top = logits[obj.preservation.num_edit_positions:][: len(nb)].argmax(-1)
+    # make the first neighbour's top token the old answer's first token
+    obj.preservation.old_answer_tokens = [int(top[0])] + [None] * (len(nb) - 1)
+    obj.capture(lambda *s: logits_at(model, *s))
+    assert obj.preservation.prompts == nb[1:]
+    assert nb[0] in obj.preservation.dropped
+    assert obj.preservation.logp_before.shape[0] == len(nb) - 1
+    assert obj.batch.input_ids.shape[0] == 1 + len(nb) - 1
+
+
+# ---------------------------------------------------------------------------------------------- stop rules, L2
+def test_stop_rules(tiny_model, tok, seed):
+    """Each rule stops the edit once it holds (a tiny random model cannot become confident: its
+    output projection is small, so the thresholds are low)."""
+    kw = dict(EDIT_KW, steps=300, lr=5e-2, stop_loss=0.0, percentile=50.0)
+    model = tiny_model("llama", seed=seed % 10_000)
+    from kne._text import encode
+
+    batch = encode(tok, [REQ["prompt"]], [REQ["target_new"]])
+    for rule, extra in (("argmax", {}), ("min_prob", {"stop_prob": 0.005}), ("loss", {"stop_loss": 5.2})):
+        res = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule=rule, **extra))
+        assert res.stats["stopped_early"], rule
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=batch.input_ids).logits[batch.rows, batch.cols - 1], -1)
+        if rule == "argmax":
+            assert bool((lp.argmax(-1) == batch.targets).all())
+        elif rule == "min_prob":
+            assert float(lp.gather(1, batch.targets[:, None]).exp().min()) >= 0.005 * (1 - 1e-4)
+        else:
+            assert res.stats["losses"][-1] < 5.2
+        res.restore()
+    # a stricter threshold takes at least as many steps
+    a = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="min_prob", stop_prob=0.0045))
+    steps_a = a.stats["steps"]
+    a.restore()
+    b = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="min_prob", stop_prob=0.006))
+    assert steps_a <= b.stats["steps"]
+    b.restore()
+
+
+def test_delta_l2_shrinks_the_change(tiny_model, tok, seed):
+    norms = []
+    for l2 in (0.0, 50.0):
+        model = tiny_model("llama", seed=seed % 10_000)
+        orig = snapshot(model)
+        res = kne.fast_edit(model, tok, REQ, **dict(EDIT_KW, delta_l2=l2))
+        norms.append(sum(float((v - orig[k]).pow(2).sum()) for k, v in model.state_dict().items()))
+        res.restore()
+    assert norms[1] < norms[0]
+
+
+def test_kl_keeps_neighbours_closer(tiny_model, tok, seed):
+    kls = []
+    for w in (1e-6, 20.0):
+        model = tiny_model("llama", seed=seed % 10_000)
+        res = kne.fast_edit(model, tok, REQ, **dict(EDIT_KW, preserve_weight=w, steps=15, lr=1e-2))
+        kls.append(res.stats["preserve_kl"])
+        res.restore()
+    assert kls[1] < kls[0]
+
+
+# ---------------------------------------------------------------------------------------------- projection
+def test_projection_leaves_the_module_output_on_every_neighbour_token_unchanged(tiny_model, tok, seed):
+    model = tiny_model("llama", seed=seed % 10_000)
+    orig = snapshot(model)
+    kw = dict(EDIT_KW, project=True, project_corpus=False, lr=1e-2)
+    res = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, **kw)
+    pres = preservation.build_preservation(tok, kne.requests.as_requests(REQ), res.config, "cpu", SHORT)
+    sites = [s for s, _ in res.ensemble.sites(model)]
+    res.restore()
+    with nullspace.KeyCapture(sites, pres.neighbour_rows(), pres.attention_mask) as kc, torch.no_grad():
+        model(input_ids=pres.input_ids, attention_mask=pres.attention_mask)
+    kept = torch.tensor([p in res.stats["neighbours"] for p in pres.prompts])
+    keys = kc.keys(kept)
+    res2 = kne.fast_edit(model, tok, REQ, ensemble=res.ensemble, preserve_prompts=SHORT, **kw)
+    assert res2.stats["losses"][-1] < res2.stats["losses"][0]
+    for site, k in zip(sites, keys):
+        w_new = site.weight().detach().double()
+        w_old = orig[site.path + ".weight"].double()
+        change = (w_new - w_old) @ k.double().t()
+        moved = (w_new - w_old).abs().max()
+        assert moved > 0
+        assert float(change.abs().max()) <= 1e-4 * float(moved) * float(k.abs().max()) * k.shape[1], site.path
+    res2.restore()
+    assert_state_equal(model, orig)
+
+
+def test_projection_needs_rows():
+    with pytest.raises(ValueError, match="null space is empty"):
+        kne.KNEConfig(project=True, neuron_axis="in")
+
+
+def test_corpus_statistics_are_cached_per_model(tiny_model, tok, seed, small_cache):
+    model = tiny_model("llama", seed=seed % 10_000)
+    assert nullspace.load(model, prompts=_corpus_prompts(), new_tokens=4) is None
+    s1 = nullspace.build(model, tok, prompts=_corpus_prompts(), new_tokens=4, progress=False)
+    vals, vecs = s1.eig("mlp.down_proj", 1)
+    assert vals.shape == (vecs.shape[0],) and bool((vals[1:] >= vals[:-1]).all())
+    assert torch.allclose(vecs.t() @ vecs, torch.eye(vecs.shape[0]), atol=1e-5)
+    again = nullspace.load(model, prompts=_corpus_prompts(), new_tokens=4)
+    assert again is not None and again.folder == s1.folder
+    # an FFN edit keeps the key; another model gets another one
+    key = nullspace.model_key(model, ["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"])
+    res = kne.fast_edit(model, tok, REQ, **EDIT_KW)
+    assert nullspace.model_key(model, ["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"]) == key
+    res.restore()
+    other = tiny_model("llama", seed=seed % 10_000 + 1)
+    assert nullspace.load(other, prompts=_corpus_prompts(), new_tokens=4) is None
+    # a basis above a threshold is orthonormal and keeps the large-eigenvalue directions
+    B = s1.basis("mlp.down_proj", 1, float(vals.median()))
+    assert B.shape[1] == int((vals > vals.median()).sum())
+    assert torch.allclose(B.t() @ B, torch.eye(B.shape[1]), atol=1e-5)

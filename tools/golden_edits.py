@@ -1,0 +1,90 @@
+"""Record the edits of the presets that must never change (``authors`` and ``tuned``) into
+``tests/data/golden_edits.json``; ``tests/test_preservation.py`` holds every later version of kne
+to them bit for bit.
+
+Made once with kne 0.2.0 (commit 2ac9455, before the preservation options existed), CPU backend,
+one thread:
+
+    PYTHONPATH=<checkout of 2ac9455>/python:<checkout> python tools/golden_edits.py
+
+Cases: a tiny random Llama (tests/conftest.py's ``build_tiny_model``, seed 3, byte tokenizer) with
+each preset, and the embedded SmolLM2-135M with each preset on "The capital of France is" ->
+"Rome". Recorded per case: every loss (as float.hex), the step count, and a sha256 of the edited
+model's whole state dict after the edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(model, tok, req, preset, **over):
+    import kne
+
+    before = state_hash(model)
+    res = kne.fast_edit(model, tok, req, kne.KNEConfig.preset(preset, backend="cpu", **over))
+    out = {"losses": [float(x).hex() for x in res.stats["losses"]], "steps": res.stats["steps"],
+           "state_sha256": state_hash(model), "neurons": res.stats["neurons"]}
+    res.restore()
+    assert state_hash(model) == before
+    return out
+
+
+def cases():
+    """``(name, model factory, tokenizer, request, preset, overrides)`` of every recorded edit."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import kne
+    from conftest import _byte_tokenizer, build_tiny_model
+
+    tok = _byte_tokenizer()
+    tiny_req = {"prompt": "The capital of France is", "target_new": "Rome"}
+    out = []
+    for preset in ("authors", "tuned"):
+        out.append((f"tiny-llama/{preset}", lambda: build_tiny_model("llama", tok, seed=3), tok, tiny_req, preset,
+                    {"percentile": 80.0, "steps": 6}))
+    emb = {}
+
+    def embedded():
+        if "m" not in emb:
+            emb["m"], emb["t"] = kne.load_model()
+        return emb["m"]
+
+    for preset in ("authors", "tuned"):
+        out.append((f"smollm2/{preset}", embedded, None, tiny_req, preset, {}))
+    return out, emb
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    import kne
+
+    todo, emb = cases()
+    result = {"made_with": {"kne": kne.__version__, "torch": torch.__version__.split("+")[0]}, "cases": {}}
+    for name, factory, tok, req, preset, over in todo:
+        model = factory()
+        result["cases"][name] = run(model, tok or emb["t"], req, preset, **over)
+        print(name, result["cases"][name]["steps"], "steps")
+    path = ROOT / "tests" / "data" / "golden_edits.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
