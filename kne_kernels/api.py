@@ -243,15 +243,16 @@ def ensemble_adamw_step_(weight: torch.Tensor, index: torch.Tensor, grad: torch.
     ensemble is touched.
 
     The arithmetic is ``torch.optim.AdamW``'s (``amsgrad=False``), one float32 rounding per torch
-    op. What is bit-exact (measured on x86-64 with AVX2, torch 2.13 CPU; see the README):
+    op. What is bit-exact (measured on x86-64 with AVX-512, torch 2.13 CPU; see the README):
 
     * ``backend="torch"``: ``delta``, ``exp_avg`` and ``exp_avg_sq`` equal ``torch.optim.AdamW``'s
       default CPU step (single-tensor and ``foreach`` paths) bit for bit: it runs those ops.
     * ``backend="cpu"`` (C++): the moments equal torch's default step bit for bit; ``delta`` equals
       ``torch.optim.AdamW(fused=True)`` bit for bit, and differs from the default step on some
       elements because ATen's vectorised float32 ``sqrt`` is not correctly rounded (the kernel's
-      is): about 14% of the elements of a first step from zero state, 3-5% of later ones, by at
-      most 2 ulp of the result (4 ulp of ``max(|delta|, |update|)`` where the update cancels delta).
+      is): about 14% of the elements of a first step from zero state (by at most 2 ulp of the
+      result), 3-5% of those of later steps (by at most 4 ulp of ``max(|delta before|, |update|)``,
+      more ulp of the result where the update nearly cancels delta).
     * ``backend="triton"``/``"cuda"``: torch's CUDA arithmetic op for op (correctly rounded sqrt and
       division, FMAs where torch's kernels fuse); compared with the torch kernel to float32
       rounding by the tests, not bit for bit.

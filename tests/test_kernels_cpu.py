@@ -388,7 +388,7 @@ def test_ensemble_adamw_step_matches_torch_optim_adamw_over_steps(gen):
     assert (w.float() - want.float()).abs().max() <= 2.0**-7 * want.float().abs().max()
 
 
-@pytest.mark.skipif(not X86_AVX2, reason="the bit-exact claims are measured on x86-64 with AVX2")
+@pytest.mark.skipif(not X86_AVX2, reason="the bit-exact claims are measured on x86-64 with AVX2 or AVX-512")
 @pytest.mark.parametrize("K_, I", [(110, 576), (64, 1536)])
 def test_ensemble_adamw_step_exactness_against_torch_optim(K_, I, gen):
     """What the docstring of kne_kernels.ensemble_adamw_step_ claims, over 30 steps from zero state:

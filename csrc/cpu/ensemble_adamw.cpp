@@ -12,10 +12,11 @@
 // Every operation is rounded in float32 in torch's order (the Python scalars are rounded to
 // float32 first, as ATen does), and fused where ATen's compiled kernels are: lerp's vector form
 // is an explicit FMA, and GCC contracts addcmul's `self + value * t1 * t2` into one (checked
-// against torch 2.13 on x86-64). What is bit-exact (measured on x86-64 AVX2, torch 2.13): the
+// against torch 2.13 on x86-64). What is bit-exact (measured on x86-64 AVX-512, torch 2.13): the
 // moments equal torch.optim.AdamW's default (single-tensor / foreach) CPU step, and delta equals
 // torch.optim.AdamW(fused=True); against the default step delta differs on some elements (about
-// 14% of a first step from zero state, 3-5% of later ones, by at most 2 ulp of the result),
+// 14% of a first step from zero state, by at most 2 ulp; 3-5% of later ones, by at most 4 ulp of
+// max(|delta before|, |update|)),
 // because ATen's vectorised float32 sqrt (MKL VML / Sleef) is not correctly rounded and this
 // kernel's sqrt is. ATen's scalar tails evaluate lerp without the FMA and may differ there in the
 // last bit. Contraction is otherwise switched off in this file (GCC), so that exactly those two
