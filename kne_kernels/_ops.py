@@ -25,7 +25,11 @@ Ops (namespace ``kne``), all on contiguous tensors; results and optimizer state 
 ``ensemble_adamw_step_(Tensor(a!) weight, Tensor index, Tensor grad, Tensor(b!) delta, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, Tensor base, int step, float lr, float scale, int dim, float beta1, float beta2, float eps, float weight_decay) -> ()``
     One ``torch.optim.AdamW`` step on the compact fp32 ``delta`` (rows ``[K, in]`` for ``dim=0``,
     columns ``[out, K]`` for ``dim=1``) and its moments, then
-    ``weight[index] = (base + scale * delta).to(weight.dtype)`` along ``dim``.
+    ``weight[index] = (base + scale * delta).to(weight.dtype)`` along ``dim``. ``index`` is unique
+    and in range, and the tensors written in place alias no other argument: ``kne_kernels.api``
+    checks both for every backend (the C++ kernels check aliasing again, the CPU one the index too).
+    The torch kernel is torch's default AdamW step bit for bit; what the others match exactly is
+    listed in :func:`kne_kernels.api.ensemble_adamw_step_`.
 ``nullspace_project_(Tensor(a!) weight, Tensor index, Tensor(b!) delta, Tensor basis, Tensor base, float scale) -> ()``
     Project the compact fp32 row delta ``[K, in]`` off the span of ``basis`` (fp32 ``[in, r]``,
     orthonormal columns): ``delta -= (delta @ basis) @ basis^T`` (products and sums in fp32), then

@@ -24,6 +24,8 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
+from . import _checks
+
 __all__ = [
     "neuron_attribution",
     "weight_attribution",
@@ -64,8 +66,10 @@ def neuron_attribution(
 
     ``act`` and ``grad`` have the same shape ``[..., D]`` (leading dimensions are flattened to
     ``N``), dtype float32, float16 or bfloat16. ``segments`` (LongTensor ``[N]``) splits the sum
-    per segment id into ``[num_segments, D]``; ``scale`` is ``None``, a float or a ``[N]`` tensor
-    (integrated-gradient step weights). With ``out`` the result is added into ``out`` in place.
+    per segment id into ``[num_segments, D]`` (an integer >= 0, default ``max + 1``); ``scale`` is
+    ``None``, a float or a ``[N]`` tensor (integrated-gradient step weights). With ``out`` (sharing
+    no memory with the inputs) the result is added into ``out`` in place. ``D == 0`` gives an empty
+    result, ``N == 0`` zeros.
 
     >>> a = torch.randn(6, 4); g = torch.randn(6, 4)
     >>> torch.allclose(neuron_attribution(a, g), (a * g).sum(0))
@@ -78,9 +82,9 @@ def neuron_attribution(
     if act.dim() == 0:
         raise ValueError("act must have at least one dimension (the neuron dimension D)")
     D = act.shape[-1]
-    a = act.reshape(-1, D).float()
-    g = grad.reshape(-1, D).float()
-    N = a.shape[0]
+    N = math.prod(act.shape[:-1])
+    a = act.reshape(N, D).float()
+    g = grad.reshape(N, D).float()
     prod = a * g
     if scale is not None:
         if isinstance(scale, torch.Tensor):
@@ -98,6 +102,7 @@ def neuron_attribution(
             raise ValueError(f"segments must be a LongTensor of shape [N]=[{N}], got {segments.dtype} {tuple(segments.shape)}")
         if num_segments is None:
             num_segments = int(segments.max().item()) + 1 if N else 0
+        num_segments = _checks.count("num_segments", num_segments)
         if N and (int(segments.min()) < 0 or int(segments.max()) >= num_segments):
             raise ValueError(f"segment ids must lie in [0, {num_segments})")
         res = torch.zeros(num_segments, D, dtype=torch.float32, device=prod.device)
@@ -105,6 +110,8 @@ def neuron_attribution(
     if out is not None:
         if out.dtype != torch.float32 or out.shape != res.shape:
             raise ValueError(f"out must be float32 of shape {tuple(res.shape)}, got {out.dtype} {tuple(out.shape)}")
+        _checks.no_overlap("neuron_attribution", {"out": out}, {"act": act, "grad": grad, "segments": segments,
+                                                                "scale": scale if isinstance(scale, torch.Tensor) else None})
         out.add_(res)
         return out
     return res
@@ -124,12 +131,14 @@ def weight_attribution(
     """``sum over dim of weight * grad`` (or of its absolute value), float32.
 
     For a weight ``[out, in]``, ``dim=1`` gives one score per row (output neuron), ``dim=0`` one
-    per column (input neuron). With ``out`` the result is added into ``out`` in place.
+    per column (input neuron); ``absolute`` is ``True``/``False``. With ``out`` (sharing no memory
+    with the inputs) the result is added into ``out`` in place.
     """
     _check_float("weight", weight)
     _check_float("grad", grad)
     if weight.shape != grad.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and grad {tuple(grad.shape)} must have the same shape")
+    absolute = _checks.flag("absolute", absolute)
     prod = weight.float() * grad.float()
     if absolute:
         prod = prod.abs()
@@ -137,6 +146,7 @@ def weight_attribution(
     if out is not None:
         if out.dtype != torch.float32 or out.shape != res.shape:
             raise ValueError(f"out must be float32 of shape {tuple(res.shape)}, got {out.dtype} {tuple(out.shape)}")
+        _checks.no_overlap("weight_attribution", {"out": out}, {"weight": weight, "grad": grad})
         out.add_(res)
         return out
     return res
@@ -202,20 +212,25 @@ def ensemble_select(
 
     ``scores`` float32 ``[R, L, D]`` (requests, layers, neurons). Aggregates over ``R`` (``max``
     or ``mean``), takes one threshold ``numpy.percentile(aggregated, percentile)`` over all ``L*D``
-    values together, and keeps ``aggregated > threshold`` (and ``> 0`` when ``positive_only``).
+    values together, and keeps ``aggregated > threshold`` (and ``> 0`` when ``positive_only``, a
+    bool). NaN and +-infinity are refused (``ValueError``): the attribution overflowed or failed.
     """
     if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or scores.dim() != 3:
         desc = f"{scores.dtype} {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"scores must be a float32 tensor [R, L, D], got {desc}")
     if scores.numel() == 0:
         raise ValueError(f"scores {tuple(scores.shape)} is empty")
-    if not (0.0 <= float(percentile) <= 100.0) or math.isnan(float(percentile)):
-        raise ValueError(f"percentile must lie in [0, 100], got {percentile}")
+    percentile = _checks.percentile(percentile)
     if aggregate not in ("max", "mean"):
         raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
+    positive_only = _checks.flag("positive_only", positive_only)
     if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinity: the attribution that produced them failed")
+        raise ValueError(f"scores contain NaN or infinity (first at {_checks.non_finite_at(scores)}): the attribution "
+                         "that produced them failed")
     agg = scores.amax(0) if aggregate == "max" else scores.mean(0)
+    if not torch.isfinite(agg).all():
+        raise ValueError(f"the mean scores over requests contain NaN or infinity (first at {_checks.non_finite_at(agg)}): "
+                         "scale the scores down")
     thr = percentile_linear(agg, percentile)
     mask = agg > thr
     if positive_only:
@@ -278,7 +293,9 @@ def ensemble_adamw_step_(
 
     ``weight`` ``[out, in]`` (fp32/fp16/bf16). ``dim=0``: ensemble rows, ``grad``/``delta``/
     moments fp32 ``[K, in]`` and ``base`` ``[K, in]`` in the weight's dtype. ``dim=1``: columns,
-    shapes ``[out, K]``. Nothing outside the ensemble rows or columns is read or written.
+    shapes ``[out, K]``. ``index`` holds each row (column) once, in range; ``weight``, ``delta`` and
+    the moments (written in place) share no memory with each other or with the other arguments.
+    Nothing outside the ensemble rows or columns is read or written.
     """
     _check_float("weight", weight)
     if weight.dim() != 2:
@@ -294,6 +311,10 @@ def ensemble_adamw_step_(
             raise ValueError(f"{name} must be float32 of shape {shape}, got {t.dtype} {tuple(t.shape)}")
     if base.dtype != weight.dtype or tuple(base.shape) != shape:
         raise ValueError(f"base must be {weight.dtype} of shape {shape}, got {base.dtype} {tuple(base.shape)}")
+    _checks.no_overlap("ensemble_adamw_step_", {"weight": weight, "delta": delta, "exp_avg": exp_avg,
+                                                "exp_avg_sq": exp_avg_sq},
+                       {"index": index, "grad": grad, "base": base})
+    _checks.unique_in_range(index, weight.shape[dim], f"weight.shape[{dim}]")
     adamw_update_(delta, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay)
     new = (base.float() + scale * delta).to(weight.dtype)
@@ -329,6 +350,9 @@ def nullspace_project_(
         raise ValueError(f"basis must be float32 [in={weight.shape[1]}, r], got {basis.dtype} {tuple(basis.shape)}")
     if base.dtype != weight.dtype or tuple(base.shape) != shape:
         raise ValueError(f"base must be {weight.dtype} of shape {shape}, got {base.dtype} {tuple(base.shape)}")
+    _checks.no_overlap("nullspace_project_", {"weight": weight, "delta": delta},
+                       {"index": index, "basis": basis, "base": base})
+    _checks.unique_in_range(index, weight.shape[0], "weight.shape[0]")
     B = basis.double()
     P = torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t()
     delta.copy_((delta.double() @ P).float())

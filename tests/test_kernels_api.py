@@ -232,3 +232,150 @@ def test_ensemble_select_thresholds_are_numpy_exact(n, gen):
         sel = kne_kernels.ensemble_select(s, percentile=p, positive_only=False)
         assert sel.threshold == float(np.percentile(s.view(-1).numpy(), p))
         assert torch.equal(sel.mask[0], s[0, 0] > sel.threshold)
+
+
+# ---------------------------------------------------------------------------------------------- edge rules
+# One rule per edge case, the same through every backend and in the reference (issue 10, item 8).
+EDGE_IMPLS = ["torch", "cpu", "triton", "reference"]
+
+
+def _call(impl, op, *args, **kw):
+    if impl == "reference":
+        return getattr(ref, op)(*args, **kw)
+    if impl not in live_cpu_backends():
+        pytest.fail(_backends.status(impl, "cpu")[1])
+    return getattr(kne_kernels, op)(*args, backend=impl, **kw)
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_zero_width_attribution_is_an_empty_result(impl, gen):
+    a = torch.randn(5, 0)
+    r = _call(impl, "neuron_attribution", a, a.clone())
+    assert r.shape == (0,) and r.dtype == torch.float32
+    seg = torch.tensor([0, 2, 2, 1, 0])
+    r = _call(impl, "neuron_attribution", torch.randn(5, 0), torch.randn(5, 0), segments=seg, num_segments=4)
+    assert r.shape == (4, 0)
+    r = _call(impl, "neuron_attribution", torch.randn(2, 3, 0), torch.randn(2, 3, 0), out=torch.zeros(0))
+    assert r.shape == (0,)
+    # no rows: zeros of the right shape
+    r = _call(impl, "neuron_attribution", torch.randn(0, 6), torch.randn(0, 6), segments=torch.zeros(0, dtype=torch.long),
+              num_segments=3)
+    assert torch.equal(r, torch.zeros(3, 6))
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_num_segments_must_be_a_non_negative_integer(impl):
+    a, seg = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    for bad in (2.5, 2.0, "2", True, [3]):
+        with pytest.raises(TypeError, match="num_segments must be an integer"):
+            _call(impl, "neuron_attribution", a, a.clone(), segments=seg, num_segments=bad)
+    with pytest.raises(ValueError, match="num_segments must be >= 0"):
+        _call(impl, "neuron_attribution", torch.randn(0, 3), torch.randn(0, 3), segments=seg[:0], num_segments=-1)
+    want = _call(impl, "neuron_attribution", a, a.clone(), segments=seg, num_segments=3)
+    for ok in (np.int64(3), torch.tensor(3)):  # integers of other kinds are the numbers they are
+        torch.testing.assert_close(_call(impl, "neuron_attribution", a, a.clone(), segments=seg, num_segments=ok), want)
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_flags_must_be_bool(impl):
+    w = torch.randn(5, 3)
+    for bad in ("no", 0, 1, None, torch.tensor(True)):
+        with pytest.raises(TypeError, match="absolute must be True or False"):
+            _call(impl, "weight_attribution", w, w.clone(), absolute=bad)
+        with pytest.raises(TypeError, match="positive_only must be True or False"):
+            _call(impl, "ensemble_select", torch.randn(1, 2, 5), positive_only=bad)
+    a = _call(impl, "weight_attribution", w, -w, absolute=np.bool_(True))
+    assert torch.equal(a, _call(impl, "weight_attribution", w, -w, absolute=True)) and (a > 0).all()
+
+
+def _adamw_args(gen, index, K=None, rows=8, cols=4):
+    K = index.numel() if K is None else K
+    w = torch.randn(rows, cols, generator=gen)
+    z = torch.zeros(K, cols)
+    return dict(weight=w, index=index, grad=torch.randn(K, cols, generator=gen), delta=z.clone(), exp_avg=z.clone(),
+                exp_avg_sq=z.clone(), base=torch.randn(K, cols, generator=gen))
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_adamw_duplicate_indices_raise_and_write_nothing(impl, gen):
+    for index in (torch.tensor([1, 1]), torch.tensor([3, 0, 5, 0, 2])):
+        args = _adamw_args(gen, index)
+        before = {k: v.clone() for k, v in args.items()}
+        with pytest.raises(ValueError, match=r"index holds \d+ more than once"):
+            _call(impl, "ensemble_adamw_step_", *args.values(), step=1, lr=1e-2, scale=1.0)
+        for k, v in args.items():
+            assert torch.equal(v, before[k]), f"{k} written before the refusal"
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_adamw_index_out_of_range_is_a_value_error(impl, gen):
+    for index in (torch.tensor([1, 8]), torch.tensor([-1, 2])):
+        args = _adamw_args(gen, index)
+        with pytest.raises(ValueError, match=r"index values must lie in \[0, 8\)"):
+            _call(impl, "ensemble_adamw_step_", *args.values(), step=1, lr=1e-2, scale=1.0)
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+@pytest.mark.parametrize("alias", ["exp_avg=exp_avg_sq", "delta=exp_avg", "delta=grad", "exp_avg_sq=base",
+                                   "weight=base", "exp_avg=delta[partial]"])
+def test_adamw_aliased_state_is_refused(impl, alias, gen):
+    args = _adamw_args(gen, torch.tensor([1, 4]))
+    a, b = alias.split("=")
+    if b.endswith("[partial]"):  # two views of one buffer that overlap in part
+        buf = torch.zeros(3 * 4)
+        args["exp_avg"], args["delta"] = buf[:8].view(2, 4), buf[4:].view(2, 4)
+    elif (a, b) == ("weight", "base"):
+        args["base"] = args["weight"][2:4]  # the base rows are rows of the weight being written
+    else:
+        args[a] = args[b]
+    with pytest.raises(ValueError, match="share memory"):
+        _call(impl, "ensemble_adamw_step_", *args.values(), step=1, lr=1e-2, scale=1.0)
+    # disjoint views of one buffer are fine
+    buf = torch.zeros(2 * 8)
+    args = _adamw_args(gen, torch.tensor([1, 4]))
+    args["exp_avg"], args["exp_avg_sq"] = buf[:8].view(2, 4), buf[8:].view(2, 4)
+    _call(impl, "ensemble_adamw_step_", *args.values(), step=1, lr=1e-2, scale=1.0)
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_attribution_out_aliasing_an_input_is_refused(impl, gen):
+    a = torch.randn(3, 4, generator=gen)
+    with pytest.raises(ValueError, match="out and act share memory"):
+        _call(impl, "neuron_attribution", a, a.clone(), out=a[1])
+    w, g = torch.randn(4, 4, generator=gen), torch.randn(4, 4, generator=gen)
+    with pytest.raises(ValueError, match="out and grad share memory"):
+        _call(impl, "weight_attribution", w, g, out=g[0])
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_non_finite_scores_are_refused_everywhere(impl, bad, aggregate, gen):
+    scores = torch.randn(2, 3, 5, generator=gen)
+    scores[1, 2, 3] = bad  # in the second request: "max" would hide a -inf, "mean" a pair of them
+    with pytest.raises(ValueError, match=r"NaN or infinity \(first at \[1, 2, 3\]"):
+        _call(impl, "ensemble_select", scores, percentile=50.0, aggregate=aggregate)
+
+
+@pytest.mark.parametrize("impl", EDGE_IMPLS)
+def test_mean_that_overflows_is_refused(impl):
+    scores = torch.full((2, 1, 3), 3e38)
+    with pytest.raises(ValueError, match="mean scores over requests contain NaN or infinity"):
+        _call(impl, "ensemble_select", scores, aggregate="mean")
+    assert _call(impl, "ensemble_select", scores, aggregate="max").threshold == pytest.approx(3e38)
+
+
+def test_cpu_extension_refuses_aliases_itself(gen):
+    """The C++ kernels check aliasing too (a caller of torch.ops.kne.* without the api)."""
+    w = torch.randn(8, 4, generator=gen)
+    z = torch.zeros(2, 4)
+    m = z.clone()
+    with pytest.raises(RuntimeError, match="exp_avg and exp_avg_sq share memory"):
+        _ops.op("ensemble_adamw_step_")(w, torch.tensor([1, 2]), torch.randn(2, 4), z.clone(), m, m, w[1:3].clone(),
+                                       1, 1e-3, 1.0, 0, 0.9, 0.999, 1e-8, 0.0)
+    out = torch.zeros(1, 4)
+    with pytest.raises(RuntimeError, match="out and act share memory"):
+        _ops.op("neuron_attribution_")(out, out, out.clone(), None, None, 1.0)
+    with pytest.raises(RuntimeError, match="twice"):
+        _ops.op("ensemble_adamw_step_")(w, torch.tensor([1, 1]), torch.randn(2, 4), z.clone(), z.clone(), z.clone(),
+                                       w[1:3].clone(), 1, 1e-3, 1.0, 0, 0.9, 0.999, 1e-8, 0.0)

@@ -388,6 +388,48 @@ def test_ensemble_adamw_step_matches_torch_optim_adamw_over_steps(gen):
     assert (w.float() - want.float()).abs().max() <= 2.0**-7 * want.float().abs().max()
 
 
+@pytest.mark.skipif(not X86_AVX2, reason="the bit-exact claims are measured on x86-64 with AVX2 or AVX-512")
+@pytest.mark.parametrize("K_, I", [(110, 576), (64, 1536)])
+def test_ensemble_adamw_step_exactness_against_torch_optim(K_, I, gen):
+    """What the docstring of kne_kernels.ensemble_adamw_step_ claims, over 30 steps from zero state:
+    delta and moments equal torch.optim.AdamW(fused=True) bit for bit; the moments equal the default
+    (single-tensor) step bit for bit, and delta stays within a few ulp of it (ATen's vectorised sqrt
+    is not correctly rounded)."""
+    weight = torch.randn(200, I, generator=gen)
+    index = torch.randperm(200, generator=gen)[:K_]
+    base = weight.index_select(0, index).clone()
+    d, m, v = torch.zeros(K_, I), torch.zeros(K_, I), torch.zeros(K_, I)
+    opts = {}
+    for name, kw in (("fused", dict(fused=True)), ("default", dict(foreach=False))):
+        p = torch.nn.Parameter(torch.zeros(K_, I))
+        opts[name] = (p, torch.optim.AdamW([p], lr=5e-3, weight_decay=0.01, **kw))
+    differ = 0
+    for step in range(1, 31):
+        g = torch.randn(K_, I, generator=gen)
+        d_before = d.clone()
+        K.ensemble_adamw_step_(weight, index, g, d, m, v, base, step, 5e-3, 1.0, 0, 0.9, 0.999, 1e-8, 0.01)
+        for p, opt in opts.values():
+            p.grad = g.clone()
+            opt.step()
+        fused, default = opts["fused"], opts["default"]
+        for ours, theirs, what in ((d, fused[0].detach(), "delta"), (m, fused[1].state[fused[0]]["exp_avg"], "exp_avg"),
+                                   (v, fused[1].state[fused[0]]["exp_avg_sq"], "exp_avg_sq"),
+                                   (m, default[1].state[default[0]]["exp_avg"], "exp_avg (default)"),
+                                   (v, default[1].state[default[0]]["exp_avg_sq"], "exp_avg_sq (default)")):
+            assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), f"step {step}: {what} differs"
+        p = default[0].detach()
+        differ += int((d != p).sum())
+        # within the rounding of this step: 4 ulp of max(|delta before|, |update|, |delta after|)
+        mag = torch.maximum(torch.maximum(d_before.abs(), p.abs()), (p - d_before).abs())
+        ulp = torch.nextafter(mag, torch.full_like(mag, math.inf)) - mag
+        assert ((d - p).abs() <= 4 * ulp).all(), f"step {step}: delta off the default step by more than rounding"
+        d.copy_(p)  # resynchronise to the default step, so each step is measured on its own
+        m.copy_(default[1].state[default[0]]["exp_avg"])
+        v.copy_(default[1].state[default[0]]["exp_avg_sq"])
+        fused[0].data.copy_(p)
+    assert differ > 0, "delta equals the default step everywhere: the docstring's difference is gone, update it"
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_ensemble_adamw_step_two_threads(dim, gen):
     weight, index, grad, state, base = _adamw_case(torch.bfloat16, 512, 384, 48, dim, gen)

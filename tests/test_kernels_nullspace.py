@@ -124,3 +124,22 @@ def test_bad_inputs_name_the_argument():
         kne_kernels.nullspace_project_(w, idx, d, basis.t().contiguous().t(), base, scale=1.0)
     with pytest.raises(ValueError, match="scale"):
         kne_kernels.nullspace_project_(w, idx, d, basis, base, scale=float("nan"))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_duplicate_indices_and_aliases_are_refused_on_every_backend(backend, device, gen):
+    """The same rules as ensemble_adamw_step_: a row index once, no in-place argument aliased."""
+    w, idx, d, basis, base = _case(3, 16, 4, torch.float32, device, gen)
+    with pytest.raises(ValueError, match="more than once"):
+        kne_kernels.nullspace_project_(w, torch.tensor([1, 1, 2], device=device), d, basis, base, scale=1.0,
+                                       backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        kne_kernels.nullspace_project_(w, idx, w[:3], basis, base, scale=1.0, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        kne_kernels.nullspace_project_(w, idx, d, basis, d, scale=1.0, backend=backend)
+
+
+def test_cpu_kernel_refuses_aliases_itself(gen):
+    w, idx, d, basis, base = _case(3, 16, 4, torch.float32, "cpu", gen)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.kne.nullspace_project_(w, idx, d, basis, d, 1.0)

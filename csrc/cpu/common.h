@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -196,6 +197,16 @@ inline void check_shape(const at::Tensor& t, const char* op, const char* name, a
                         const char* what) {
   TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, " (", what, "), got ",
               t.sizes());
+}
+
+// `written` (an argument the op writes in place) shares no memory with `other`: aliased arguments
+// would be read after being written (kne_kernels.api refuses them first, for every backend).
+inline void check_no_overlap(const at::Tensor& written, const char* wname, const at::Tensor& other, const char* oname,
+                             const char* op) {
+  if (written.numel() == 0 || other.numel() == 0) return;
+  TORCH_CHECK(at::get_overlap_status(written, other) == at::MemOverlapStatus::No, op, ": ", wname, " and ", oname,
+              " share memory; ", op, " writes ", wname, " in place, so it must not alias another argument (pass ",
+              oname, ".clone())");
 }
 
 // Ids in [0, limit) for every element of the int64 tensor `ids` (one parallel scan).

@@ -240,6 +240,10 @@ void neuron_attribution_(at::Tensor& out, const at::Tensor& act, const at::Tenso
                 "] (one weight per row of act), got ", scale->sizes());
     sc = scale->const_data_ptr<float>();
   }
+  detail::check_no_overlap(out, "out", act, "act", op);
+  detail::check_no_overlap(out, "out", grad, "grad", op);
+  if (seg != nullptr) detail::check_no_overlap(out, "out", *segments, "segments", op);
+  if (sc != nullptr) detail::check_no_overlap(out, "out", *scale, "scale", op);
   detail::column_reduce(out, act, grad, seg, sc, static_cast<float>(scale_value), false);
 }
 

@@ -92,6 +92,12 @@ void nullspace_project_(at::Tensor& weight, const at::Tensor& index, at::Tensor&
               "as columns), got shape ", basis.sizes());
   check_tensor(base, op, "base", {weight.scalar_type()}, 2);
   detail::check_shape(base, op, "base", {K, n}, "the compact rows [K, weight.shape[1]]");
+  detail::check_no_overlap(delta, "delta", weight, "weight", op);  // the two tensors written in place alias nothing
+  for (const auto& [t, nm] : {std::pair<const at::Tensor*, const char*>{&index, "index"}, {&basis, "basis"},
+                              {&base, "base"}}) {
+    detail::check_no_overlap(weight, "weight", *t, nm, op);
+    detail::check_no_overlap(delta, "delta", *t, nm, op);
+  }
   if (K == 0 || n == 0) return;
   detail::check_ids_in_range(index, weight.size(0), op, "index", "weight.shape[0]");
   detail::dispatch_float(weight.scalar_type(), op, [&](auto e) {

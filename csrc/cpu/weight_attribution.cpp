@@ -120,6 +120,8 @@ void weight_attribution_(at::Tensor& out, const at::Tensor& weight, const at::Te
   TORCH_CHECK(out.size(0) == (dim == 1 ? R : C), op, ": out must have shape [", (dim == 1 ? R : C), "] (",
               (dim == 1 ? "weight.shape[0]: one score per row, dim=1" : "weight.shape[1]: one score per column, dim=0"),
               "), got ", out.sizes());
+  detail::check_no_overlap(out, "out", weight, "weight", op);
+  detail::check_no_overlap(out, "out", grad, "grad", op);
   if (R == 0 || C == 0) return;
   if (dim == 0) {
     at::Tensor out2 = out.view({1, C});

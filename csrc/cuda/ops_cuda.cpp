@@ -5,6 +5,7 @@
 //
 // Semantics: kne_kernels/_ops.py. Inputs must be contiguous CUDA tensors on one device; nothing is
 // copied or cast silently (the public API in kne_kernels.api gives friendlier errors first).
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -76,6 +77,15 @@ void check_shape(const at::Tensor& t, const char* op, const char* name, at::IntA
   TORCH_CHECK(t.sizes() == want, "kne::", op, ": ", name, " must have shape ", want, ", got ", t.sizes());
 }
 
+// `written` (written in place by the op) shares no memory with `other` (host-side, no sync).
+void check_no_overlap(const at::Tensor& written, const char* wname, const at::Tensor& other, const char* oname,
+                      const char* op) {
+  if (written.numel() == 0 || other.numel() == 0) return;
+  TORCH_CHECK(at::get_overlap_status(written, other) == at::MemOverlapStatus::No, "kne::", op, ": ", wname, " and ",
+              oname, " share memory; kne::", op, " writes ", wname, " in place, so it must not alias another ",
+              "argument (pass ", oname, ".clone())");
+}
+
 }  // namespace
 
 void neuron_attribution_(at::Tensor& out, const at::Tensor& act, const at::Tensor& grad,
@@ -112,6 +122,10 @@ void neuron_attribution_(at::Tensor& out, const at::Tensor& act, const at::Tenso
     check_shape(*scale, op, "scale", {N});
     scale_ptr = scale->data_ptr<float>();
   }
+  check_no_overlap(out, "out", act, "act", op);
+  check_no_overlap(out, "out", grad, "grad", op);
+  if (seg_ptr != nullptr) check_no_overlap(out, "out", *segments, "segments", op);
+  if (scale_ptr != nullptr) check_no_overlap(out, "out", *scale, "scale", op);
   if (N == 0 || D == 0 || S == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   C10_CUDA_CHECK(launch::neuron_attribution(out.data_ptr<float>(), act.data_ptr(), grad.data_ptr(), dtype,
@@ -136,6 +150,8 @@ void weight_attribution_(at::Tensor& out, const at::Tensor& weight, const at::Te
   TORCH_CHECK(dim == 0 || dim == 1, "kne::", op, ": dim must be 0 (per column) or 1 (per row), got ", dim);
   const int64_t R = weight.size(0), C = weight.size(1);
   check_shape(out, op, "out", {dim == 0 ? C : R});
+  check_no_overlap(out, "out", weight, "weight", op);
+  check_no_overlap(out, "out", grad, "grad", op);
   if (R == 0 || C == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   C10_CUDA_CHECK(launch::weight_attribution(out.data_ptr<float>(), weight.data_ptr(), grad.data_ptr(), dtype,
@@ -220,6 +236,16 @@ void ensemble_adamw_step_(at::Tensor& weight, const at::Tensor& index, const at:
   check_dtype(base, op, "base", weight.scalar_type());
   check_shape(base, op, "base", compact);
   TORCH_CHECK(step >= 1, "kne::", op, ": step counts from 1, got ", step);
+  // The tensors written in place alias nothing. Index range and uniqueness are the caller's
+  // (kne_kernels.api checks them once per call; checking here would need a device sync).
+  const std::pair<const char*, const at::Tensor*> args[] = {
+      {"weight", &weight}, {"delta", &delta}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq},
+      {"index", &index},   {"grad", &grad},   {"base", &base}};
+  for (size_t i = 0; i < 4; ++i) {
+    for (size_t j = i + 1; j < 7; ++j) {
+      check_no_overlap(*args[i].second, args[i].first, *args[j].second, args[j].first, op);
+    }
+  }
   if (K == 0 || out_features == 0 || in_features == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   C10_CUDA_CHECK(launch::ensemble_adamw_step(

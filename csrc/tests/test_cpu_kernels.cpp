@@ -390,6 +390,19 @@ void test_adamw() {
   expect_error([&] { call(w, idx, g, d, base, 2); }, "dim must be", "dim 2");
   expect_error([&] { call(w, idx, g, d, base, 0, 0); }, "step counts from 1", "step 0");
   expect_error([&] { call(w, idx, g, at::zeros({4, 2}).t(), base); }, "delta is not contiguous", "delta strides");
+  // tensors written in place must not alias another argument
+  expect_error([&] { call(w, idx, g, m, base); }, "delta and exp_avg share memory", "delta aliases exp_avg");
+  expect_error([&] { call(w, idx, g, g, base); }, "delta and grad share memory", "delta aliases grad");
+  expect_error([&] { call(w, idx, g, d, w.narrow(0, 2, 2)); }, "weight and base share memory", "base inside weight");
+  {
+    at::Tensor out = at::zeros({1, 4});
+    expect_error([&] { kne::cpu::neuron_attribution_(out, out, out, std::nullopt, std::nullopt, 1.0); },
+                 "out and act share memory", "neuron_attribution out aliases act");
+    at::Tensor wa = at::randn({4, 4});
+    at::Tensor row = wa[0];
+    expect_error([&] { kne::cpu::weight_attribution_(row, wa, at::randn({4, 4}), 0, false); },
+                 "out and weight share memory", "weight_attribution out aliases weight");
+  }
 }
 
 // ------------------------------------------------------------------------------------------ nullspace_project_
