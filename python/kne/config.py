@@ -59,7 +59,7 @@ class KNEConfig:
     the weight change ``s * dW``. ``project`` -- keep the row delta in the null space of preserved
     keys (``kne.nullspace``, ``neuron_axis="out"`` only): the neighbours' keys and, with
     ``project_corpus``, the directions of a cached corpus key covariance whose eigenvalue is above
-    ``project_threshold``.
+    ``project_threshold`` times the largest.
 
     ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
     kernels of the fast path (``kne_kernels``): ``"auto"`` (the C++ extension on CPU, Triton or

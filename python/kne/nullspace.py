@@ -9,7 +9,9 @@ optimizer step (``kne_kernels.nullspace_project_``)::
 
 with ``U`` an orthonormal basis of the *preserved key space* of that module instance: the
 eigenvectors of the keys' second moment ``C = K0 K0^T / n`` whose eigenvalue is above
-``KNEConfig.project_threshold`` (AlphaEdit removes eigenvalues above 1e-2), joined with the span
+``KNEConfig.project_threshold`` times the largest one (AlphaEdit keeps the directions with
+eigenvalues below an absolute 1e-2 free; the scale of the keys differs by four orders of
+magnitude between the layers of one model, so kne's threshold is relative), joined with the span
 of the edit's own neighbour prompts' keys (every token of them).
 
 ``K0`` comes from a preservation corpus: the model's own greedy continuations of shipped training
@@ -96,9 +98,11 @@ class KeyStatistics:
         return self._cache[key]
 
     def basis(self, suffix: str, layer: int, threshold: float) -> torch.Tensor:
-        """Orthonormal ``[in, r]``: the eigenvectors whose eigenvalue is above ``threshold``."""
+        """Orthonormal ``[in, r]``: the eigenvectors whose eigenvalue is above ``threshold`` times
+        the largest eigenvalue of that module instance (relative: the keys' scale differs by four
+        orders of magnitude between the layers of one model)."""
         vals, vecs = self.eig(suffix, layer)
-        return vecs[:, vals > threshold].contiguous()
+        return vecs[:, vals > threshold * vals.max()].contiguous()
 
 
 def _stats_folder(model: nn.Module, suffixes: Sequence[str], prompts: Sequence[str], new_tokens: int,
@@ -156,7 +160,7 @@ def _continuations(model: nn.Module, tokenizer, prompts: Sequence[str], new_toke
 
 
 def build(model: nn.Module, tokenizer, *, target_modules: Sequence[str] = ("ffn_out",),
-          prompts: Optional[Sequence[str]] = None, new_tokens: int = 32, batch_size: int = 32,
+          prompts: Optional[Sequence[str]] = None, new_tokens: int = 32, batch_size: int = 64,
           add_special_tokens: bool = False, max_bytes: int = 1 << 30, progress: bool = True,
           force: bool = False) -> KeyStatistics:
     """Compute (or load from the cache) the key statistics of every layer of ``target_modules``.
@@ -239,8 +243,8 @@ def _accumulate(model, tokenizer, seqs, sites, accs, batch_size, bar) -> None:
     def grab(i):
         def hook(module, args, out):
             x = args[0]
-            x = x.reshape(-1, x.shape[-1])[state["keep"].to(x.device)].double().cpu()
-            accs[i].addmm_(x.t(), x)
+            x = x.reshape(-1, x.shape[-1])[state["keep"].to(x.device)].float()
+            accs[i].add_((x.t() @ x).double().cpu())  # one batch in float32, the running sum in float64
         return hook
 
     handles = [s.module.register_forward_hook(grab(i)) for i, s in enumerate(sites)]

@@ -14,13 +14,14 @@ from .requests import EditRequest
 
 __all__ = ["METHODS", "edit_with", "run_edits", "merge_runs"]
 
-METHODS = ("kne", "reference", "ft-m")
+METHODS = ("kne", "reference", "ft-m", "ft-m+kl")
 
 
 def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditRequest], config: KNEConfig,
               ensemble=None) -> EditResult:
-    """One edit with ``method``: ``kne`` (kne.fast_edit), ``reference`` (kne.reference.edit) or
-    ``ft-m`` (kne.baselines.ft_m with EasyEdit's settings)."""
+    """One edit with ``method``: ``kne`` (kne.fast_edit), ``reference`` (kne.reference.edit),
+    ``ft-m`` (kne.baselines.ft_m with EasyEdit's settings) or ``ft-m+kl`` (FT-M with kne's neighbour
+    KL at ``config.preserve_weight`` and ``config.preserve_count``)."""
     from . import baselines, reference
     from .editing import fast_edit
 
@@ -28,10 +29,16 @@ def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditR
         return fast_edit(model, tokenizer, requests, config, ensemble=ensemble)
     if method == "reference":
         return reference.edit(model, tokenizer, requests, config, ensemble=ensemble)
-    if method == "ft-m":
+    if method in ("ft-m", "ft-m+kl"):
         if ensemble is not None:
-            raise ValueError("ft-m does not use an ensemble: drop --ensemble for it")
-        return baselines.ft_m(model, tokenizer, requests, add_special_tokens=config.add_special_tokens)
+            raise ValueError(f"{method} does not use an ensemble: drop --ensemble for it")
+        kl = {}
+        if method == "ft-m+kl":
+            if not config.preserve_weight > 0:
+                raise ValueError("ft-m+kl needs a neighbour KL weight: set preserve_weight (--preserve-weight, or "
+                                 "--preset local)")
+            kl = dict(preserve_weight=config.preserve_weight, preserve_count=config.preserve_count)
+        return baselines.ft_m(model, tokenizer, requests, add_special_tokens=config.add_special_tokens, **kl)
     raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
 

@@ -4,6 +4,10 @@ projection with the prompt masked out of the loss.
 EasyEdit's Llama-2-7B FT-M settings: ``layers: [21]`` (of 32), ``mlp.down_proj``, Adam, lr 5e-4,
 25 steps, weight decay 0, batch 1, stop once the loss (measured before a step) is below 1e-2.
 For other depths the default layer is scaled: ``round(L * 21 / 32)``.
+
+``preserve_weight > 0`` adds kne's neighbour KL (:mod:`kne.preservation`: the unedited model's
+next-token distributions on neighbour prompts made from each request's ``subject``, in the same
+batch) to FT-M's loss: the fair baseline for KNE's ``local`` preset.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .._text import encode
-from .._utils import Timer, forward_logits, input_device
+from .._utils import Timer, input_device
 from ..adapters import num_layers, require_resident, resolve_sites
-from ..editing import EditError, EditResult, edit_loss
+from ..editing import EditError, EditResult
+from ..objective import EditObjective
 from ..requests import as_requests
 
 __all__ = ["ft_m"]
@@ -25,9 +29,14 @@ __all__ = ["ft_m"]
 
 def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int]] = None, module: str = "ffn_out",
          lr: float = 5e-4, steps: int = 25, stop_loss: float = 1e-2, weight_decay: float = 0.0,
-         add_special_tokens: bool = False) -> EditResult:
+         add_special_tokens: bool = False, preserve_weight: float = 0.0, preserve_count: int = 16,
+         preserve_prompts: Optional[Sequence[str]] = None) -> EditResult:
     """Edit ``model`` in place with FT-M; returns an :class:`kne.EditResult` (``restore()`` puts the
-    fine-tuned weights back bit for bit; ``ensemble`` is ``None``)."""
+    fine-tuned weights back bit for bit; ``ensemble`` is ``None``). ``preserve_weight`` (> 0) adds
+    the neighbour KL of ``kne.preservation`` (``preserve_count`` templates per request, or
+    ``preserve_prompts``)."""
+    from ..config import KNEConfig
+
     reqs = as_requests(requests)
     if steps < 1:
         raise ValueError(f"steps={steps} is invalid: use a positive number of steps (EasyEdit: 25)")
@@ -38,8 +47,12 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     sites = resolve_sites(model, [module], layers)[module]
     require_resident(sites, "FT-M")
     timer = Timer()
-    batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
-                   add_special_tokens=add_special_tokens, device=input_device(model))
+    cfg = KNEConfig(stop_loss=stop_loss, add_special_tokens=add_special_tokens, preserve_weight=preserve_weight,
+                    preserve_count=preserve_count)
+    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
+
+    def logits(ids, mask, rows, pos):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
     params = [s.module.weight for s in sites]
     originals = [p.detach().clone() for p in params]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -52,16 +65,19 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if objective.preservation is not None:
+            with torch.no_grad():
+                objective.capture(logits)
         for _ in range(steps):
             opt.zero_grad()
-            loss = edit_loss(forward_logits(model, batch), batch)
+            loss, done = objective(logits(*objective.selection()))
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise EditError(f"FT-M loss became {losses[-1]}; the model was restored")
             loss.backward()
             opt.step()
             n_steps += 1
-            if losses[-1] < stop_loss:
+            if done:  # EasyEdit's FT stops after the step whose loss was under stop_loss
                 break
     except BaseException:
         with torch.no_grad():
@@ -76,8 +92,9 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     edited = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
-             "losses": losses, "stopped_early": losses[-1] < stop_loss, "neurons": None, "params_edited": edited,
-             "params_total": n_total, "param_fraction": edited / n_total, "layers": layers}
+             "losses": losses, "stopped_early": objective.edit_losses[-1] < stop_loss, "neurons": None,
+             "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total, "layers": layers,
+             **objective.stats()}
     saved = []
     for s, o in zip(sites, originals):
         w = o.t() if s.transposed else o
