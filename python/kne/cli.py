@@ -56,36 +56,42 @@ def _load(args, quiet: bool = False):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("KNE settings (see kne.KNEConfig)")
-    g.add_argument("--preset", choices=("authors", "tuned"), default="authors",
-                   help="base settings: authors (KNEConfig's defaults, the authors' Llama-2-7B setting) or tuned "
-                        "(columns, dropout 0, stop at loss 0.1; see KNEConfig.preset); the options below override it")
-    g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
-                   help="FFN modules to score: aliases ffn_in/ffn_gate/ffn_out or suffixes like mlp.down_proj "
-                        "(default: ffn_out)")
-    g.add_argument("--neuron-axis", choices=("out", "in"), default=None, help="rows (out, default) or columns (in)")
-    g.add_argument("--layers", nargs="+", type=int, default=None, help="decoder layers to score (default: all)")
-    g.add_argument("--ig-steps", type=int, default=None, help="integrated-gradient steps (default 1)")
-    g.add_argument("--ig-path", choices=("layerwise", "joint"), default=None)
-    g.add_argument("--percentile", type=float, default=None, help="global percentile threshold (default 99)")
-    g.add_argument("--aggregate", choices=("max", "mean"), default=None)
-    g.add_argument("--steps", type=int, default=None, help="maximum optimizer steps (default 30)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout on the delta path (default 0.1)")
-    g.add_argument("--stop-loss", type=float, default=None, help="stop when the loss is below this (default 1e-2)")
-    g.add_argument("--seed", type=int, default=None)
+    """One option per KNEConfig field (``--neuron-axis``, ``--preserve-weight``, ``--project`` /
+    ``--no-project`` ...), its help from the field's metadata; given options override the preset."""
+    import dataclasses
+
+    from .config import _CHOICES, KNEConfig, PRESETS
+
+    g = p.add_argument_group("KNE settings (kne.KNEConfig; the options given override --preset)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default="authors",
+                   help="base settings: " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()))
+    hints = {"target_modules": (str, "NAME"), "layers": (int, "L")}
+    for f in dataclasses.fields(KNEConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default {default!r})")
+        help_ = help_.replace("%", "%%")
+        if f.name in hints:
+            typ, metavar = hints[f.name]
+            g.add_argument(flag, nargs="+", type=typ, default=None, metavar=metavar, help=help_)
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif f.name in _CHOICES:
+            g.add_argument(flag, choices=_CHOICES[f.name], default=None, help=help_)
+        else:
+            g.add_argument(flag, type=type(default), default=None, help=help_)
 
 
 def _config(args):
+    import dataclasses
+
     import kne
 
-    over = {k: getattr(args, k) for k in ("target_modules", "neuron_axis", "layers", "ig_steps", "ig_path",
-                                          "percentile", "aggregate", "steps", "lr", "dropout", "stop_loss", "seed")
-            if getattr(args, k, None) is not None}
-    if "target_modules" in over:
-        over["target_modules"] = tuple(over["target_modules"])
-    if "layers" in over:
-        over["layers"] = tuple(over["layers"])
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(kne.KNEConfig)
+            if getattr(args, f.name, None) is not None}
+    for k in ("target_modules", "layers"):
+        if k in over:
+            over[k] = tuple(over[k])
     return kne.KNEConfig.preset(getattr(args, "preset", "authors") or "authors", **over)
 
 

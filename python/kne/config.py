@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["KNEConfig", "resolve_config"]
@@ -18,6 +18,13 @@ _CHOICES = {
     "backend": ("auto", "torch", "cpu", "triton", "cuda"),
     "stop_rule": ("loss", "argmax", "min_prob"),
 }
+
+
+def _f(default: Any, help: str):
+    """A field with its one-line help (the CLI's --help reads it: ``dataclasses.fields(...).metadata``)."""
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -68,35 +75,39 @@ class KNEConfig:
     delta initialisation (the caller's global RNG state is left untouched).
     """
 
-    target_modules: Tuple[str, ...] = ("ffn_out",)
-    neuron_axis: str = "out"
-    layers: Optional[Tuple[int, ...]] = None
-    ig_steps: int = 1
-    ig_path: str = "layerwise"
-    objective: str = "prob"
-    percentile: float = 99.0
-    aggregate: str = "max"
-    positive_only: bool = True
-    lr: float = 5e-3
-    steps: int = 30
-    alpha: float = 1.0
-    rs_scaling: bool = True
-    dropout: float = 0.1
-    weight_decay: float = 0.0
-    stop_loss: float = 1e-2
-    delta_init: str = "zeros"
-    preserve_weight: float = 0.0
-    preserve_count: int = 16
-    preserve_prompt_positions: bool = False
-    stop_rule: str = "loss"
-    stop_prob: float = 0.9
-    delta_l2: float = 0.0
-    project: bool = False
-    project_corpus: bool = True
-    project_threshold: float = 1e-2
-    add_special_tokens: bool = False
-    backend: str = "auto"
-    seed: int = 0
+    target_modules: Tuple[str, ...] = _f(("ffn_out",), "FFN modules whose neurons are scored: aliases ffn_in, "
+                                         "ffn_gate, ffn_out or suffixes such as mlp.down_proj")
+    neuron_axis: str = _f("out", "out: neuron i is row W[i,:] (the authors' this_layer); in: column W[:,j] "
+                                 "(last_layer)")
+    layers: Optional[Tuple[int, ...]] = _f(None, "decoder layers to score (default: all)")
+    ig_steps: int = _f(1, "Riemann steps m of the integrated gradient, a_k = k/m; 1 = gradient x weight")
+    ig_path: str = _f("layerwise", "scale one module instance at a time along the IG path, or all (joint)")
+    objective: str = _f("prob", "attribution objective: sum of P (prob) or of log P (logprob) of the answer tokens")
+    percentile: float = _f(99.0, "one global numpy.percentile threshold over all layers of a module (strict >)")
+    aggregate: str = _f("max", "aggregate scores over requests: max or mean")
+    positive_only: bool = _f(True, "keep only neurons whose score is > 0")
+    lr: float = _f(5e-3, "AdamW learning rate")
+    steps: int = _f(30, "maximum optimizer steps")
+    alpha: float = _f(1.0, "delta scale s = alpha/sqrt(K) (alpha/K without rs_scaling)")
+    rs_scaling: bool = _f(True, "s = alpha/sqrt(K) rather than alpha/K")
+    dropout: float = _f(0.1, "dropout on the input of the delta path")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    stop_loss: float = _f(1e-2, "stop once the edit loss is below this (stop_rule loss; the authors' t_loss)")
+    delta_init: str = _f("zeros", "zeros, or kaiming (the authors' LoRA-style noise, bound 1/sqrt(in))")
+    preserve_weight: float = _f(0.0, "weight of the neighbour KL(p_before || p_after) (0: off)")
+    preserve_count: int = _f(16, "relation templates filled with the request's subject as neighbours")
+    preserve_prompt_positions: bool = _f(False, "also keep the edit prompt's own positions before the answer")
+    stop_rule: str = _f("loss", "stop when the edit loss < stop_loss (loss), every answer token is the argmax "
+                                "(argmax), or has probability >= stop_prob (min_prob)")
+    stop_prob: float = _f(0.9, "answer-token probability of stop_rule min_prob")
+    delta_l2: float = _f(0.0, "weight of the squared norm of the weight change s*dW")
+    project: bool = _f(False, "keep the row delta off the preserved keys (null-space projection; rows only)")
+    project_corpus: bool = _f(True, "with project: also the cached corpus key covariance (built on first use)")
+    project_threshold: float = _f(1e-2, "with project_corpus: keep corpus directions whose eigenvalue is above "
+                                        "this times the largest")
+    add_special_tokens: bool = _f(False, "passed to the tokenizer for every prompt")
+    backend: str = _f("auto", "kernels of the fast path: auto, torch, cpu, triton or cuda")
+    seed: int = _f(0, "seed of dropout and the delta initialisation")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -149,7 +160,7 @@ class KNEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "KNEConfig":
-        """Named settings.
+        """Named settings (``PRESETS``), with ``overrides`` on top.
 
         * ``"authors"``: the defaults -- the authors' published Llama-2-7B setting (rows of
           ``mlp.down_proj``, dropout 0.1, stop at loss 1e-2).
@@ -158,10 +169,9 @@ class KNEConfig:
           On SmolLM2-135M (20 counterfact records, see the README) it reaches 100% edit success
           in about 12 steps where the defaults reach 93% in 22-28, with higher portability.
         """
-        presets = {"authors": {}, "tuned": {"neuron_axis": "in", "dropout": 0.0, "stop_loss": 0.1}}
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(presets)}")
-        return resolve_config(None, {**presets[name], **overrides})
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        return resolve_config(None, {**PRESETS[name][1], **overrides})
 
     def replace(self, **overrides: Any) -> "KNEConfig":
         """A copy with some fields changed (validated; unknown names raise ``ValueError``)."""
@@ -176,6 +186,13 @@ class KNEConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "KNEConfig":
         return resolve_config(None, d)
+
+
+#: name -> (one-line description, overrides of the defaults); see :meth:`KNEConfig.preset`
+PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "authors": ("KNEConfig's defaults, the authors' Llama-2-7B setting", {}),
+    "tuned": ("columns, dropout 0, stop at loss 0.1", {"neuron_axis": "in", "dropout": 0.0, "stop_loss": 0.1}),
+}
 
 
 def resolve_config(config: Optional[KNEConfig], overrides: Optional[Dict[str, Any]] = None) -> KNEConfig:
