@@ -1,4 +1,5 @@
-"""Command line: ``kne demo | edit | eval`` (also ``python -m kne``)."""
+"""Command line: ``kne demo | edit | eval | plot | info`` (also ``python -m kne``). The benchmarks are
+scripts of a source checkout: ``benchmarks/bench_edit.py`` and ``benchmarks/bench_kernels.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from ._extras import MissingDependency
 
 __all__ = ["main", "build_parser"]
 
@@ -340,14 +343,6 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    if args.name == "edit":
-        from kne.bench import main as bench_main
-    else:
-        from kne_kernels.bench import main as bench_main
-    return bench_main(args.rest)
-
-
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kne", description="Fast KNE knowledge editing for Hugging Face models.")
@@ -418,22 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, kernel backends, threads, devices, cache location")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help="benchmarks: 'kne bench edit ...' or 'kne bench kernels ...'",
-                       description="Run a benchmark; arguments after the name go to it (see "
-                                   "'kne bench edit --help', 'kne bench kernels --help').")
-    b.add_argument("name", choices=("edit", "kernels"))
-    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("bench", "info", "plot"):  # these set (or report) threads and devices themselves
+    if args.command not in ("info", "plot"):  # these set (or report) threads and devices themselves
         _setup(args)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, MissingDependency) as e:
         print(f"kne {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
