@@ -50,7 +50,7 @@ compat:
 
 # one prepared call for a lent GPU machine (see README, "On a GPU"); exits at once without a GPU
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	@bash benchmarks/gpu_check.sh
 
 # pytest, ninja and setuptools wheels for the GPU machine's Python 3.12 (build/gpu-wheels; carried
 # to it with the run, installed there only when missing)

@@ -417,6 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=".", metavar="DIR",
                     help="folder for edit_<device>.csv/.txt/.png (default: the current folder)")
+    ap.add_argument("--no-chart", action="store_true", help="write no .png")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -452,9 +453,10 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     png = out.with_suffix(".png")
-    drawn = plot(rows, png)
+    drawn = not args.no_chart and plot(rows, png)
     print(f"wrote {out}, {out.with_suffix('.txt')}" + (f" and {png}" if drawn else
-                                                      " (no chart: matplotlib is not installed)"), file=sys.stderr)
+                                                      " (no chart: --no-chart, or matplotlib is not installed)"),
+          file=sys.stderr)
     return 0
 
 
