@@ -8,8 +8,8 @@
 # transformers 5.17.0, accelerate 1.15.0, numpy 2.5, nvcc 13.0; no network). Steps, each with a
 # time limit, progress lines with timestamps:
 #   0. no GPU -> exit 2 at once, the first line saying why;
-#   1. the environment (versions, GPU, nvcc, tools); pytest / ninja / setuptools installed from
-#      build/gpu-wheels (make gpu-wheels; carry it with the run) where the machine lacks them;
+#   1. the environment (versions, GPU, nvcc, tools); pytest, pytest-xdist, ninja and setuptools
+#      installed from build/gpu-wheels (make gpu-wheels; carry it with the run) where missing;
 #   2. pip install --no-deps --no-build-isolation -e . with KNE_NO_EXT=1: kne and kne_kernels
 #      against the machine's torch, at once (a plain PYTHONPATH if pip cannot);
 #   3. in the background, the C++ extension with the CUDA kernels built in place
@@ -40,7 +40,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    -d "$WHEELS" pytest ninja "setuptools>=70.1,<82" || exit 1
+    -d "$WHEELS" pytest pytest-xdist ninja "setuptools>=70.1,<82" || exit 1
   ls "$WHEELS"; du -sh "$WHEELS"
   exit 0
 fi
@@ -77,15 +77,17 @@ run_step() {
   local name=$1 limit=$2 logf=$3; shift 3
   if [ "$limit" -lt 15 ]; then record "$name" SKIPPED 0 "no time left"; return 1; fi
   say "$name (limit ${limit} s): $*"
-  local t0=$SECONDS
+  local t0=$SECONDS out
+  out=$(mktemp)
   printf '\n===== %s: %s\n' "$name" "$*" >>"$logf"
-  timeout --kill-after=10 "$limit" "$@" >>"$logf" 2>&1
-  local rc=$?
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out" >>"$logf"  # into the log as it comes
+  local rc=${PIPESTATUS[0]}
   local dt=$((SECONDS - t0))
   if [ $rc -eq 0 ]; then record "$name" OK $dt ""
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" FAILED $dt "timed out after ${limit} s (see ${logf##*/})"
   else record "$name" FAILED $dt "exit $rc (see ${logf##*/})"; fi
-  tail -3 "$logf" | sed 's/^/    /' | tee -a "$LOG"
+  tail -3 "$out" | sed 's/^/    /' | tee -a "$LOG"
+  rm -f "$out"
   return $rc
 }
 
@@ -94,7 +96,8 @@ say "gpu-check in $ROOT, results in $OUT, budget ${BUDGET} s"
 "$PY" benchmarks/gpu_check.py --env 2>&1 | tee -a "$LOG"
 MISSING=$("$PY" - <<'EOF'
 import importlib.util
-print(" ".join(m for m in ("pytest", "ninja", "setuptools") if importlib.util.find_spec(m) is None))
+print(" ".join(m for m in ("pytest", "xdist", "ninja", "setuptools") if importlib.util.find_spec(m) is None)
+      .replace("xdist", "pytest-xdist"))
 EOF
 )
 if [ -n "$MISSING" ]; then
@@ -136,9 +139,12 @@ fi
 # ---------------------------------------------------------------------------------- 4. Triton tests
 # (the library being built is kept out of these processes: KNE_KERNELS_LIBRARY names no file)
 NOLIB=$ROOT/build/no-library-while-building.so
+# (with pytest-xdist, 6 workers share the Triton compiles; the CUDA build takes at most 9 cores)
+XDIST=()
+has xdist && XDIST=(-n 6)
 if has pytest; then
   run_step "Triton kernel tests" $(( $(left) - 260 < 180 ? $(left) - 260 : 180 )) "$TESTS" \
-    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
+    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_triton.py \
     -k "not test_aot_compile"  # the ahead-of-time compile for sm_80/sm_90 is CI's (80 s); here they compile for real
 else
   run_step "Triton kernel self-checks (no pytest)" 120 "$TESTS" \
