@@ -102,9 +102,13 @@ EOF
 )
 if [ -n "$MISSING" ]; then
   if [ -d "$WHEELS" ]; then
-    say "installing $MISSING from build/gpu-wheels"
-    "$PY" -m pip install -q --no-index --find-links "$WHEELS" $MISSING >>"$LOG" 2>&1 \
-      || say "could not install $MISSING from build/gpu-wheels"
+    # into a folder of the checkout (--target), not into the machine's environment
+    say "installing $MISSING from build/gpu-wheels into build/gpu-site"
+    if "$PY" -m pip install -q --no-index --find-links "$WHEELS" --target "$ROOT/build/gpu-site" $MISSING >>"$LOG" 2>&1; then
+      export PYTHONPATH=$ROOT/build/gpu-site${PYTHONPATH:+:$PYTHONPATH} PATH=$ROOT/build/gpu-site/bin:$PATH
+    else
+      say "could not install $MISSING from build/gpu-wheels (see gpu_check.log)"
+    fi
   else
     say "missing: $MISSING (no build/gpu-wheels: make gpu-wheels here and carry build/gpu-wheels)"
   fi
@@ -116,8 +120,10 @@ T0=$SECONDS
 if KNE_NO_EXT=1 timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
   record "install (pip -e, --no-deps --no-build-isolation)" OK $((SECONDS - T0)) ""
 else
+  # e.g. an externally managed Python (PEP 668): the source tree serves as well for this check
   export PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  record "install (pip -e, --no-deps --no-build-isolation)" FAILED $((SECONDS - T0)) "pip failed (see gpu_check.log); using PYTHONPATH"
+  record "install (pip -e, --no-deps --no-build-isolation)" FALLBACK $((SECONDS - T0)) \
+    "pip refused (see gpu_check.log): kne and kne_kernels from the source tree (PYTHONPATH)"
 fi
 
 # ---------------------------------------------------------------------------------- 3. CUDA build
