@@ -23,11 +23,16 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["kne", "kne.baselines", "kne_kernels", "kne_kernels.triton"]
+# Every package under python/ (kne and its subpackages) and kne_kernels/, found rather than listed:
+# a hand list once left kne.integrations out of the wheel (tests/test_packaging.py checks the list).
+PACKAGES = find_packages(os.path.join(ROOT, "python")) + find_packages(ROOT, include=["kne_kernels", "kne_kernels.*"])
 PACKAGE_DIR = {"kne": "python/kne", "kne_kernels": "kne_kernels"}
+# The KnowEdit records (gzip, with their licence and citation) ship inside the kne package.
+PACKAGE_DATA = {"kne": ["data/*.json", "data/knowedit/*.json.gz", "data/knowedit/LICENSE", "data/knowedit/README.md"],
+                "kne_kernels": ["_build_info.json"]}
 
 
 def _truthy(name):
@@ -112,7 +117,7 @@ ext_modules, cmdclass = _ext_modules()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"kne_kernels": ["_build_info.json"], "kne": ["data/*.json"]},
+    package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

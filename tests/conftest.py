@@ -147,11 +147,3 @@ def smollm_tokenizer():
 def embedded():
     """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (float32, CPU, eval)."""
     return kne.load_model()
-
-
-def shared_dir() -> Path:
-    """The shared folder beside the repository (``$KNE_SHARED`` overrides it)."""
-    import os
-
-    env = os.environ.get("KNE_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"

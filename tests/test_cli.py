@@ -1,17 +1,14 @@
 """The command line on small inputs (in-process, and once through `python -m kne`)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kne import cli
 
-KNOWEDIT = Path(os.environ.get("KNE_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "data" / "knowedit"
 
 
 def test_help_lists_commands():
@@ -61,7 +58,7 @@ def test_demo(embedded, capsys):
 def test_eval_writes_results(embedded, tmp_path, capsys, method):
     out = tmp_path / "res.json"
     limit = 2 if method != "reference" else 1
-    rc = cli.main(["eval", "--data", str(KNOWEDIT / "ZsRE-test-all.json"), "--limit", str(limit), "--method", method,
+    rc = cli.main(["eval", "--data", "zsre", "--limit", str(limit), "--method", method,
                    "--out", str(out), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -103,7 +100,7 @@ def test_edit_saves_a_loadable_model_and_an_edit_file(embedded, tmp_path, capsys
 @pytest.mark.slow
 def test_eval_all_both_protocols(embedded, tmp_path, capsys):
     out, table = tmp_path / "all.json", tmp_path / "table.md"
-    rc = cli.main(["eval", "--all", "--data-dir", str(KNOWEDIT), "--limit", "2", "--method", "ft-m",
+    rc = cli.main(["eval", "--all", "--limit", "2", "--method", "ft-m",
                    "--protocol", "both", "--out", str(out), "--table", str(table), "--no-progress"])
     assert rc == 0
     runs = json.loads(out.read_text())["runs"]
@@ -118,4 +115,30 @@ def test_eval_all_both_protocols(embedded, tmp_path, capsys):
 
 def test_eval_needs_data_or_all(capsys):
     assert cli.main(["eval", "--limit", "1"]) == 2
-    assert "either --data FILE or --all" in capsys.readouterr().err
+    assert "either --data (zsre, counterfact, recent or a file path) or --all" in capsys.readouterr().err
+
+
+def test_eval_checks_names_and_outputs_before_loading_a_model(capsys, tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    assert cli.main(["eval", "--data", "wikibio"]) == 2
+    assert "'wikibio' does not exist; give a path or one of the shipped data sets: zsre, counterfact, recent" in \
+        capsys.readouterr().err
+    assert cli.main(["eval", "--data", "zsre", "--out", str(tmp_path / "no" / "such" / "r.json")]) == 2
+    assert "the folder" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", "zsre", "--table", str(tmp_path)]) == 2
+    assert "is a folder: give a file name" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_names_the_extra(capsys, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    f = tmp_path / "ens.json"
+    f.write_text(json.dumps({"mlp.down_proj": {"0": [1, 2]}}))
+    assert cli.main(["plot", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kne plot: error: plotting (kne plot, kne.plots) needs matplotlib") and "kne[plots]" in err
+    assert not (tmp_path / "ens.png").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
 import json
 import math
 
@@ -13,11 +15,14 @@ import kne
 from kne import KNEConfig
 from kne.requests import first_alias
 
-from conftest import LAYERS, shared_dir
+from conftest import LAYERS
 from helpers import assert_state_equal, snapshot
 
-KNOWEDIT = shared_dir() / "data" / "knowedit"
-KNOWEDIT_COUNTS = {"ZsRE-test-all.json": 1304, "wiki_counterfact-train.json": 1428, "wiki_recent-train.json": 570}
+# The shipped KnowEdit files: records and the sha256 of the published JSON (kne/data/knowedit/README.md).
+KNOWEDIT_COUNTS = {"zsre": 1304, "counterfact": 1428, "recent": 570}
+KNOWEDIT_SHA256 = {"zsre": "d70ff1f69ddcac101bbe9c6f1d6ee3918bdac96f145d937e90fbbb02fcf85fab",
+                   "counterfact": "acdc01922afab1d4122249a2c22ad8c1e0e86506dd7a28eec698f22d175ebf9d",
+                   "recent": "5856107412ddeeae2ceea2a15ebd125fd7c86ac8d62b933b095514304a77c73a"}
 
 
 # ---------------------------------------------------------------------------------------------- KNEConfig
@@ -282,16 +287,21 @@ def _first_or_none(answer):
 
 
 @pytest.mark.parametrize("name", sorted(KNOWEDIT_COUNTS))
-def test_load_knowedit_real_files(name):
-    path = KNOWEDIT / name
-    assert path.is_file(), f"{path} is missing (set KNE_SHARED to the shared folder)"
-    if name == "ZsRE-test-all.json":
-        reqs = kne.load_knowedit(path)
+def test_load_knowedit_shipped_files(name):
+    path = kne.datasets.knowedit_path(name)
+    assert path.name.endswith(".json.gz") and path.parent.name == "knowedit"
+    raw_bytes = gzip.decompress(path.read_bytes())
+    assert hashlib.sha256(raw_bytes).hexdigest() == KNOWEDIT_SHA256[name]  # the published file, byte for byte
+    assert {"LICENSE", "README.md"} <= {p.name for p in path.parent.iterdir()}
+    if name == "zsre":
+        reqs = kne.datasets.knowedit(name)
     else:  # these two files hold a few probes with no answer: left out, with a warning naming them
         with pytest.warns(UserWarning, match="without any answer were left out"):
-            reqs = kne.load_knowedit(path)
+            reqs = kne.datasets.knowedit(name)
     assert len(reqs) == KNOWEDIT_COUNTS[name]
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    with pytest.warns(UserWarning) if name != "zsre" else _no_warning():
+        assert kne.load_knowedit(path) == reqs
+    raw = json.loads(raw_bytes.decode("utf-8"))
     assert len(raw) == len(reqs)
     for rec, r in zip(raw, reqs):
         assert isinstance(r, kne.EditRequest)
@@ -308,12 +318,39 @@ def test_load_knowedit_real_files(name):
                 assert [p["prompt"] for p in got] == [it["prompt"] for it in usable]
                 assert [p["ground_truth"] for p in got] == [first_alias(it["ground_truth"]) for it in usable]
         assert len(r.skipped_probes) == n_unusable
-    if name == "ZsRE-test-all.json":
+    if name == "zsre":
         assert all(r.rephrase_prompt for r in reqs)
-    if name == "wiki_recent-train.json":
+    if name == "recent":
         assert all(r.ground_truth is None for r in reqs)
-    limited = kne.load_knowedit(path, limit=5)
+    limited = kne.datasets.knowedit(name.upper(), limit=5)  # short names in any case
     assert limited == reqs[:5]
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def cm():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return cm()
+
+
+def test_datasets_resolve_names_and_paths(tmp_path):
+    assert kne.datasets.resolve_data("counterfact") == kne.datasets.knowedit_path("counterfact")
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps([{"prompt": "a", "target_new": "b"}]))
+    assert kne.datasets.resolve_data(str(f)) == f
+    with pytest.raises(FileNotFoundError, match="zsre, counterfact, recent"):
+        kne.datasets.resolve_data(str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="unknown KnowEdit data set 'wikibio'"):
+        kne.datasets.knowedit("wikibio")
+    gz = tmp_path / "mine.json.gz"
+    gz.write_bytes(gzip.compress(f.read_bytes()))
+    assert kne.load_knowedit(gz) == kne.load_knowedit(f)
 
 
 def test_probe_without_answer_does_not_reject_the_record():

@@ -6,13 +6,11 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from kne import cli
 
-KNOWEDIT = Path(os.environ.get("KNE_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "data" / "knowedit"
 SAME = ("index", "prompt", "rewrite_acc", "rephrase_acc", "portability", "locality", "fluency", "steps", "final_loss")
 
 
@@ -26,8 +24,7 @@ def _free_port():
 def test_torchrun_two_processes_equal_one(embedded, tmp_path, capsys):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     assert torchrun, "torchrun (installed with torch) not found"
-    data = str(KNOWEDIT / "ZsRE-test-all.json")
-    common = ["eval", "--data", data, "--limit", "5", "--method", "kne", "--no-progress"]
+    common = ["eval", "--data", "zsre", "--limit", "5", "--method", "kne", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                            "--master-port", str(_free_port()), "-m", "kne", *common, "--out", str(tmp_path / "dp.json")],

@@ -1,7 +1,5 @@
 """End-to-end on the embedded SmolLM2-135M-Instruct: real edits, real KnowEdit records."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +9,6 @@ from kne.cli import DEMO_PARAPHRASE, DEMO_PROMPT, DEMO_TARGET, DEMO_UNRELATED, g
 
 pytestmark = pytest.mark.slow
 
-KNOWEDIT = Path(os.environ.get("KNE_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "data" / "knowedit"
 
 
 def snapshot(model):
@@ -61,11 +58,11 @@ def test_demo_edit_succeeds_and_unrelated_facts_keep_answers(embedded):
     assert_same(model, snap)
 
 
-@pytest.mark.parametrize("name", ["ZsRE-test-all.json", "wiki_counterfact-train.json", "wiki_recent-train.json"])
+@pytest.mark.parametrize("name", ["zsre", "counterfact", "recent"])
 def test_three_knowedit_records_edit_with_success(embedded, name):
     model, tok = embedded
     snap = snapshot(model)
-    for req in kne.load_knowedit(KNOWEDIT / name, limit=3):
+    for req in kne.datasets.knowedit(name, limit=3):
         pre = kne.evaluate(model, tok, [req])
         res = kne.fast_edit(model, tok, [req])
         try:
@@ -81,7 +78,7 @@ def test_three_knowedit_records_edit_with_success(embedded, name):
 def test_dataset_level_ensemble_sequential_edits(embedded, tmp_path):
     model, tok = embedded
     snap = snapshot(model)
-    reqs = kne.load_knowedit(KNOWEDIT / "wiki_counterfact-train.json", limit=4)
+    reqs = kne.datasets.knowedit("counterfact", limit=4)
     ens = kne.locate(model, tok, reqs)
     path = ens.save(tmp_path / "ens.json")
     ens2 = kne.Ensemble.load(path)
@@ -136,7 +133,7 @@ def test_interrupted_edit_restores_model(embedded):
 def test_ft_m_baseline(embedded):
     model, tok = embedded
     snap = snapshot(model)
-    req = kne.load_knowedit(KNOWEDIT / "wiki_counterfact-train.json", limit=1)[0]
+    req = kne.datasets.knowedit("counterfact", limit=1)[0]
     pre = kne.evaluate(model, tok, [req])
     res = kne.baselines.ft_m(model, tok, [req])
     try:

@@ -187,6 +187,9 @@ def test_neighbours_fill_templates_with_the_subject_and_drop_the_edited_relation
                                       "Which country's citizenship does Ada Lovelace hold?", "Ada Lovelace")
     assert not preservation.same_relation("The gender of {} is", "The place of birth of Ada Lovelace is",
                                           "Ada Lovelace")
+    assert preservation.same_relation("The name of the capital city of the country {} is associated with is",
+                                      "The capital of France is", "France")
+    assert not preservation.same_relation("The official language of {} is", "The capital of France is", "France")
 
 
 def test_templates_come_from_training_records_only():

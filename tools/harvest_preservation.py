@@ -14,7 +14,7 @@ nothing shipped here comes from a record that is tuned on or reported.
   the prompts the null-space corpus continues greedily (``kne.preservation.build``) and the
   fallback neighbours of a request without a subject.
 
-    python tools/harvest_preservation.py --data-dir data/knowedit
+    python tools/harvest_preservation.py --data-dir python/kne/data/knowedit
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def status(device_type: str) -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
-        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install 'triton>=3.9,<3.10'"
+        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install 'kne[triton]' (triton>=3.6)"
     interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
     if device_type == "cpu":
         if not interpret:

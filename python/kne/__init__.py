@@ -16,12 +16,12 @@ from .ensemble import Ensemble, locate
 from .evaluation import EvalResult, evaluate
 from .models import load_model
 from .requests import EditRequest, load_knowedit
-from . import baselines, plots, reference
+from . import baselines, datasets, plots, reference
 
 __version__ = "0.2.0"
 
 __all__ = [
     "apply_edit", "read_edit", "revert_edit", "Attribution", "EditError", "EditRequest", "EditResult", "Ensemble", "EvalResult", "KNEConfig",
-    "attribute", "baselines", "evaluate", "plots", "fast_edit", "load_knowedit", "load_model", "locate", "reference",
+    "attribute", "baselines", "datasets", "evaluate", "plots", "fast_edit", "load_knowedit", "load_model", "locate", "reference",
     "register_architecture", "supported_model_types", "__version__",
 ]

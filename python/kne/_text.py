@@ -1,4 +1,11 @@
-"""Tokenising prompt/answer pairs the way EasyEdit does, and teacher-forced answer scores."""
+"""Tokenising prompt/answer pairs the way EasyEdit does, and teacher-forced answer scores.
+
+Two joining rules share one code path: EasyEdit's evaluation rule, ``prompt + " " + answer``
+always (``always_space=True``, what :func:`kne.evaluate` uses by default), and the edit's own
+training target (the default here, used by attribution, the edits and FT-M): no second space when
+the answer already starts with whitespace, so a target stored as ``" Paris"`` trains the token
+``" Paris"`` and not a lone space followed by ``"Paris"``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,11 @@ import torch
 __all__ = ["Batch", "encode", "join", "answer_logprobs"]
 
 
-def join(prompt: str, answer: str) -> str:
-    """``prompt + " " + answer`` (EasyEdit's rule); no second space when ``answer`` starts with one."""
+def join(prompt: str, answer: str, *, always_space: bool = False) -> str:
+    """``prompt + " " + answer``; no second space when ``answer`` starts with whitespace, unless
+    ``always_space`` (EasyEdit's evaluation joins with a space whatever the answer holds)."""
+    if always_space:
+        return prompt + " " + answer
     return prompt + answer if answer[:1].isspace() else prompt + " " + answer
 
 
@@ -61,14 +71,16 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
 
 
 def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], *, add_special_tokens: bool = False,
-           device=None) -> Batch:
-    """Tokenise ``join(prompt, answer)`` for each pair; the answer tokens are those after the
-    prompt's own tokens (EasyEdit's rule)."""
+           always_space: bool = False, device=None) -> Batch:
+    """Tokenise ``join(prompt, answer, always_space=always_space)`` for each pair, passing
+    ``add_special_tokens`` to the tokenizer (``True``: BOS where the tokenizer adds one); the answer
+    tokens are those after the prompt's own tokens, counted with the same ``add_special_tokens``
+    (EasyEdit's rule)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     seqs, starts = [], []
     for p, a in zip(prompts, answers):
-        full = _ids(tokenizer, join(p, a), add_special_tokens)
+        full = _ids(tokenizer, join(p, a, always_space=always_space), add_special_tokens)
         n_prompt = len(_ids(tokenizer, p, add_special_tokens))
         if n_prompt < 1:
             raise ValueError(f"prompt {p!r} tokenizes to nothing: the first answer token needs a context")

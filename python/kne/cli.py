@@ -1,4 +1,5 @@
-"""Command line: ``kne demo | edit | eval`` (also ``python -m kne``)."""
+"""Command line: ``kne demo | edit | eval | plot | info`` (also ``python -m kne``). The benchmarks are
+scripts of a source checkout: ``benchmarks/bench_edit.py`` and ``benchmarks/bench_kernels.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from ._extras import MissingDependency
 
 __all__ = ["main", "build_parser"]
 
@@ -211,15 +214,31 @@ def cmd_edit(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ eval
-KNOWEDIT_FILES = ("ZsRE-test-all.json", "wiki_counterfact-train.json", "wiki_recent-train.json")
+KNOWEDIT_FILES = ("ZsRE-test-all.json", "wiki_counterfact-train.json", "wiki_recent-train.json")  # = --all
 
 
-def _data_dir(arg: Optional[str]) -> Path:
-    if arg:
-        return Path(arg)
-    if os.environ.get("KNE_SHARED"):
-        return Path(os.environ["KNE_SHARED"]) / "data" / "knowedit"
-    return Path("..") / "shared" / "data" / "knowedit"
+def _data_files(args) -> List[Path]:
+    """The files of ``--data`` (shipped short names or paths) or ``--all`` (the three shipped files)."""
+    from kne.datasets import KNOWEDIT, resolve_data
+
+    if args.all == bool(args.data):
+        raise ValueError("give either --data (zsre, counterfact, recent or a file path) or --all (the three shipped "
+                         "KnowEdit files)")
+    return [resolve_data(d) for d in (args.data or list(KNOWEDIT))]
+
+
+def _check_writable(opt: str, value: Optional[str]) -> None:
+    """Fail before hours of evaluation, not after, when an output file cannot be written."""
+    if not value:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{opt} {value!r} is a folder: give a file name, e.g. {opt} {path / 'results.json'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{opt} {value!r}: the folder {str(folder)!r} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{opt} {value!r}: the folder {str(folder)!r} is not writable")
 
 
 def _distributed():
@@ -240,13 +259,7 @@ def cmd_eval(args) -> int:
     import kne
     from kne.runs import merge_runs, run_edits
 
-    if args.all == bool(args.data):
-        raise ValueError("give either --data FILE or --all (the three KnowEdit files of --data-dir)")
-    files = [Path(args.data)] if args.data else [_data_dir(args.data_dir) / f for f in KNOWEDIT_FILES]
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"KnowEdit file {str(f)!r} does not exist" +
-                                    ("" if args.data else " (set --data-dir or KNE_SHARED)"))
+    files = _data_files(args)
     protocols = ("independent", "sequential") if args.protocol == "both" else (args.protocol,)
     rank, world = _distributed()
     if world > 1:
@@ -255,6 +268,8 @@ def cmd_eval(args) -> int:
                              "--protocol sequential without torchrun")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    for opt, value in (("--out", args.out), ("--table", args.table)):
+        _check_writable(opt, value)
     model, tok = _load(args) if rank == 0 else _load(args, quiet=True)
     cfg = _config(args)
     runs = []
@@ -281,7 +296,7 @@ def cmd_eval(args) -> int:
                     parts = [None] * world
                     dist.all_gather_object(parts, res)
                     res = merge_runs(parts)
-                res["data"] = f.name
+                res["data"] = f.name[:-3] if f.name.endswith(".gz") else f.name
                 runs.append(res)
     if rank != 0:
         return 0
@@ -346,14 +361,6 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    if args.name == "edit":
-        from kne.bench import main as bench_main
-    else:
-        from kne_kernels.bench import main as bench_main
-    return bench_main(args.rest)
-
-
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kne", description="Fast KNE knowledge editing for Hugging Face models.")
@@ -395,12 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sequential edits (all edits kept, evaluated at the end), with EasyEdit's "
                                    "metrics; prints a table like the KnowEdit papers'.")
     _common(v)
-    v.add_argument("--data", default=None, help="a KnowEdit JSON or JSON-lines file")
+    v.add_argument("--data", nargs="+", default=None, metavar="NAME_OR_FILE",
+                   help="KnowEdit data: the shipped sets zsre, counterfact, recent (kne.datasets), or KnowEdit JSON / "
+                        "JSON-lines files (.gz too)")
     v.add_argument("--all", action="store_true",
-                   help="the three shared KnowEdit files (ZsRE, counterfact, recent) from --data-dir")
-    v.add_argument("--data-dir", default=None,
-                   help="folder of the KnowEdit files for --all (default $KNE_SHARED/data/knowedit, else "
-                        "../shared/data/knowedit)")
+                   help="the three shipped KnowEdit sets (zsre, counterfact, recent)")
     v.add_argument("--limit", type=int, default=None, help="N records of each file only (after --skip)")
     v.add_argument("--skip", type=int, default=0, help="leave out the first N records of each file")
     v.add_argument("--method", nargs="+", choices=("kne", "reference", "ft-m"), default=["kne"],
@@ -424,22 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, kernel backends, threads, devices, cache location")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help="benchmarks: 'kne bench edit ...' or 'kne bench kernels ...'",
-                       description="Run a benchmark; arguments after the name go to it (see "
-                                   "'kne bench edit --help', 'kne bench kernels --help').")
-    b.add_argument("name", choices=("edit", "kernels"))
-    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("bench", "info", "plot"):  # these set (or report) threads and devices themselves
+    if args.command not in ("info", "plot"):  # these set (or report) threads and devices themselves
         _setup(args)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, MissingDependency) as e:
         print(f"kne {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

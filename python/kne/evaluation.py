@@ -1,5 +1,14 @@
 """Edit quality with EasyEdit's definitions (so numbers compare with published KnowEdit tables).
 
+Tokenisation follows EasyEdit's ``test_prediction_acc`` by default: the text is
+``prompt + " " + answer`` always (even when the answer starts with a space), tokenised with the
+tokenizer's special tokens (``add_special_tokens=True``: BOS where the tokenizer adds it), and the
+answer tokens are those after the prompt's own tokens (counted the same way). Two deliberate
+differences that do not change the numbers: batches are right-padded with exact positions (EasyEdit
+left-pads its locality and portability lists), and prompt tokens are counted, not non-pad tokens
+(the same unless the pad token is also the BOS token). ``evaluate(..., add_special_tokens=False,
+always_space=False)`` gives kne 0.2's numbers, tokenised as the edit's own training target.
+
 * Edit Succ. (``rewrite_acc``): teacher-forced token accuracy of ``target_new`` after
   ``prompt + " " + target_new`` (the argmax at position k-1 predicts token k; mean over the answer
   tokens).
@@ -78,13 +87,13 @@ def _chunks(seq, n):
 
 @torch.no_grad()
 def _predict(model, tokenizer, pairs: Sequence[Tuple[str, str]], add_special_tokens: bool,
-             batch_size: int) -> List[Tuple[List[int], List[int]]]:
+             batch_size: int, always_space: bool = True) -> List[Tuple[List[int], List[int]]]:
     """For each (prompt, answer): (argmax predictions, answer tokens) at the answer positions."""
     out: List[Tuple[List[int], List[int]]] = []
     device = input_device(model)
     for chunk in _chunks(list(pairs), batch_size):
         batch = encode(tokenizer, [p for p, _ in chunk], [a for _, a in chunk],
-                       add_special_tokens=add_special_tokens, device=device)
+                       add_special_tokens=add_special_tokens, always_space=always_space, device=device)
         pred = answer_predictions(answer_logits(model, batch), batch).cpu().tolist()
         tgt = batch.targets.cpu().tolist()
         pos = 0
@@ -127,9 +136,10 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
 
 @torch.no_grad()
 def generate_topk(model, tokenizer, prompt: str, *, max_len: int = 100, top_k: int = 5, seed: int = 0,
-                  add_special_tokens: bool = False) -> str:
+                  add_special_tokens: bool = True) -> str:
     """EasyEdit's ``generate_fast``: top-k sampling until the sequence holds ``max_len`` tokens
-    (prompt included, no stop at EOS), decoded without special tokens."""
+    (prompt included, no stop at EOS; the prompt tokenised with the tokenizer's special tokens, as
+    EasyEdit does), decoded without special tokens."""
     device = input_device(model)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]], device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -151,12 +161,18 @@ def generate_topk(model, tokenizer, prompt: str, *, max_len: int = 100, top_k: i
 
 
 def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = None, *, fluency: bool = False,
-             seed: int = 0, add_special_tokens: bool = False, batch_size: int = 16) -> EvalResult:
+             seed: int = 0, add_special_tokens: bool = True, always_space: bool = True,
+             batch_size: int = 16) -> EvalResult:
     """Evaluate ``requests`` on ``model`` with EasyEdit's definitions (see the module docstring).
 
     Call it once before the edit and pass that result as ``pre`` after it: locality compares the
-    two. ``fluency=True`` adds the generation entropy (one 100-token generation per request, seeded
-    with ``seed``). The model is not modified.
+    two (evaluate both with the same options). ``fluency=True`` adds the generation entropy (one
+    100-token generation per request, seeded with ``seed``). The model is not modified.
+
+    Tokenisation: EasyEdit's by default (``prompt + " " + answer`` even when the answer starts with
+    a space; the tokenizer's special tokens, so BOS where it adds one). ``add_special_tokens=False``
+    leaves BOS out; ``always_space=False`` joins without a second space when the answer starts with
+    whitespace -- both ``False`` is kne 0.2's evaluation and the edit's own training tokenisation.
     """
     reqs = as_requests(requests)
     if pre is not None and len(pre.records) != len(reqs):
@@ -178,7 +194,7 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
             for kind, probes in r.locality.items():
                 for pr in probes:
                     pairs.append((pr["prompt"], pr["ground_truth"])); where.append((i, "locality", kind))
-        preds = _predict(model, tokenizer, pairs, add_special_tokens, batch_size)
+        preds = _predict(model, tokenizer, pairs, add_special_tokens, batch_size, always_space)
         records: List[Dict[str, Any]] = [
             {"rewrite_acc": None, "rephrase_acc": None, "portability": {}, "locality": {}, "fluency": None,
              "locality_output": {}} for _ in reqs]

@@ -10,8 +10,10 @@ __all__ = ["plot_ensemble", "plot_results", "plot_file"]
 
 
 def _plt():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend; the ``plots`` extra (``pip install 'kne[plots]'``)."""
+    from ._extras import require
 
+    matplotlib = require("matplotlib", "plots", "plotting (kne plot, kne.plots)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

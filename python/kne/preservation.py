@@ -19,8 +19,8 @@ Neighbours (:func:`neighbour_prompts`): explicit ``preserve_prompts=``; otherwis
 training records 100+ by ``tools/harvest_preservation.py``; never from the records the README
 reports on) plus generic continuations (``"{subject},"``). A template that asks the edited relation
 itself (a paraphrase of the edit) must not be preserved: :func:`same_relation` drops every
-template whose relation words ("place", "birth") are at least half shared with the edit prompt,
-and, once ``p_before`` is known, a neighbour whose top token is the first token of the request's
+template whose relation words ("place", "birth") are at least half shared with the edit prompt
+(or that holds all of the prompt's relation words), and, once ``p_before`` is known, a neighbour whose top token is the first token of the request's
 old answer (``ground_truth``) is dropped too (it asks the edited relation in other words). A
 request without a subject falls back to the prompts of the other requests of the call, else to
 shipped training prompts about other subjects, with a warning.
@@ -78,12 +78,14 @@ def _relation_words(text: str) -> set:
 
 def same_relation(template: str, prompt: str, subject: str) -> bool:
     """Whether ``template`` (with ``{}`` for the subject) asks what ``prompt`` asks about ``subject``:
-    the same text, or at least half of the template's relation words in the prompt."""
+    the same text, at least half of the template's relation words in the prompt, or every relation
+    word of the prompt in the template ("The name of the capital city of the country {} is
+    associated with is" asks "The capital of {} is" too)."""
     if template.format(subject).strip().lower() == prompt.strip().lower():
         return True
     tw = _relation_words(template.replace("{}", " "))
     pw = _relation_words(prompt.replace(subject, " "))
-    return bool(tw) and len(tw & pw) * 2 >= len(tw)
+    return bool(tw) and (len(tw & pw) * 2 >= len(tw) or (bool(pw) and pw <= tw))
 
 
 def neighbour_prompts(request, count: int, *, others: Sequence[str] = (),

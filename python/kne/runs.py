@@ -48,7 +48,8 @@ def _pct(x: Optional[float]) -> str:
 
 def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], method: str, config: KNEConfig, *,
               protocol: str = "independent", fluency: bool = False, progress: bool = True,
-              desc: Optional[str] = None, ensemble=None, indices: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+              desc: Optional[str] = None, ensemble=None, indices: Optional[Sequence[int]] = None,
+              evaluation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Edit every request with ``method`` and evaluate with EasyEdit's metrics.
 
     ``independent``: for each request evaluate, edit, evaluate again, restore (the model is never
@@ -57,7 +58,10 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     ones), then restore them all. A request whose edit fails (``EditError``) is left out of the means
     and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
     used for every edit instead of locating one per request. ``indices`` name the requests in the
-    records (default ``0..n-1``; a data-parallel shard passes its global indices). Returns ``{"method", "protocol", "summary", "seconds_per_edit",
+    records (default ``0..n-1``; a data-parallel shard passes its global indices). ``evaluation``:
+    keyword options for every :func:`kne.evaluate` call (default EasyEdit's tokenisation, whatever
+    the edit's ``config.add_special_tokens``; ``{"add_special_tokens": False, "always_space": False}``
+    gives kne 0.2's numbers). Returns ``{"method", "protocol", "summary", "seconds_per_edit",
     "failures", "records"}``; the model is left as it was.
     """
     from tqdm.auto import tqdm
@@ -67,6 +71,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     indices = list(range(len(requests))) if indices is None else list(indices)
+    ev = dict(evaluation or {})
     if len(indices) != len(requests):
         raise ValueError(f"{len(indices)} indices for {len(requests)} requests")
     records: List[Dict[str, Any]] = []
@@ -94,13 +99,12 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
 
     if protocol == "independent":
         for i, req in enumerate(requests):
-            pre = evaluate(model, tokenizer, [req], add_special_tokens=config.add_special_tokens)
+            pre = evaluate(model, tokenizer, [req], **ev)
             res = attempt(i, req)
             if res is None:
                 continue
             try:
-                post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i],
-                                add_special_tokens=config.add_special_tokens)
+                post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i], **ev)
             finally:
                 res.restore()
             records.append(record(i, req, post, res))
@@ -109,7 +113,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             bar.set_postfix(succ=_pct(s["edit_succ"]), loc=_pct(s["locality"]))
             bar.update(1)
     else:
-        pre = evaluate(model, tokenizer, list(requests), add_special_tokens=config.add_special_tokens)
+        pre = evaluate(model, tokenizer, list(requests), **ev)
         results: Dict[int, EditResult] = {}  # request position -> its edit, in the order applied
         try:
             for i, req in enumerate(requests):
@@ -121,7 +125,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
                 bar.update(1)
             for i, res in results.items():
                 post = evaluate(model, tokenizer, [requests[i]], pre=EvalResult([pre.records[i]]), fluency=fluency,
-                                seed=config.seed + indices[i], add_special_tokens=config.add_special_tokens)
+                                seed=config.seed + indices[i], **ev)
                 records.append(record(i, requests[i], post, res))
         finally:
             for res in reversed(list(results.values())):
