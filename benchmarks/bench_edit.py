@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 PROMPT, TARGET = "The capital of France is", "Rome"
+SUBJECT, OLD = "France", "Paris"  # the subject names the neighbours of the local preset
 LONG_PROMPT = ("In the summer of that year the committee met in the old town hall and decided that the capital of "
                "France is")  # about 20 tokens (the GPU target's prompt length)
 
@@ -147,10 +148,12 @@ def memory_probe(method: str, model_name: str, device: str, dtype: torch.dtype, 
     from kne._utils import forward_logits
 
     model, tok = load(model_name, device, dtype)
-    req = {"prompt": prompt, "target_new": TARGET}
+    req = {"prompt": prompt, "target_new": TARGET, "subject": SUBJECT, "ground_truth": OLD}
     batch = encode(tok, [prompt], [TARGET], device=device)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     fns = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req),
+           "kne.fast_edit tuned": lambda: kne.fast_edit(model, tok, req, kne.KNEConfig.preset("tuned")),
+           "kne.fast_edit local": lambda: kne.fast_edit(model, tok, req, kne.KNEConfig.preset("local")),
            "kne.reference.edit": lambda: kne.reference.edit(model, tok, req),
            "ft-m": lambda: kne.baselines.ft_m(model, tok, req)}
     with torch.no_grad():
@@ -185,7 +188,7 @@ def memory_probe(method: str, model_name: str, device: str, dtype: torch.dtype, 
 
 def memory_table(args) -> List[Dict[str, float]]:
     rows = []
-    for method in ("kne.fast_edit", "kne.reference.edit", "ft-m"):
+    for method in ("kne.fast_edit", "kne.fast_edit tuned", "kne.fast_edit local", "kne.reference.edit", "ft-m"):
         if args.device.startswith("cuda"):
             rows.append(memory_probe(method, args.model, args.device, getattr(torch, args.dtype), args.prompt_text))
             torch.cuda.empty_cache()
@@ -234,7 +237,7 @@ def run(args) -> List[Dict[str, Any]]:
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.device, dtype)
-    req = {"prompt": args.prompt_text, "target_new": TARGET}
+    req = {"prompt": args.prompt_text, "target_new": TARGET, "subject": SUBJECT, "ground_truth": OLD}
     dev_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         platform.processor() or platform.machine())
     rows: List[Dict[str, Any]] = []
@@ -305,9 +308,10 @@ def run(args) -> List[Dict[str, Any]]:
         vs_floor=round(med(fast) / med(fl), 3))
 
     # 3. a default edit (and fast_edit with the "tuned" preset: columns, no dropout, stop at 0.1)
-    tuned = kne.KNEConfig.preset("tuned")
+    tuned, local = kne.KNEConfig.preset("tuned"), kne.KNEConfig.preset("local")
     providers = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req),
                  "kne.fast_edit tuned": lambda: kne.fast_edit(model, tok, req, tuned),
+                 "kne.fast_edit local": lambda: kne.fast_edit(model, tok, req, local),
                  "kne.reference.edit": lambda: kne.reference.edit(model, tok, req),
                  "ft-m": lambda: kne.baselines.ft_m(model, tok, req)}
     times = {k: {"locate": [], "edit": [], "total": [], "steps": []} for k in providers}

@@ -48,9 +48,10 @@ def test_demo(embedded, capsys):
     out = capsys.readouterr().out
     assert "greedy completions (before -> after)" in out
     assert "edit success 100.00%" in out
-    assert "locality 100.00%" in out
+    assert "locality 100.00%" in out  # the local preset keeps the subject's other facts and other capitals
+    assert "preset local" in out and "neighbour prompts" in out
     assert "restored" in out
-    assert out.count("unrelated") == 2
+    assert out.count("same subject") == 2 and out.count("other capital") == 2
 
 
 @pytest.mark.slow

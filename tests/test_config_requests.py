@@ -87,6 +87,7 @@ INVALID = [
     ("preserve_weight", float("nan")),
     ("preserve_count", -1),
     ("preserve_count", 2.5),
+    ("preserve_others", -2),
     ("preserve_prompt_positions", 1),
     ("stop_rule", "margin"),
     ("stop_prob", 0.0),

@@ -180,6 +180,12 @@ def test_neighbours_fill_templates_with_the_subject_and_drop_the_edited_relation
     assert "The place of birth of Ada Lovelace is" not in kept
     assert "The place of birth of Ada Lovelace is" in dropped
     assert "The gender of Ada Lovelace is" in kept and "Ada Lovelace," in kept
+    # the edit's own relation asked of other subjects: subjects the training records ask it of
+    kept, _ = preservation.neighbour_prompts(req, 12, other_count=3)
+    others = [p for p in kept if "Ada Lovelace" not in p]
+    assert len(others) == 3 and all(p.startswith("The place of birth of ") for p in others)
+    births = preservation.template_subjects()["The place of birth of {} is"]
+    assert others[0] == f"The place of birth of {births[0]} is"
     # other wording of the same relation is recognised by its relation words
     assert preservation.same_relation("The place of birth of {} is", "Where was Ada Lovelace born? Her place of birth:",
                                       "Ada Lovelace")
@@ -214,7 +220,9 @@ def test_request_without_subject_falls_back_with_a_warning(tiny_model, tok, seed
     with pytest.warns(UserWarning, match="has no subject"):
         res = kne.fast_edit(model, tok, [bare, other], **dict(EDIT_KW, preserve_weight=1.0))
     got = set(res.stats["neighbours"]) | set(res.stats["neighbours_dropped"])
-    assert got and all("Alan Turing" in p for p in got)
+    # Turing's neighbours: templates with his name, and his own prompt asked of other subjects
+    assert got and all("Alan Turing" in p or p.endswith(" was born in") for p in got)
+    assert any(p.endswith(" was born in") and "Alan Turing" not in p for p in got)
     assert not got & {bare.prompt, other["prompt"]}
 
 
@@ -370,5 +378,37 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
     plain.restore()
     kl.restore()
     assert_state_equal(a, snapshot(b))
+    from kne.runs import edit_with
+
     with pytest.raises(ValueError, match="preserve_weight"):
-        kne.runs.edit_with("ft-m+kl", a, tok, kne.requests.as_requests(REQ), kne.KNEConfig())
+        edit_with("ft-m+kl", a, tok, kne.requests.as_requests(REQ), kne.KNEConfig())
+
+
+# ---------------------------------------------------------------------------------------------- the embedded model
+@pytest.mark.slow
+def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded):
+    """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
+    of facts the unedited model gets right stay: two more about France, two other capitals."""
+    from kne.cli import greedy
+
+    model, tok = embedded
+    kept = {"The official language of France is": "French", "The currency of France is": "Euro",
+            "The capital of Japan is": "Tokyo", "The capital of Germany is": "Berlin",
+            "The capital of Spain is": "Madrid"}
+    edited = ["The capital of France is", "The capital city of France is called"]
+    orig = snapshot(model)
+    for p in edited:
+        assert greedy(model, tok, p).strip().startswith("Paris")
+    for p, want in kept.items():  # the unedited model gets them right
+        assert want in greedy(model, tok, p), p
+    res = kne.fast_edit(model, tok, {"prompt": edited[0], "target_new": "Rome", "subject": "France",
+                                     "ground_truth": "Paris"}, kne.KNEConfig.preset("local"))
+    try:
+        for p in edited:
+            assert greedy(model, tok, p).strip().startswith("Rome"), p
+        for p, want in kept.items():
+            assert want in greedy(model, tok, p), f"{p!r} lost {want!r} after the edit"
+        assert res.stats["neighbours"] and res.stats["steps"] <= 10
+    finally:
+        res.restore()
+    assert_state_equal(model, orig)

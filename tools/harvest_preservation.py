@@ -10,6 +10,9 @@ nothing shipped here comes from a record that is tuned on or reported.
   of {} is"), counted over the records; the ``--templates`` most frequent that occur at least
   ``--min-count`` times are kept, most frequent first. "Forgetfulness" probes ("..., which is not
   <target>, is") are left out: they name another record's answer.
+* ``subjects``: per kept template, up to ``--subjects`` subjects the training records ask it about
+  (a seeded sample): the other subjects a relation is asked of, for the neighbours that ask the
+  edit's own relation of another subject ("The capital of {} is" -> Belgium).
 * ``prompts``: ``--prompts`` edit prompts of training records (a seeded sample, one per record),
   the prompts the null-space corpus continues greedily (``kne.preservation.build``) and the
   fallback neighbours of a request without a subject.
@@ -40,9 +43,11 @@ def _open(folder: Path, name: str):
     raise SystemExit(f"{name} not found in {folder}")
 
 
-def harvest(folder: Path, first: int, n_templates: int, min_count: int, n_prompts: int, seed: int):
+def harvest(folder: Path, first: int, n_templates: int, min_count: int, n_prompts: int, seed: int,
+            n_subjects: int = 8):
     counts: collections.Counter = collections.Counter()
     sources = collections.defaultdict(set)
+    asked = collections.defaultdict(set)  # template -> subjects
     prompts = []
     for short, name in FILES.items():
         records = _open(folder, name)
@@ -58,16 +63,22 @@ def harvest(folder: Path, first: int, n_templates: int, min_count: int, n_prompt
                     tpl = t.replace(subject, "{}")
                     counts[tpl] += 1
                     sources[tpl].add(short)
+                    asked[tpl].add(subject)
             prompts.append(rec["prompt"])
     templates = [[t, c] for t, c in counts.most_common() if c >= min_count][:n_templates]
     rng = random.Random(seed)
     prompts = sorted(set(prompts))
     rng.shuffle(prompts)
+    subjects = {}
+    for t, _ in templates:
+        pool = sorted(asked[t])
+        subjects[t] = rng.sample(pool, min(n_subjects, len(pool)))
     return {
         "source": (f"KnowEdit (MIT; arXiv 2401.01286) records {first}+ of " + ", ".join(FILES.values())
                    + ": never the records 0-99 that kne tunes on (0-19) or reports on (20-69)"),
         "made_by": "tools/harvest_preservation.py",
         "templates": templates,
+        "subjects": subjects,
         "prompts": prompts[:n_prompts],
     }
 
@@ -79,13 +90,15 @@ def main(argv=None) -> int:
     p.add_argument("--templates", type=int, default=64)
     p.add_argument("--min-count", type=int, default=10)
     p.add_argument("--prompts", type=int, default=1024)
+    p.add_argument("--subjects", type=int, default=8, help="subjects kept per template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "python" / "kne" / "data"
                                         / "preservation.json"))
     a = p.parse_args(argv)
-    data = harvest(Path(a.data_dir), a.first, a.templates, a.min_count, a.prompts, a.seed)
+    data = harvest(Path(a.data_dir), a.first, a.templates, a.min_count, a.prompts, a.seed, a.subjects)
     Path(a.out).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {a.out}: {len(data['templates'])} templates, {len(data['prompts'])} prompts")
+    print(f"wrote {a.out}: {len(data['templates'])} templates, {len(data['prompts'])} prompts, "
+          f"{sum(len(v) for v in data['subjects'].values())} template subjects")
     return 0
 
 

@@ -69,9 +69,27 @@ def answer_logits(model: nn.Module, batch) -> torch.Tensor:
 
 
 def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              pos: torch.Tensor) -> torch.Tensor:
+              pos: torch.Tensor, *, gather: bool = False) -> torch.Tensor:
     """Logits of sequence ``rows[i]`` at position ``pos[i]`` (``[n, vocab]``), the output projection
-    run only at the positions asked for (``logits_to_keep``) where the model takes it."""
+    run only at the positions asked for (``logits_to_keep``) where the model takes it.
+
+    ``logits_to_keep`` keeps the same positions in every sequence of the batch. With ``gather``
+    (many sequences that each need few, different positions, such as neighbour prompts' last
+    tokens) the output projection instead gets exactly the ``n`` hidden states asked for: a
+    forward pre-hook on the model's output embeddings replaces its input by them."""
+    if gather and _takes_logits_to_keep(model) and model.get_output_embeddings() is not None:
+        head = model.get_output_embeddings()
+
+        def pick(module, args):
+            h = args[0]
+            return (h[rows.to(h.device), pos.to(h.device)].unsqueeze(0),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(pick)
+        try:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=0).logits
+        finally:
+            handle.remove()
+        return logits[0]
     if _takes_logits_to_keep(model):
         keep = torch.unique(pos)  # sorted
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

@@ -17,8 +17,13 @@ __all__ = ["main", "build_parser"]
 
 DEMO_PROMPT = "The capital of France is"
 DEMO_TARGET = "Rome"
+DEMO_SUBJECT, DEMO_OLD = "France", "Paris"
 DEMO_PARAPHRASE = "The capital city of France is called"
-DEMO_UNRELATED = ("The capital of Japan is", "The chemical symbol for gold is")
+# What the edit should keep: other relations of the same subject, other countries' capitals, a fact
+# about nothing of the kind.
+DEMO_KEPT = (("same subject", "The official language of France is"), ("same subject", "The currency of France is"),
+             ("other capital", "The capital of Japan is"), ("other capital", "The capital of Germany is"),
+             ("unrelated", "The chemical symbol for gold is"))
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -58,7 +63,7 @@ def _load(args, quiet: bool = False):
     return model, tok
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, preset: str = "authors") -> None:
     """One option per KNEConfig field (``--neuron-axis``, ``--preserve-weight``, ``--project`` /
     ``--no-project`` ...), its help from the field's metadata; given options override the preset."""
     import dataclasses
@@ -66,7 +71,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     from .config import _CHOICES, KNEConfig, PRESETS
 
     g = p.add_argument_group("KNE settings (kne.KNEConfig; the options given override --preset)")
-    g.add_argument("--preset", choices=tuple(PRESETS), default="authors",
+    g.add_argument("--preset", choices=tuple(PRESETS), default=preset,
                    help="base settings: " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()))
     hints = {"target_modules": (str, "NAME"), "layers": (int, "L")}
     for f in dataclasses.fields(KNEConfig):
@@ -146,14 +151,14 @@ def cmd_demo(args) -> int:
 
     model, tok = _load(args)
     cfg = _config(args)
-    unrelated = list(DEMO_UNRELATED)
-    probes = [("edited", args.prompt), ("paraphrase", args.paraphrase)] + [("unrelated", u) for u in unrelated]
+    probes = [("edited", args.prompt), ("paraphrase", args.paraphrase)] + list(DEMO_KEPT)
     before = {p: greedy(model, tok, p) for _, p in probes}
-    req = kne.EditRequest(prompt=args.prompt, target_new=args.target, rephrase_prompt=args.paraphrase,
-                          locality={"Unrelated": [{"prompt": u, "ground_truth": before[u].strip() or "?"}
-                                                  for u in unrelated]})
+    kept = [p for kind, p in DEMO_KEPT]
+    req = kne.EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject or None,
+                          ground_truth=args.old or None, rephrase_prompt=args.paraphrase,
+                          locality={"Kept": [{"prompt": u, "ground_truth": before[u].strip() or "?"} for u in kept]})
     pre = kne.evaluate(model, tok, [req])
-    print(f"edit    {args.prompt!r} -> {args.target!r}")
+    print(f"edit    {args.prompt!r} -> {args.target!r} (subject {args.subject!r}; preset {args.preset})")
     res = kne.fast_edit(model, tok, [req], cfg)
     st = res.stats
     post = kne.evaluate(model, tok, [req], pre=pre)
@@ -161,17 +166,25 @@ def cmd_demo(args) -> int:
     width = max(len(p) for _, p in probes)
     print("\ngreedy completions (before -> after)")
     for kind, p in probes:
-        print(f"  {kind:<10} {p:<{width}} {before[p]!r:<28} -> {after[p]!r}")
+        print(f"  {kind:<13} {p:<{width}} {before[p]!r:<28} -> {after[p]!r}")
     s = post.summary()
     counts = res.ensemble.counts()
     layers_hit = sum(1 for per in counts.values() for c in per.values() if c)
     print(f"\nensemble  {st['neurons']} neurons in {layers_hit} layers ({', '.join(counts)}; axis "
           f"{res.ensemble.neuron_axis}); {st['params_edited']:,} parameters edited = "
           f"{100 * st['param_fraction']:.3f}% of the model, {100 * st['target_param_fraction']:.2f}% of the target modules")
+    if "neighbours" in st:
+        nb = st["neighbours"]
+        how = ("projected off their keys" if cfg.project else "") + (
+            " and held by the KL" if cfg.preserve_weight > 0 else "")
+        print(f"kept      {len(nb)} neighbour prompts ({how.strip()}), e.g. " + "; ".join(repr(p) for p in nb[:4]))
+        if st.get("neighbours_dropped"):
+            print(f"          left out as the edited relation itself: "
+                  + "; ".join(repr(p) for p in st["neighbours_dropped"][:3]))
     print(f"edit      {st['steps']} steps, loss {st['losses'][0]:.3f} -> {st['losses'][-1]:.4f}")
     print(f"time      locate {st['locate_seconds']:.2f} s + edit {st['edit_seconds']:.2f} s = {st['total_seconds']:.2f} s")
     print(f"metrics   edit success {_pct(s['edit_succ'])}%, rephrase {_pct(s['rephrase'])}%, "
-          f"locality {_pct(s['locality'])}%")
+          f"locality {_pct(s['locality'])}% (the kept facts' answer tokens unchanged)")
     if args.restore:
         res.restore()
         print("restored  the model is back to its original weights")
@@ -367,21 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="edit a fact of the embedded model and show before/after",
-                       description="Edit a fact the embedded model knows and print greedy completions before and "
-                                   "after (edited prompt, a paraphrase, two unrelated facts), the metrics, the "
-                                   "ensemble size, the share of parameters touched and the time. The demo stops "
-                                   "at loss 0.1 (--stop-loss; KNEConfig's default is the authors' 1e-2, which on "
-                                   "this 135M model also rewrites 'The capital of Japan is').")
+                       description="Edit a fact the embedded model knows with the local preset and print greedy "
+                                   "completions before and after (the edited prompt, a paraphrase, two other facts "
+                                   "about the subject, two other countries' capitals, an unrelated fact), the "
+                                   "neighbour prompts the edit kept, the metrics, the ensemble size, the share of "
+                                   "parameters touched and the time. Try --preset authors to see an edit that "
+                                   "also moves the subject's other facts.")
     _common(d)
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--target", default=DEMO_TARGET)
+    d.add_argument("--subject", default=DEMO_SUBJECT, help="the subject the neighbour prompts are made from")
+    d.add_argument("--old", default=DEMO_OLD, help="the old answer (neighbours predicting it are left out)")
     d.add_argument("--paraphrase", default=DEMO_PARAPHRASE)
     d.add_argument("--restore", action="store_true", help="restore the model at the end and say so")
-    _config_args(d)
-    # The demo stops at loss 0.1 (answer probability about 0.9) instead of KNEConfig's 1e-2 (the
-    # authors' t_loss for Llama-2-7B): on the 135M model, driving the loss to 1e-2 also rewrites the
-    # neighbouring fact "The capital of Japan is". Pass --stop-loss 0.01 to see it.
-    d.set_defaults(func=cmd_demo, stop_loss=0.1)
+    _config_args(d, preset="local")
+    d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("edit", help="edit one fact and optionally save the edited model",
                        description="Edit one fact with KNE and print the completion before and after.")

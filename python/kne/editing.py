@@ -246,8 +246,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     def penalty() -> torch.Tensor:  # ||s * dW||^2 over every edited module instance
         return sum((s.scale * s.delta).pow(2).sum() for s in slots)
 
-    def forward() -> Tuple[torch.Tensor, bool]:
-        return objective(logits_at(model, *objective.selection()), penalty)
+    def forward() -> Tuple[torch.Tensor, bool]:  # a batch with neighbours: the output projection on what is read
+        return objective(logits_at(model, *objective.selection(), gather=objective.kl_on), penalty)
 
     handles = []
     merged: List[_Slot] = []
@@ -255,7 +255,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         with frozen(model), seeded(cfg.seed, model_devices(model)):
             if objective.preservation is not None:  # p_before and the neighbours' keys: the model itself
                 with torch.no_grad():
-                    keys = objective.capture(lambda *sel: logits_at(model, *sel),
+                    keys = objective.capture(lambda *sel: logits_at(model, *sel, gather=True),
                                              [s.site for s in slots] if cfg.project else ())
                 if cfg.project:
                     bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg)

@@ -317,9 +317,16 @@ def preserved_basis(keys: Optional[torch.Tensor], corpus: Optional[torch.Tensor]
             U0 = parts[0].to(k)
             k = k - (k @ U0) @ U0.t()
         if top > 0:
-            _, s, vh = torch.linalg.svd(k, full_matrices=False)
-            r = int((s > rtol * top).sum())
-            parts.append(vh[:r].t().float())
+            # the right singular vectors of k from the smaller of its two Gram matrices: with few
+            # tokens k k^T = U S^2 U^T, so V = k^T U S^-1 (float64 keeps it orthonormal to ~1e-12)
+            if k.shape[0] <= k.shape[1]:
+                lam, U = torch.linalg.eigh(k @ k.t())
+                big = lam > (rtol * top) ** 2
+                V = (k.t() @ U[:, big]) / lam[big].sqrt()
+            else:  # more tokens than dimensions: the [in, in] second moment directly
+                lam, V = torch.linalg.eigh(k.t() @ k)
+                V = V[:, lam > (rtol * top) ** 2]
+            parts.append(V.float())
     if not parts:
         return None
     return torch.cat(parts, 1).contiguous()

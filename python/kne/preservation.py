@@ -17,7 +17,8 @@ default (the authors' settings and ``tuned`` are unchanged), switched on togethe
 Neighbours (:func:`neighbour_prompts`): explicit ``preserve_prompts=``; otherwise the request's
 ``subject`` in the shipped relation templates (``data/preservation.json``, harvested from KnowEdit
 training records 100+ by ``tools/harvest_preservation.py``; never from the records the README
-reports on) plus generic continuations (``"{subject},"``). A template that asks the edited relation
+reports on) plus generic continuations (``"{subject},"``), and the edit prompt itself asked of
+``preserve_others`` other subjects (the relation must not move for them). A template that asks the edited relation
 itself (a paraphrase of the edit) must not be preserved: :func:`same_relation` drops every
 template whose relation words ("place", "birth") are at least half shared with the edit prompt
 (or that holds all of the prompt's relation words), and, once ``p_before`` is known, a neighbour whose top token is the first token of the request's
@@ -66,6 +67,24 @@ def templates() -> List[str]:
     return [t for t, _ in _data()["templates"]]
 
 
+def template_subjects() -> Dict[str, List[str]]:
+    """Per shipped template, subjects training records ask it about."""
+    return {t: list(v) for t, v in _data()["subjects"].items()}
+
+
+def other_subjects(request, count: int) -> List[str]:
+    """``count`` other subjects to ask the request's own relation about: those the training records
+    ask the same relation of (templates :func:`same_relation` matches), then subjects of any
+    template, in a fixed order."""
+    if count <= 0 or not request.subject:
+        return []
+    same, rest = [], []
+    for t, subs in template_subjects().items():
+        (same if same_relation(t, request.prompt, request.subject) else rest).extend(subs)
+    out = [x for x in _unique(same + rest) if x != request.subject and x not in request.prompt]
+    return out[:count]
+
+
 def training_prompts() -> List[str]:
     """Shipped edit prompts of KnowEdit training records (other subjects than any reported record)."""
     return list(_data()["prompts"])
@@ -88,11 +107,13 @@ def same_relation(template: str, prompt: str, subject: str) -> bool:
     return bool(tw) and (len(tw & pw) * 2 >= len(tw) or (bool(pw) and pw <= tw))
 
 
-def neighbour_prompts(request, count: int, *, others: Sequence[str] = (),
+def neighbour_prompts(request, count: int, *, others: Sequence[str] = (), other_count: int = 0,
                       template_list: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
     """``(kept, dropped)`` neighbour prompts of one request: up to ``count`` relation templates
     filled with its subject (most frequent first, skipping those :func:`same_relation` drops, which
-    are returned as ``dropped``) and the generic continuations.
+    are returned as ``dropped``), the generic continuations, and the request's own prompt asked of
+    ``other_count`` other subjects (:func:`other_subjects`: the edit must not move the relation
+    itself, "The capital of Belgium is").
 
     A request without a subject takes ``others`` (the neighbours of the other requests edited with
     it), else the first ``count`` shipped training prompts (about other subjects), with a warning:
@@ -109,6 +130,8 @@ def neighbour_prompts(request, count: int, *, others: Sequence[str] = (),
             else:
                 kept.append(text)
         kept += [g.format(subject) for g in GENERIC_TEMPLATES]
+        if subject in request.prompt:
+            kept += [request.prompt.replace(subject, o) for o in other_subjects(request, other_count)]
         return _unique(kept), dropped
     pool = [p for p in others if p != request.prompt]
     source = "the other requests' neighbours" if pool else "shipped training prompts about other subjects"
@@ -231,7 +254,8 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
         olds = [None] * len(prompts)
     else:
         with_subject = [r for r in requests if r.subject]
-        found = {id(r): neighbour_prompts(r, config.preserve_count) for r in with_subject}
+        found = {id(r): neighbour_prompts(r, config.preserve_count, other_count=config.preserve_others)
+                 for r in with_subject}
         theirs = _unique([p for kept, _ in found.values() for p in kept])
         for r in requests:
             kept, drop = found[id(r)] if r.subject else neighbour_prompts(r, config.preserve_count, others=theirs)
