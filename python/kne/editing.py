@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kne_kernels
-from kne_kernels.reference import adamw_update_
+from kne_kernels import adamw_update_
 
 from ._utils import Timer, frozen, input_device, kernel_backend, logits_at, model_devices, seeded
 from .adapters import ModuleSite, get_architecture, resolve_sites
