@@ -192,8 +192,3 @@ def resolve(backend: Optional[str], device: torch.device, op: str = "neuron_attr
     """The name of the backend that runs ``op`` (default: any op with kernels on every backend)
     on ``device`` under ``backend``; raises as :func:`kernel` does."""
     return kernel(op, backend, device)[0]
-
-
-def reset_checks() -> None:
-    """Forget the cached choices and first-use checks (tests)."""
-    invalidate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import BACKENDS, MARKS, poison_native, poison_python_empty, require
+from .kernel_testing import BACKENDS, MARKS, poison_native, poison_python_empty, require
 
 
 @pytest.fixture(params=[pytest.param(b, marks=MARKS[b], id=b) for b in BACKENDS])

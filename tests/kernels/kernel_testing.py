@@ -1,4 +1,4 @@
-"""What the per-op kernel tests share (imported as ``kernel_testing``): the backends and the device
+"""What the per-op kernel tests share (``from .kernel_testing import ...``): the backends and the device
 each runs on, the parameter lists over them, the one tolerance table, comparisons that name the
 worst element, poisoned outputs, odd-layout helpers and the hypothesis strategies of the fuzz tests.
 

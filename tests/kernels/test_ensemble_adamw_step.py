@@ -14,9 +14,9 @@ import torch
 
 import kne_kernels
 from kne_kernels.ops.ensemble_adamw_step import OPS, ensemble_adamw_step_torch
-from kernel_testing import (FLOATS, SIZES, TOL, U, WIDE, assert_close, assert_equal, assert_kernel_refuses,
-                            assert_within, fuzz_dtypes, fuzz_tests, kernel, maybe_strided, misaligned, opcheck,
-                            over_backends, rand, refused_if_strided, require, threads, values)
+from .kernel_testing import (FLOATS, SIZES, TOL, U, WIDE, assert_close, assert_equal, assert_kernel_refuses,
+                             assert_within, fuzz_dtypes, fuzz_tests, kernel, maybe_strided, misaligned, opcheck,
+                             over_backends, rand, refused_if_strided, require, threads, values)
 
 OP = "ensemble_adamw_step_"
 EPS32 = torch.finfo(torch.float32).eps

@@ -18,9 +18,9 @@ import torch
 import kne_kernels
 from kne_kernels.ops import ensemble_select as es
 from helpers import NUMPY_PERCENTILE_EXACT, numpy_percentile_exact
-from kernel_testing import (SIZES, U, WIDE, assert_equal, assert_kernel_refuses, assert_within, backend_params,
-                            device_of, fuzz_tests, kernel, maybe_strided, misaligned, opcheck, over_backends, rand,
-                            refused_if_strided, require, threads, values)
+from .kernel_testing import (SIZES, U, WIDE, assert_equal, assert_kernel_refuses, assert_within, backend_params,
+                             device_of, fuzz_tests, kernel, maybe_strided, misaligned, opcheck, over_backends, rand,
+                             refused_if_strided, require, threads, values)
 
 SEQUENTIAL_MEAN = ("triton", "cuda")  # the GPU kernels' mean; torch and cpu: torch's CPU mean
 

@@ -13,9 +13,9 @@ import torch
 
 import kne_kernels
 from kne_kernels.ops.neuron_attribution import OPS, neuron_attribution_torch
-from kernel_testing import (FLOATS, SIZES, U, WIDE, assert_kernel_refuses, assert_sum, assert_within, backend_params,
-                            device_of, fuzz_dtypes, fuzz_tests, kernel, maybe_strided, misaligned, opcheck,
-                            over_backends, rand, refused_if_strided, require, threads, values)
+from .kernel_testing import (FLOATS, SIZES, U, WIDE, assert_kernel_refuses, assert_sum, assert_within, backend_params,
+                             device_of, fuzz_dtypes, fuzz_tests, kernel, maybe_strided, misaligned, opcheck,
+                             over_backends, rand, refused_if_strided, require, threads, values)
 
 OP = "neuron_attribution_"
 

@@ -15,7 +15,7 @@ import torch
 import kne_kernels
 from kne_kernels.ops.nullspace_project import OPS
 from helpers import rel_err, worst
-from kernel_testing import EPS32, FLOATS, TOL, kernel, opcheck, require
+from .kernel_testing import EPS32, FLOATS, TOL, kernel, opcheck, require
 
 OP = "nullspace_project_"
 

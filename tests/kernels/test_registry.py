@@ -23,7 +23,7 @@ import torch
 import kne_kernels
 from kne_kernels import _backends, _extension
 from kne_kernels.ops import modules, registry
-from kernel_testing import MARKS, require
+from .kernel_testing import MARKS, require
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")

@@ -12,9 +12,9 @@ import torch
 
 import kne_kernels
 from kne_kernels.ops.weight_attribution import OPS, weight_attribution_torch
-from kernel_testing import (FLOATS, SIZES, U, WIDE, assert_kernel_refuses, assert_sum, assert_within, fuzz_dtypes,
-                            fuzz_tests, kernel, maybe_strided, misaligned, opcheck, over_backends, rand,
-                            refused_if_strided, require, threads, values)
+from .kernel_testing import (FLOATS, SIZES, U, WIDE, assert_kernel_refuses, assert_sum, assert_within, fuzz_dtypes,
+                             fuzz_tests, kernel, maybe_strided, misaligned, opcheck, over_backends, rand,
+                             refused_if_strided, require, threads, values)
 
 OP = "weight_attribution_"
 
