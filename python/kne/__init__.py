@@ -8,11 +8,11 @@
 """
 
 from .adapters import register_architecture, supported_model_types
-from .attribution import Attribution, attribute
+from .attribution import Attribution, attribute, locate
 from .config import KNEConfig
 from .editing import EditError, EditResult, fast_edit
 from .editfile import apply_edit, read_edit, revert_edit
-from .ensemble import Ensemble, locate
+from .ensemble import Ensemble
 from .evaluation import EvalResult, evaluate
 from .models import load_model
 from .requests import EditRequest, load_knowedit

@@ -26,8 +26,9 @@ from kne_kernels import adamw_update_
 
 from ._utils import Timer, frozen, input_device, kernel_backend, logits_at, model_devices, seeded
 from .adapters import ModuleSite, get_architecture, resolve_sites
+from .attribution import locate
 from .config import KNEConfig, resolve_config
-from .ensemble import Ensemble, _match_suffix, locate
+from .ensemble import Ensemble, _match_suffix
 from .nullspace import edit_bases
 from .objective import EditObjective, edit_loss
 from .requests import EditRequest, as_requests
