@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import kne.datasets
 from kne import cli
 
 
@@ -106,7 +107,7 @@ def test_eval_all_both_protocols(embedded, tmp_path, capsys):
     assert rc == 0
     runs = json.loads(out.read_text())["runs"]
     assert [(r["data"], r["protocol"]) for r in runs] == [
-        (f, p) for f in cli.KNOWEDIT_FILES for p in ("independent", "sequential")]
+        (f, p) for f in kne.datasets.KNOWEDIT_FILES for p in ("independent", "sequential")]
     assert all(r["summary"]["n"] == 2 for r in runs)
     md = table.read_text()
     assert md.count("| ft-m | sequential | 2 |") == 3 and md.count("| ft-m | independent | 2 |") == 3
