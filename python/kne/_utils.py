@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Iterable, Iterator, List
 
@@ -117,14 +118,16 @@ class Timer:
 
 def kernel_backend(config, device: torch.device):
     """The ``kne_kernels`` backend for ops on ``device`` under ``config.backend``: ``None`` (auto)
-    for ``"auto"``; ``"torch"`` for the torch-only path; a named kernel backend for the tensors it
-    serves (``cpu`` on CPU, ``triton``/``cuda`` on CUDA, ``triton`` also on CPU under its
-    interpreter), auto elsewhere (scores, for instance, are reduced on the CPU)."""
+    for ``"auto"``; ``"torch"`` for the torch-only path; a named kernel backend on the tensors it is
+    made for (``cpu`` on CPU, ``triton``/``cuda`` on CUDA, ``triton`` also on CPU under its
+    interpreter), auto on the others (scores, for instance, are reduced on the CPU whatever the
+    model's device). A named backend that is not live where it is made for is passed on, so the op
+    raises ``kne_kernels``' error saying why, as a direct call with that backend does."""
     name = config.backend
     if name == "auto":
         return None
     if name == "torch":
         return "torch"
-    import kne_kernels
-
-    return name if kne_kernels.status(name, device.type)[0] else None
+    made_for = device.type == "cpu" if name == "cpu" else device.type == "cuda" or (
+        name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1")
+    return name if made_for else None

@@ -71,8 +71,9 @@ class KNEConfig:
     ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
     kernels of the fast path (``kne_kernels``): ``"auto"`` (the C++ extension on CPU, Triton or
     CUDA C++ on a GPU, falling back to torch), ``"torch"`` (the torch-only fast path), or one
-    kernel backend by name (``"cpu"``, ``"triton"``, ``"cuda"``); ``seed`` seeds dropout and the
-    delta initialisation (the caller's global RNG state is left untouched).
+    kernel backend by name (``"cpu"``, ``"triton"``, ``"cuda"``: used on the tensors it is made
+    for, auto on the others; one that is not live raises ``RuntimeError`` saying why); ``seed``
+    seeds dropout and the delta initialisation (the caller's global RNG state is left untouched).
     """
 
     target_modules: Tuple[str, ...] = _f(("ffn_out",), "FFN modules whose neurons are scored: aliases ffn_in, "
