@@ -4,27 +4,50 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterable, Iterator, List
+from typing import Iterable, Iterator, List, Tuple
 
 import torch
 from torch import nn
 
 
+def training_flags(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    """Every module's own ``training`` flag, for :func:`restore_training`."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_training(flags: List[Tuple[nn.Module, bool]]) -> None:
+    """Put back the flags :func:`training_flags` saved, module by module (``model.train(flag)``
+    would set one flag on every submodule)."""
+    for m, t in flags:
+        m.training = t
+
+
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Every parameter ``requires_grad=False`` inside (so no weight gradient is ever formed),
-    the model in eval mode; both restored on exit, whatever happens."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside; on exit every module gets back its own ``training`` flag (a model in
+    ``train()`` with one submodule in ``eval()`` comes back exactly so), whatever happens."""
+    flags = training_flags(model)
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
         model.eval()
         yield
     finally:
+        restore_training(flags)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside (so no weight gradient is ever formed),
+    the model in eval mode; both restored on exit (each parameter's flag and each module's own
+    ``training`` flag), whatever happens."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with eval_mode(model):
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+    finally:
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(training)
 
 
 def model_devices(model: nn.Module) -> List[torch.device]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._text import answer_predictions, encode
-from ._utils import answer_logits, input_device
+from ._utils import answer_logits, input_device, restore_training, training_flags
 from .requests import as_requests
 
 __all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk"]
@@ -162,7 +162,7 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
     if pre is not None and len(pre.records) != len(reqs):
         raise ValueError(f"pre has {len(pre.records)} records but {len(reqs)} requests were given: evaluate the "
                          "same requests before and after the edit")
-    training = model.training
+    modes = training_flags(model)
     model.eval()
     try:
         # Gather every (prompt, answer) pair of every request, predict them in batches.
@@ -208,4 +208,4 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
                                                              add_special_tokens=add_special_tokens))
         return EvalResult(records)
     finally:
-        model.train(training)
+        restore_training(modes)

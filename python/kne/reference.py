@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._text import answer_logprobs, encode, per_sequence_mean
-from ._utils import Timer, forward_logits, input_device, model_devices, seeded
+from ._utils import Timer, forward_logits, input_device, model_devices, restore_training, seeded, training_flags
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
@@ -55,7 +55,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     require_resident([s for _, _, s in flat], "kne.reference.attribute")
     scores = {name: torch.zeros(len(reqs), len(ss), ss[0].num_neurons(cfg.neuron_axis)) for name, ss in sites.items()}
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's grads are kept
-    training = model.training
+    modes = training_flags(model)
     passes = 0
     try:
         model.eval()
@@ -102,7 +102,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         for p, f, g in flags:
             p.requires_grad_(f)
             p.grad = g
-        model.train(training)
+        restore_training(modes)
     return Attribution(scores=scores, layers=layers, suffixes={n: ss[0].suffix for n, ss in sites.items()},
                        config=cfg, requests=reqs, seconds=timer(), passes=passes)
 
@@ -180,7 +180,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
 
     opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+    modes = training_flags(model)
     handles = []
     losses: List[float] = []
     steps, stopped = 0, False
@@ -236,7 +236,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(training)
+        restore_training(modes)
     saved = [(e["site"], dim, e["idx"], e["orig"].t().index_select(dim, e["idx"]) if e["site"].transposed
               else e["orig"].index_select(dim, e["idx"])) for e in edits]
     edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)

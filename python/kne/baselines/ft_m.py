@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._text import encode
-from .._utils import Timer, forward_logits, input_device
+from .._utils import Timer, forward_logits, input_device, restore_training, training_flags
 from ..adapters import num_layers, require_resident, resolve_sites
 from ..editing import EditError, EditResult, edit_loss
 from ..requests import as_requests
@@ -43,7 +43,7 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     params = [s.module.weight for s in sites]
     originals = [p.detach().clone() for p in params]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+    modes = training_flags(model)
     losses, n_steps = [], 0
     try:
         model.eval()
@@ -72,7 +72,7 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
         for p, f in flags:
             p.requires_grad_(f)
             p.grad = None
-        model.train(training)
+        restore_training(modes)
     edited = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
