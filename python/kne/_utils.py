@@ -1,10 +1,10 @@
-"""Small shared helpers: frozen parameters, eval mode, seeded RNG, timing."""
+"""Small shared helpers: frozen parameters, eval mode, the edit-local dropout, timing."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterable, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -50,17 +50,37 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def model_devices(model: nn.Module) -> List[torch.device]:
-    return sorted({p.device for p in model.parameters()}, key=str)
+class EditDropout:
+    """Dropout on an edit's delta path, drawn from generators that belong to the edit.
 
+    ``x * bernoulli(1 - p) / (1 - p)``, the mask drawn as ``torch.empty_like(x).bernoulli_(1 - p,
+    generator=g)`` from one ``torch.Generator`` per device, each seeded with ``seed`` when the edit
+    first draws on that device. That is how torch's CPU ``F.dropout`` draws its mask from the
+    global generator, so on CPU the masks are bit for bit those of ``torch.manual_seed(seed)``
+    followed by ``F.dropout`` (what kne 0.2.0 did) -- without touching torch's process-wide
+    generators: an edit in one thread neither moves nor is moved by any other thread's RNG stream.
+    (On CUDA, ``F.dropout`` uses a fused Philox kernel; the masks here come from ``bernoulli_`` on
+    the edit's own CUDA generator instead.) ``kne.fast_edit`` and ``kne.reference.edit`` draw one
+    mask per hooked module per forward, in the same order, so they see the same masks.
+    """
 
-@contextlib.contextmanager
-def seeded(seed: int, devices: Iterable[torch.device] = ()) -> Iterator[None]:
-    """Seed torch's RNGs inside the block; the caller's RNG state is restored afterwards."""
-    cuda = [d.index if d.index is not None else 0 for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted(set(cuda)), enabled=True):
-        torch.manual_seed(seed)
-        yield
+    def __init__(self, p: float, seed: int):
+        self.p = float(p)
+        self.seed = int(seed)
+        self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return g
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.empty_like(x).bernoulli_(keep, generator=self.generator(x.device))
+        return x * noise.div_(keep)
 
 
 def forward_logits(model: nn.Module, batch) -> torch.Tensor:

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kne_kernels
 from kne_kernels.reference import adamw_update_
 
-from ._utils import Timer, frozen, input_device, kernel_backend, logits_at, model_devices, seeded
+from ._utils import EditDropout, Timer, frozen, input_device, kernel_backend, logits_at
 from .adapters import ModuleSite, get_architecture, resolve_sites
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble, _match_suffix, locate
@@ -200,13 +199,11 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
     deltas = [s.delta.requires_grad_(True) for s in slots]
 
-    def make_hook(slot: _Slot):
-        p = cfg.dropout
+    dropout = EditDropout(cfg.dropout, cfg.seed)  # the edit's own generators: no global RNG is touched
 
+    def make_hook(slot: _Slot):
         def hook(module, args, out):
-            x = args[0]
-            if p > 0:
-                x = F.dropout(x, p=p, training=True)
+            x = dropout(args[0])
             d = slot.delta.to(x.dtype)
             if axis == "out":
                 return out.index_add(-1, slot.idx_dev, (x @ d.t()) * slot.scale)
@@ -252,7 +249,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     handles = []
     merged: List[_Slot] = []
     try:
-        with frozen(model), seeded(cfg.seed, model_devices(model)):
+        with frozen(model):
             if objective.preservation is not None:  # p_before and the neighbours' keys: the model itself
                 with torch.no_grad():
                     keys = objective.capture(lambda *sel: logits_at(model, *sel),

@@ -20,11 +20,10 @@ from typing import Any, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._text import answer_logprobs, encode, per_sequence_mean
-from ._utils import Timer, forward_logits, input_device, model_devices, restore_training, seeded, training_flags
+from ._utils import EditDropout, Timer, forward_logits, input_device, restore_training, training_flags
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
@@ -172,9 +171,11 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         edits.append({"site": site, "idx": idx, "mask": mask, "D": D.requires_grad_(True),
                       "s": delta_scale(cfg, idx.numel()), "orig": site.module.weight.detach().clone()})
 
+    dropout = EditDropout(cfg.dropout, cfg.seed)  # the same masks as kne.fast_edit draws
+
     def make_hook(e):
         def hook(module, args, out):
-            x = F.dropout(args[0], p=cfg.dropout, training=True) if cfg.dropout > 0 else args[0]
+            x = dropout(args[0])
             return out + e["s"] * (x @ (e["D"] * e["mask"]).t().to(x.dtype))
         return hook
 
@@ -188,35 +189,34 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        with seeded(cfg.seed, model_devices(model)):
-            projectors = []
-            if objective.preservation is not None:
-                with torch.no_grad():
-                    keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
-                if cfg.project:  # I - B B^T per edited module instance, formed explicitly
-                    for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg):
-                        n = edits[0]["D"].shape[1]
-                        B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
-                        projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
-            handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
-            for it in range(cfg.steps + 1):
-                loss, done = objective(logits(), lambda: sum(((e["s"] * e["D"] * e["mask"]) ** 2).sum()
-                                                             for e in edits))
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
-                if done:
-                    stopped = True
-                    break
-                if it == cfg.steps:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
-                        e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
-                steps += 1
+        projectors = []
+        if objective.preservation is not None:
+            with torch.no_grad():
+                keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
+            if cfg.project:  # I - B B^T per edited module instance, formed explicitly
+                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg):
+                    n = edits[0]["D"].shape[1]
+                    B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
+                    projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
+        handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
+        for it in range(cfg.steps + 1):
+            loss, done = objective(logits(), lambda: sum(((e["s"] * e["D"] * e["mask"]) ** 2).sum()
+                                                         for e in edits))
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
+            if done:
+                stopped = True
+                break
+            if it == cfg.steps:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
+                    e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
+            steps += 1
         for h in handles:
             h.remove()
         handles = []
