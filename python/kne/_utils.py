@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -123,6 +123,43 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, pos]
 
 
+def as_int(value, what: str, lo: Optional[int] = None) -> int:
+    """``value`` as an int: any integer (Python's, numpy's), never a bool or a float; ``>= lo``."""
+    import numbers
+
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (lo is not None and value < lo):
+        raise ValueError(f"{what}={value!r} is invalid: use an integer" + (f" >= {lo}" if lo is not None else ""))
+    return int(value)
+
+
+def as_float(value, what: str, *, lo: Optional[float] = None, lo_open: bool = False, fix: str = "") -> float:
+    """``value`` as a float: any finite real number (Python's, numpy's), never a bool; ``>= lo``
+    (``> lo`` with ``lo_open``)."""
+    import math
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if not ok:
+        raise ValueError(f"{what}={value!r} is invalid: use {fix or 'a finite number'}")
+    return float(value)
+
+
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(model: nn.Module) -> Optional[Tuple[int, str]]:
+    """``(limit, config field)``: the most tokens the model takes in one sequence, read from its
+    config (``max_position_embeddings``; GPT-2 and GPT-J: ``n_positions``), or ``None``."""
+    cfg = getattr(model, "config", None)
+    for field in _POSITION_FIELDS:
+        v = getattr(cfg, field, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, getattr(cfg, "attribute_map", {}).get(field, field)  # GPT-2: n_positions
+    return None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Device of the input embeddings (where input ids must go)."""
     try:
@@ -141,15 +178,38 @@ class Timer:
 
 
 def kernel_backend(config, device: torch.device):
-    """The ``kne_kernels`` backend for ops on ``device`` under ``config.backend``: ``None`` (auto)
-    for ``"auto"``; ``"torch"`` for the torch-only path; a named kernel backend for the tensors it
-    serves (``cpu`` on CPU, ``triton``/``cuda`` on CUDA, ``triton`` also on CPU under its
-    interpreter), auto elsewhere (scores, for instance, are reduced on the CPU)."""
+    """The ``kne_kernels`` backend for ops on the model's tensors on ``device`` under
+    ``config.backend``: ``None`` (auto) for ``"auto"``, ``"torch"`` for the torch-only path, or the
+    kernel backend named -- which must be live for those tensors: if it is not (``"cuda"`` without a
+    GPU, ``"triton"`` on CPU without its interpreter, ``"cpu"`` without the C++ extension), the
+    ``RuntimeError`` ``kne_kernels`` raises for it (with the reason) is raised here, before any work;
+    a named backend is never silently replaced by another."""
     name = config.backend
     if name == "auto":
         return None
     if name == "torch":
         return "torch"
+    from kne_kernels._backends import resolve
+
+    resolve(name, torch.device(device))  # raises kne_kernels' RuntimeError when the backend is not live here
+    return name
+
+
+def selection_backend(config):
+    """The backend of the ensemble selection, whose scores kne always keeps on the CPU (whatever
+    device the model is on): the named backend where it runs CPU tensors (``cpu``, ``torch``,
+    ``triton`` under its interpreter), else auto -- a ``"cuda"`` setting names the kernels of a
+    CUDA model's attribution and edit, not of this CPU reduction."""
     import kne_kernels
 
-    return name if kne_kernels.status(name, device.type)[0] else None
+    name = config.backend
+    if name == "auto":
+        return None
+    return name if kne_kernels.status(name, "cpu")[0] else None
+
+
+def require_backend(config, devices) -> None:
+    """Raise now (``kne_kernels``' error) if ``config.backend`` names a backend that cannot run on
+    one of ``devices`` (the devices the model's target modules compute on)."""
+    for d in sorted({torch.device(d) for d in devices}, key=str):
+        kernel_backend(config, d)

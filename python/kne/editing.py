@@ -23,7 +23,8 @@ from torch import nn
 import kne_kernels
 from kne_kernels.reference import adamw_update_
 
-from ._utils import EditDropout, Timer, frozen, input_device, kernel_backend, logits_at
+from ._text import check_lengths, check_tokenizer
+from ._utils import EditDropout, Timer, frozen, input_device, kernel_backend, logits_at, max_positions, require_backend
 from .adapters import ModuleSite, get_architecture, resolve_sites
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble, _match_suffix, locate
@@ -146,6 +147,24 @@ def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torc
     return losses, steps, stopped
 
 
+def check_call(model: nn.Module, tokenizer, requests, cfg: KNEConfig, ensemble, preserve_prompts) -> List[EditRequest]:
+    """The checks of an edit call that need no forward pass, before any work: the tokenizer, the
+    requests (validated again), the ensemble's type, ``preserve_prompts``, and every text against
+    the model's maximum positions. Returns the validated requests."""
+    check_tokenizer(tokenizer)
+    reqs = as_requests(requests)
+    if ensemble is not None and not isinstance(ensemble, Ensemble):
+        raise ValueError(f"ensemble must be a kne.Ensemble (see kne.locate / Ensemble.load), got "
+                         f"{type(ensemble).__name__}")
+    texts = [(r.prompt, r.target_new) for r in reqs]
+    if preserve_prompts is not None:
+        if isinstance(preserve_prompts, str) or not all(isinstance(p, str) and p.strip() for p in preserve_prompts):
+            raise ValueError("preserve_prompts must be a list of non-empty prompt strings")
+        texts += [(p, None) for p in preserve_prompts]
+    check_lengths(tokenizer, texts, max_positions(model), cfg.add_special_tokens)
+    return reqs
+
+
 def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
               preserve_prompts: Optional[List[str]] = None, **overrides: Any) -> EditResult:
@@ -165,21 +184,19 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     >>> res.stats["steps"], res.restore()
     """
     cfg = resolve_config(config, overrides)
-    reqs = as_requests(requests)
+    reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     total = Timer()
     if ensemble is None:
         ensemble = locate(model, tokenizer, reqs, cfg)
         locate_seconds = total()
     else:
-        if not isinstance(ensemble, Ensemble):
-            raise ValueError(f"ensemble must be a kne.Ensemble (see kne.locate / Ensemble.load), got "
-                             f"{type(ensemble).__name__}")
         locate_seconds = 0.0
     axis = ensemble.neuron_axis
     pairs = ensemble.sites(model)
     if not pairs:
         raise EditError("the ensemble is empty: no neuron scored above the percentile threshold; lower "
                         f"KNEConfig.percentile (now {cfg.percentile}) or set positive_only=False")
+    require_backend(cfg, [site.device for site, _ in pairs])
     timer = Timer()
     objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
     dim = 0 if axis == "out" else 1

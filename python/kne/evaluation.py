@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._text import answer_predictions, encode
-from ._utils import answer_logits, input_device, restore_training, training_flags
+from ._text import answer_predictions, check_lengths, check_tokenizer, encode
+from ._utils import answer_logits, as_int, input_device, max_positions, restore_training, training_flags
 from .requests import as_requests
 
 __all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk"]
@@ -132,6 +132,8 @@ def generate_topk(model, tokenizer, prompt: str, *, max_len: int = 100, top_k: i
     (prompt included, no stop at EOS), decoded without special tokens."""
     device = input_device(model)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]], device=device)
+    if not -(2**63) <= seed < 2**64:  # seed + record index past what torch.manual_seed takes: wrap it
+        seed %= 2**64
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # transformers renamed the KV-cache argument from past_key_values to cache (5.2x)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -158,7 +160,10 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
     two. ``fluency=True`` adds the generation entropy (one 100-token generation per request, seeded
     with ``seed``). The model is not modified.
     """
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
+    seed = as_int(seed, "seed")
+    batch_size = as_int(batch_size, "batch_size", 1)
     if pre is not None and len(pre.records) != len(reqs):
         raise ValueError(f"pre has {len(pre.records)} records but {len(reqs)} requests were given: evaluate the "
                          "same requests before and after the edit")
@@ -178,6 +183,7 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
             for kind, probes in r.locality.items():
                 for pr in probes:
                     pairs.append((pr["prompt"], pr["ground_truth"])); where.append((i, "locality", kind))
+        check_lengths(tokenizer, pairs, max_positions(model), add_special_tokens)
         preds = _predict(model, tokenizer, pairs, add_special_tokens, batch_size)
         records: List[Dict[str, Any]] = [
             {"rewrite_acc": None, "rephrase_acc": None, "portability": {}, "locality": {}, "fluency": None,

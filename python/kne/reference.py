@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._text import answer_logprobs, encode, per_sequence_mean
-from ._utils import EditDropout, Timer, forward_logits, input_device, restore_training, training_flags
+from ._text import answer_logprobs, check_lengths, check_tokenizer, encode
+from ._utils import EditDropout, Timer, forward_logits, input_device, max_positions, restore_training, training_flags
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
-from .editing import EditError, EditResult, delta_scale, initial_delta
+from .editing import EditError, EditResult, check_call, delta_scale, initial_delta
 from .nullspace import edit_bases
 from .objective import EditObjective
 from .ensemble import Ensemble
@@ -44,9 +44,11 @@ def _objective(model, batch, objective: str) -> torch.Tensor:
 def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, **overrides: Any) -> Attribution:
     """Reference attribution: autograd on the scaled weights, ``W * G`` summed per neuron."""
     cfg = resolve_config(config, overrides)
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
     timer = Timer()
     sites = resolve_sites(model, cfg.target_modules, cfg.layers)
+    check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), cfg.add_special_tokens)
     layers = tuple(s.layer for s in next(iter(sites.values())))
     m = cfg.ig_steps
     alphas = [k / m for k in range(1, m + 1)]
@@ -133,7 +135,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``; the preservation KL
     from the full output logits, by plain autograd."""
     cfg = resolve_config(config, overrides)
-    reqs = as_requests(requests)
+    reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     total = Timer()
     locate_seconds = 0.0
     if ensemble is None:

@@ -14,8 +14,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .._text import encode
-from .._utils import Timer, forward_logits, input_device, restore_training, training_flags
+from .._text import check_lengths, check_tokenizer, encode
+from .._utils import (Timer, as_float, as_int, forward_logits, input_device, max_positions, restore_training,
+                      training_flags)
 from ..adapters import num_layers, require_resident, resolve_sites
 from ..editing import EditError, EditResult, edit_loss
 from ..requests import as_requests
@@ -28,15 +29,25 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
          add_special_tokens: bool = False) -> EditResult:
     """Edit ``model`` in place with FT-M; returns an :class:`kne.EditResult` (``restore()`` puts the
     fine-tuned weights back bit for bit; ``ensemble`` is ``None``)."""
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
-    if steps < 1:
-        raise ValueError(f"steps={steps} is invalid: use a positive number of steps (EasyEdit: 25)")
-    if not lr > 0:
-        raise ValueError(f"lr={lr} is invalid: use a positive learning rate (EasyEdit: 5e-4)")
+    steps = as_int(steps, "steps", 1)
+    lr = as_float(lr, "lr", lo=0.0, lo_open=True, fix="a positive learning rate (EasyEdit: 5e-4)")
+    stop_loss = as_float(stop_loss, "stop_loss", lo=0.0, fix="a non-negative loss (EasyEdit: 1e-2)")
+    weight_decay = as_float(weight_decay, "weight_decay", lo=0.0, fix="a non-negative number (EasyEdit: 0)")
+    if not isinstance(add_special_tokens, bool):
+        raise ValueError(f"add_special_tokens={add_special_tokens!r} is invalid: use True or False")
     L = num_layers(model)
-    layers = [round(L * 21 / 32)] if layers is None else list(layers)
+    if layers is None:
+        layers = [round(L * 21 / 32)]
+    else:
+        try:
+            layers = [as_int(l, "layers[...]") for l in ([layers] if isinstance(layers, int) else layers)]
+        except TypeError:
+            raise ValueError(f"layers={layers!r} is invalid: use a list of layer indices") from None
     sites = resolve_sites(model, [module], layers)[module]
     require_resident(sites, "FT-M")
+    check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), add_special_tokens)
     timer = Timer()
     batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
                    add_special_tokens=add_special_tokens, device=input_device(model))
