@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._guard import undo_writes
 from ._text import answer_logprobs, check_lengths, check_tokenizer, encode
 from ._utils import EditDropout, Timer, forward_logits, input_device, max_positions, restore_training, training_flags
 from .adapters import require_resident, resolve_sites
@@ -147,10 +148,10 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     if not pairs:
         raise EditError("the ensemble is empty: lower KNEConfig.percentile or set positive_only=False")
     require_resident([s for s, _ in pairs], "kne.reference.edit")
-    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
     if cfg.project and axis != "out":
         raise ValueError("KNEConfig.project=True needs a row ensemble (neuron_axis='out'); this ensemble is on "
                          f"axis {axis!r}")
+    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
 
     def full_logits(ids, mask, rows, pos) -> torch.Tensor:  # every position's logits, then the ones asked for
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
@@ -185,6 +186,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = training_flags(model)
     handles = []
+    written = []  # (path, weight, dim, index, rows before): what an undo puts back
     losses: List[float] = []
     steps, stopped = 0, False
     try:
@@ -223,28 +225,32 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             h.remove()
         handles = []
         dim = 0 if axis == "out" else 1
+        # Every statistic before the first write (the same all-or-nothing rule as kne.fast_edit).
+        saved = [(e["site"], dim, e["idx"], e["orig"].t().index_select(dim, e["idx"]) if e["site"].transposed
+                  else e["orig"].index_select(dim, e["idx"])) for e in edits]
+        edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)
+                     for e in edits)
+        n_total = sum(p.numel() for p in model.parameters())
+        stats = {"steps": steps, "losses": losses, "stopped_early": stopped, "neurons": len(ensemble),
+                 "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total,
+                 **objective.stats()}
         with torch.no_grad():
             for e in edits:  # W[idx] += s * D[idx]
                 W = e["site"].weight()
-                rows = W.index_select(dim, e["idx"]).float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                before = W.index_select(dim, e["idx"])
+                rows = before.float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                written.append((e["site"].path, W, dim, e["idx"], before))
                 W.index_copy_(dim, e["idx"], rows.to(W.dtype))
-    except BaseException:
+        stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), **stats}
+        result = EditResult(model, ensemble, stats, cfg, reqs, saved, method="kne.reference.edit")
+    except BaseException as e:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for e in edits:
-                e["site"].module.weight.copy_(e["orig"])
+        if written:
+            undo_writes(written, "kne.reference.edit", e)
         raise
     finally:
         for p, f in flags:
             p.requires_grad_(f)
         restore_training(modes)
-    saved = [(e["site"], dim, e["idx"], e["orig"].t().index_select(dim, e["idx"]) if e["site"].transposed
-              else e["orig"].index_select(dim, e["idx"])) for e in edits]
-    edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)
-                 for e in edits)
-    n_total = sum(p.numel() for p in model.parameters())
-    stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), "steps": steps,
-             "losses": losses, "stopped_early": stopped, "neurons": len(ensemble), "params_edited": edited,
-             "params_total": n_total, "param_fraction": edited / n_total, **objective.stats()}
-    return EditResult(model, ensemble, stats, cfg, reqs, saved)
+    return result

@@ -18,6 +18,7 @@ from .._text import check_lengths, check_tokenizer, encode
 from .._utils import (Timer, as_float, as_int, forward_logits, input_device, max_positions, restore_training,
                       training_flags)
 from ..adapters import num_layers, require_resident, resolve_sites
+from .._guard import undo_writes
 from ..editing import EditError, EditResult, edit_loss
 from ..requests import as_requests
 
@@ -53,17 +54,18 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
                    add_special_tokens=add_special_tokens, device=input_device(model))
     params = [s.module.weight for s in sites]
     originals = [p.detach().clone() for p in params]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's gradients are kept
     modes = training_flags(model)
     losses, n_steps = [], 0
     try:
         model.eval()
-        for p, _ in flags:
+        for p, _, _ in flags:
             p.requires_grad_(False)
+            p.grad = None
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        for _ in range(steps):
+        for _ in range(steps):  # every step writes the weights: from here on an undo puts them back
             opt.zero_grad()
             loss = edit_loss(forward_logits(model, batch), batch)
             losses.append(loss.item())
@@ -74,23 +76,22 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
             n_steps += 1
             if losses[-1] < stop_loss:
                 break
-    except BaseException:
-        with torch.no_grad():
-            for p, o in zip(params, originals):
-                p.copy_(o)
+        edited = sum(p.numel() for p in params)
+        n_total = sum(p.numel() for p in model.parameters())
+        stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
+                 "losses": losses, "stopped_early": losses[-1] < stop_loss, "neurons": None, "params_edited": edited,
+                 "params_total": n_total, "param_fraction": edited / n_total, "layers": layers}
+        saved = []
+        for s, o in zip(sites, originals):
+            w = o.t() if s.transposed else o
+            saved.append((s, 0, torch.arange(w.shape[0], device=w.device), w.clone()))
+        result = EditResult(model, None, stats, None, reqs, saved, method="FT-M")
+    except BaseException as e:
+        undo_writes([(s.path + ".weight", p, 0, None, o) for s, p, o in zip(sites, params, originals)], "FT-M", e)
         raise
     finally:
-        for p, f in flags:
+        for p, f, g in flags:
             p.requires_grad_(f)
-            p.grad = None
+            p.grad = g
         restore_training(modes)
-    edited = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
-             "losses": losses, "stopped_early": losses[-1] < stop_loss, "neurons": None, "params_edited": edited,
-             "params_total": n_total, "param_fraction": edited / n_total, "layers": layers}
-    saved = []
-    for s, o in zip(sites, originals):
-        w = o.t() if s.transposed else o
-        saved.append((s, 0, torch.arange(w.shape[0], device=w.device), w.clone()))
-    return EditResult(model, None, stats, None, reqs, saved)
+    return result
