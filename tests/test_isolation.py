@@ -155,3 +155,21 @@ def test_reference_edit_leaves_the_global_rng_alone_and_matches_fast_dropout(tin
         assert abs(a - b) <= 1e-4 * abs(b)
     fast.restore()
     ref.restore()
+
+
+@pytest.mark.parametrize("call", ["fast_edit", "reference.edit", "ft_m", "attribute", "reference.attribute"])
+def test_the_callers_gradients_are_kept(call, tiny_model, tok):
+    """Gradients the caller holds on the model's parameters are there, unchanged, after the call
+    (FT-M used to set every .grad to None)."""
+    model = tiny_model("llama")
+    grads = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters() if "layers.2" in n}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone() if n in grads else None
+    out = CALLS[call](model, tok)
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert p.grad is not None and torch.equal(p.grad, grads[n]), f"{call}: {n}.grad changed"
+        else:
+            assert p.grad is None, f"{call}: {n}.grad appeared"
+    if hasattr(out, "restore"):
+        out.restore()
