@@ -10,10 +10,11 @@ Sections:
 2. Edit files: :func:`kne.apply_edit` and :func:`kne.revert_edit`, a fault at each site's write.
 3. Edits: :func:`kne.fast_edit`, :func:`kne.reference.edit` and FT-M, a fault at every step
    boundary (locate, the preservation capture, the null-space basis, each forward, each optimizer
-   step, a user callback, the statistics, each merge write, the result's bookkeeping), made by
-   :func:`fail_calls`, which makes the n-th call of any function fail the same ways.
+   step, a user callback, the statistics, each merge write, the result's bookkeeping, the corpus
+   statistics build), made by :func:`fail_calls`, which makes the n-th call of any function fail
+   the same ways.
 4. :meth:`kne.EditResult.restore`: a fault at each write, a second Ctrl-C in its undo; and what it
-   refuses (rows a later edit changed), naming that edit.
+   refuses (rows a later edit changed), naming that edit; ``kne.runs`` restoring under a Ctrl-C.
 """
 
 from __future__ import annotations
@@ -540,3 +541,74 @@ def test_sequential_runs_still_restore_newest_first(tiny_model, tok):
         out = run_edits(model, tok, reqs, method, cfg, protocol="sequential", progress=False)
         assert out["summary"]["n"] == 3 and not out["failures"]
         assert_state_bits(model, orig, f"sequential {method}")
+
+
+@pytest.mark.parametrize("protocol", ["independent", "sequential"])
+def test_runs_ctrl_c_during_their_restores_still_leaves_the_model_as_it_was(protocol, tiny_model, tok):
+    """kne.runs restores its edits in a finally block: a Ctrl-C that lands while a restore writes
+    (here: right after its first write) waits until the restores are done, instead of leaving the
+    model holding an edit."""
+    from kne.runs import run_edits
+
+    model = tiny_model("llama")
+    orig = snapshot(model)
+    reqs = [kne.EditRequest(prompt=p, target_new=t) for p, t in
+            [("The capital of France is", "Rome"), ("Alan Turing was born in", "Paris")]]
+    cfg = kne.KNEConfig(target_modules=("ffn_in", "ffn_out"), percentile=90.0, steps=2, lr=5e-2, stop_loss=0.0)
+    with inject() as writes:
+        run_edits(model, tok, reqs, "kne", cfg, protocol=protocol, progress=False)
+        total = writes.calls  # every merge write, then as many restore writes
+        # the first restore write: of the first edit (independent), of the last edit (sequential)
+        first_restore = total // 4 + 1 if protocol == "independent" else total // 2 + 1
+        writes.arm(first_restore, KeyboardInterrupt, "sigint")
+        with pytest.raises(KeyboardInterrupt):
+            run_edits(model, tok, reqs, "kne", cfg, protocol=protocol, progress=False)
+        assert writes.calls == (first_restore - 1) * 2 if protocol == "independent" else total, \
+            "the restore did not complete before the Ctrl-C was delivered"
+    assert_state_bits(model, orig, f"{protocol}: Ctrl-C during a restore")
+
+
+def test_fast_edit_fault_while_the_corpus_statistics_are_built(tiny_model, tok, tmp_path, monkeypatch):
+    """With project_corpus=True the first edit builds the null-space corpus statistics (generate,
+    accumulate key moments, eigendecompose, write the cache): a fault in any of those steps leaves
+    the model bit for bit as it was and no partial statistics in the cache; the next edit builds
+    them and edits as a fresh run does."""
+    import safetensors.torch
+
+    from kne import nullspace, preservation
+
+    monkeypatch.setenv("KNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(preservation, "training_prompts", lambda: ["Paris is the capital of", "Gold is a"])
+    kw = dict(EDIT_KW, project_corpus=True)
+    model = tiny_model("llama")
+    orig = snapshot(model)
+    folder = tmp_path / "cache" / "nullspace"
+
+    def cached():
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    n_faults = 0
+    for target, attr in [(nullspace, "_continuations"), (nullspace, "_accumulate"), (safetensors.torch, "save_file"),
+                         (nullspace, "build")]:
+        for exc in EXCS:
+            for when in ("before", "after"):
+                with fail_calls(target, attr) as calls:
+                    calls.arm(1, exc, when)
+                    with pytest.raises(exc, match=f"injected fault {when} {attr} call 1"):
+                        kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **kw)
+                assert_state_bits(model, orig, f"{exc.__name__} {when} {attr}")
+                if attr != "build" or when == "before":
+                    assert cached() == [], f"{attr}: partial statistics left in the cache: {cached()}"
+                for d in cached():  # a complete build (the fault came after it): drop it for the next fault
+                    import shutil
+
+                    shutil.rmtree(folder / d)
+                n_faults += 1
+    res = kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **kw)
+    assert len(cached()) == 1 and (folder / cached()[0] / "meta.json").is_file()
+    edited = snapshot(model)
+    res.restore()
+    fresh = tiny_model("llama")
+    kne.fast_edit(fresh, tok, REQ, preserve_prompts=PRESERVE, **kw)
+    assert_state_bits(fresh, edited)
+    assert n_faults == 16
