@@ -248,3 +248,18 @@ def test_ensemble_file_mistakes_name_the_file(tmp_path):
     bad.write_text('{"mlp.down_proj": {"0": [1.5]}}')
     with pytest.raises(ValueError, match=r"bad.json: ensemble\['mlp.down_proj'\]\[0\] holds 1.5"):
         kne.Ensemble.load(bad)
+
+
+@pytest.mark.slow
+def test_a_10k_token_prompt_on_the_embedded_model_is_refused_at_once(embedded):
+    """kne 0.2.0 ran such an edit for 12 minutes at 9.6 GB."""
+    import time
+
+    model, tok = embedded
+    limit = model.config.max_position_embeddings
+    prompt = "The capital of France is " + "really " * 10_000
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"is \d+ tokens, more than the {limit} positions this model has "
+                                         r"\(config.max_position_embeddings\)"):
+        kne.fast_edit(model, tok, {"prompt": prompt, "target_new": "Rome"})
+    assert time.perf_counter() - t < 5
