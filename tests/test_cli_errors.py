@@ -153,6 +153,7 @@ def test_ctrl_c_while_torch_is_imported_in_a_fresh_process(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent("""
         import builtins, os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
         real = builtins.__import__
         def hooked(name, *args, **kwargs):
             if name == "torch" and "torch" not in sys.modules:

@@ -33,6 +33,17 @@ REQ = {"prompt": "The capital of France is", "target_new": "Rome"}
 
 
 # ---------------------------------------------------------------------------------------------- 1. the injector
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler for every test here: a process started in the background
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Injected(Exception):
     """The exception the injector raises (a plain ``Exception`` subclass nothing else raises)."""
 

@@ -194,7 +194,7 @@ class EditResult:
             return self.model
         changed = [] if force else self._changed_sites()
         if changed:
-            if all(self._holds_original(site) for site, _, _, _ in self._saved):
+            if self._holds_originals():
                 self._done()  # already restored (an interrupted restore, or kne.revert_edit of its file)
                 return self.model
             raise self._conflict("restore", changed)
@@ -215,13 +215,14 @@ class EditResult:
             raise
         return self.model
 
-    def _holds_original(self, site: ModuleSite) -> bool:
-        for s, dim, idx, base in self._saved:
-            if s is site:
-                w = s.weight()
-                with torch.no_grad():
-                    return _rows_digest(w.index_select(dim, idx.to(w.device))) == _rows_digest(base)
-        return False
+    def _holds_originals(self) -> bool:
+        """Whether every edited row already holds its original value again."""
+        with torch.no_grad():
+            for site, dim, idx, base in self._saved:
+                w = site.weight()
+                if _rows_digest(w.index_select(dim, idx.to(w.device))) != _rows_digest(base):
+                    return False
+        return True
 
     def _done(self) -> None:
         self.restored = True
