@@ -170,7 +170,7 @@ def test_config_overrides_and_dict_round_trip():
     from kne.config import resolve_config
 
     assert resolve_config({"ig_steps": 2}, {"percentile": 90}) == KNEConfig(ig_steps=2, percentile=90)
-    assert resolve_config(c, None) is c
+    assert resolve_config(c, None) == c and resolve_config(c, None) is not c  # a validated copy
 
 
 # ---------------------------------------------------------------------------------------------- EditRequest
@@ -477,7 +477,7 @@ def test_ensemble_binds_to_a_model_by_suffix_alias_or_short_name(tiny_model):
         assert site.module is model.model.layers[1].mlp.down_proj and idx.tolist() == [0, 31]
     with pytest.raises(ValueError, match="not found"):
         kne.Ensemble.from_knb_dict({"mlp.nothing": {0: [1]}}).sites(model)
-    with pytest.raises(ValueError, match="KNEConfig.layers"):
+    with pytest.raises(ValueError, match=rf"names layer {LAYERS}, but this model has {LAYERS} layers"):
         kne.Ensemble.from_knb_dict({"mlp.down_proj": {LAYERS: [1]}}).sites(model)
 
 
