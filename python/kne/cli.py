@@ -501,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the three shipped KnowEdit sets (zsre, counterfact, recent)")
     v.add_argument("--limit", type=int, default=None, help="N records of each file only (after --skip)")
     v.add_argument("--skip", type=int, default=0, help="leave out the first N records of each file")
-    v.add_argument("--method", nargs="+", choices=("kne", "reference", "ft-m"), default=["kne"],
-                   help="one or more methods (default kne)")
+    v.add_argument("--method", nargs="+", choices=("kne", "reference", "ft-m", "ft-m+kl"), default=["kne"],
+                   help="one or more methods (default kne); ft-m+kl is FT-M with kne's neighbour KL (needs "
+                        "--preserve-weight)")
     v.add_argument("--protocol", choices=("independent", "sequential", "both"), default="independent")
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
     v.add_argument("--out", default=None, help="write the results JSON here (its folder must exist)")
