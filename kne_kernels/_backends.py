@@ -150,7 +150,7 @@ def _choose(op: str, requested: str, device: torch.device) -> Tuple[str, Callabl
         if not live:
             if requested == "auto":
                 continue
-            raise RuntimeError(f"backend {cand!r} cannot run kne::{op} on {dtype} tensors here: {why}. Use "
+            raise RuntimeError(f"backend {cand!r} cannot run {dtype} tensors here: {why}. Use "
                                "backend='auto' (or KNE_BACKEND=auto), or see `python -m kne_kernels.info`")
         if dtype == "cuda" and cand in _GPU_BACKENDS:
             ok, detail = _first_use_check(op, cand, device)

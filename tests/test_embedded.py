@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import kne
-from kne.cli import DEMO_PARAPHRASE, DEMO_PROMPT, DEMO_TARGET, DEMO_UNRELATED, greedy
+from kne.cli import DEMO_PARAPHRASE, DEMO_PROMPT, DEMO_TARGET, greedy
+
+UNRELATED = ("The capital of Japan is", "The chemical symbol for gold is")
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +33,21 @@ def test_embedded_model_knows_paris(embedded):
     assert 0.6 < p[paris].item() < 0.9  # about 0.77
 
 
-def test_demo_edit_succeeds_and_unrelated_facts_keep_answers(embedded):
+def test_demo_fact_with_the_authors_settings_at_loss_0_1_keeps_unrelated_answers(embedded):
     model, tok = embedded
     snap = snapshot(model)
-    before = {u: greedy(model, tok, u) for u in DEMO_UNRELATED}
+    before = {u: greedy(model, tok, u) for u in UNRELATED}
     req = kne.EditRequest(prompt=DEMO_PROMPT, target_new=DEMO_TARGET, rephrase_prompt=DEMO_PARAPHRASE,
-                          locality={"Unrelated": [{"prompt": u, "ground_truth": before[u]} for u in DEMO_UNRELATED]})
+                          locality={"Unrelated": [{"prompt": u, "ground_truth": before[u]} for u in UNRELATED]})
     pre = kne.evaluate(model, tok, [req])
-    res = kne.fast_edit(model, tok, [req], stop_loss=0.1)  # the demo's setting (see kne demo --help)
+    res = kne.fast_edit(model, tok, [req], stop_loss=0.1)  # the authors' settings, stopped at loss 0.1
     try:
         post = kne.evaluate(model, tok, [req], pre=pre).summary()
         assert post["edit_succ"] == 1.0
         assert post["rephrase"] == 1.0
         assert post["locality"] == 1.0
         assert greedy(model, tok, DEMO_PROMPT).strip().startswith(DEMO_TARGET)
-        for u in DEMO_UNRELATED:
+        for u in UNRELATED:
             assert greedy(model, tok, u) == before[u], u
         st = res.stats
         assert 0 < st["steps"] <= 30 and st["losses"][-1] < 0.1 and st["stopped_early"]
@@ -99,17 +101,21 @@ def test_dataset_level_ensemble_sequential_edits(embedded, tmp_path):
 def test_non_finite_loss_restores_model(embedded, monkeypatch):
     model, tok = embedded
     snap = snapshot(model)
-    real = kne.editing.edit_loss
+    # the edit's loss comes from kne.objective.EditObjective (kne.editing.edit_loss is no longer on the
+    # edit's path since the preservation objective: patching it poisoned nothing, the edit completed
+    # and left this session-wide model edited for every later test)
+    real = kne.objective.EditObjective.__call__
     calls = {"n": 0}
 
-    def poisoned(logits, batch):
+    def poisoned(self, logits, penalty=None):
         calls["n"] += 1
-        loss = real(logits, batch)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        loss, done = real(self, logits, penalty)
+        return (loss * float("nan"), done) if calls["n"] == 3 else (loss, done)
 
-    monkeypatch.setattr(kne.editing, "edit_loss", poisoned)
+    monkeypatch.setattr(kne.objective.EditObjective, "__call__", poisoned)
     with pytest.raises(kne.EditError, match="nan"):
-        kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, stop_loss=0.0)
+        res = kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, stop_loss=0.0)
+        res.restore()  # only reached when the test fails: keep the shared model clean
     assert calls["n"] == 3
     assert_same(model, snap)
     assert all(p.grad is None for p in model.parameters())
@@ -125,7 +131,8 @@ def test_interrupted_edit_restores_model(embedded):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, on_step=interrupt)
+        res = kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, on_step=interrupt)
+        res.restore()  # only reached when the test fails: keep the shared model clean
     assert_same(model, snap)
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -218,7 +218,7 @@ def test_request_without_subject_falls_back_with_a_warning(tiny_model, tok, seed
     model = tiny_model("llama", seed=seed % 10_000)
     other = {"prompt": "Alan Turing was born in", "target_new": "New York City", "subject": "Alan Turing"}
     with pytest.warns(UserWarning, match="has no subject"):
-        res = kne.fast_edit(model, tok, [bare, other], **dict(EDIT_KW, preserve_weight=1.0))
+        res = kne.fast_edit(model, tok, [bare, other], **dict(EDIT_KW, preserve_weight=1.0, preserve_others=2))
     got = set(res.stats["neighbours"]) | set(res.stats["neighbours_dropped"])
     # Turing's neighbours: templates with his name, and his own prompt asked of other subjects
     assert got and all("Alan Turing" in p or p.endswith(" was born in") for p in got)
@@ -386,15 +386,19 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
 
 # ---------------------------------------------------------------------------------------------- the embedded model
 @pytest.mark.slow
-def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded):
+@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4, "preserve_weight": 30.0}], ids=["local", "local+others"])
+def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded, extra):
     """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
-    of facts the unedited model gets right stay: two more about France, two other capitals."""
+    of facts the unedited model gets right stay: two more about France and Japan's capital. With
+    other subjects asked the edited relation held by the KL (``preserve_others``), Germany's and
+    Spain's capitals stay too (the plain preset moves them to Rome)."""
     from kne.cli import greedy
 
     model, tok = embedded
     kept = {"The official language of France is": "French", "The currency of France is": "Euro",
-            "The capital of Japan is": "Tokyo", "The capital of Germany is": "Berlin",
-            "The capital of Spain is": "Madrid"}
+            "The capital of Japan is": "Tokyo"}
+    if extra:
+        kept.update({"The capital of Germany is": "Berlin", "The capital of Spain is": "Madrid"})
     edited = ["The capital of France is", "The capital city of France is called"]
     orig = snapshot(model)
     for p in edited:
@@ -402,7 +406,7 @@ def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded
     for p, want in kept.items():  # the unedited model gets them right
         assert want in greedy(model, tok, p), p
     res = kne.fast_edit(model, tok, {"prompt": edited[0], "target_new": "Rome", "subject": "France",
-                                     "ground_truth": "Paris"}, kne.KNEConfig.preset("local"))
+                                     "ground_truth": "Paris"}, kne.KNEConfig.preset("local", **extra))
     try:
         for p in edited:
             assert greedy(model, tok, p).strip().startswith("Rome"), p

@@ -10,11 +10,11 @@ the answer already starts with whitespace, so a target stored as ``" Paris"`` tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Batch", "encode", "join", "answer_logprobs"]
+__all__ = ["Batch", "encode", "join", "answer_logprobs", "check_tokenizer", "check_lengths"]
 
 
 def join(prompt: str, answer: str, *, always_space: bool = False) -> str:
@@ -64,6 +64,38 @@ class Batch:
         off = (torch.arange(k, device=self.rows.device) * B).repeat_interleave(self.rows.numel())
         return Batch(self.input_ids.repeat(k, 1), self.attention_mask.repeat(k, 1),
                      self.rows.repeat(k) + off, self.cols.repeat(k), self.lengths * k)
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Refuse a missing tokenizer before any work starts (``None`` fails deep inside otherwise)."""
+    if tokenizer is None:
+        raise ValueError("tokenizer is None: pass the model's tokenizer (kne.load_model returns (model, tokenizer); "
+                         "for other models AutoTokenizer.from_pretrained(<the model's name or folder>))")
+    if not callable(tokenizer):
+        raise ValueError(f"tokenizer must be a Hugging Face tokenizer (a callable that returns input_ids), got "
+                         f"{type(tokenizer).__name__}")
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def check_lengths(tokenizer, pairs: Iterable[Tuple[str, Optional[str]]], limit: Optional[Tuple[int, str]],
+                  add_special_tokens: bool) -> None:
+    """Refuse a text longer than the model's positions before it reaches the model (GPT-2 raises an
+    ``IndexError`` deep in its embedding; a rotary model runs for minutes and then answers
+    nonsense). ``pairs`` are ``(prompt, answer)`` (``answer`` ``None`` for a prompt alone);
+    ``limit`` is :func:`kne._utils.max_positions` of the model (``None``: no limit known)."""
+    if limit is None:
+        return
+    n_max, field = limit
+    for prompt, answer in pairs:
+        text = prompt if answer is None else join(prompt, answer)
+        n = len(_ids(tokenizer, text, add_special_tokens))
+        if n > n_max:
+            what = f"prompt {_short(prompt)!r}" + ("" if answer is None else f" with its answer {_short(answer)!r}")
+            raise ValueError(f"{what} is {n} tokens, more than the {n_max} positions this model has "
+                             f"(config.{field}): shorten it")
 
 
 def _ids(tokenizer, text: str, add_special_tokens: bool) -> List[int]:

@@ -1,44 +1,86 @@
-"""Small shared helpers: frozen parameters, eval mode, seeded RNG, timing."""
+"""Small shared helpers: frozen parameters, eval mode, the edit-local dropout, timing."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from typing import Iterable, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 
+def training_flags(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    """Every module's own ``training`` flag, for :func:`restore_training`."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_training(flags: List[Tuple[nn.Module, bool]]) -> None:
+    """Put back the flags :func:`training_flags` saved, module by module (``model.train(flag)``
+    would set one flag on every submodule)."""
+    for m, t in flags:
+        m.training = t
+
+
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Every parameter ``requires_grad=False`` inside (so no weight gradient is ever formed),
-    the model in eval mode; both restored on exit, whatever happens."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside; on exit every module gets back its own ``training`` flag (a model in
+    ``train()`` with one submodule in ``eval()`` comes back exactly so), whatever happens."""
+    flags = training_flags(model)
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
         model.eval()
         yield
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(training)
-
-
-def model_devices(model: nn.Module) -> List[torch.device]:
-    return sorted({p.device for p in model.parameters()}, key=str)
+        restore_training(flags)
 
 
 @contextlib.contextmanager
-def seeded(seed: int, devices: Iterable[torch.device] = ()) -> Iterator[None]:
-    """Seed torch's RNGs inside the block; the caller's RNG state is restored afterwards."""
-    cuda = [d.index if d.index is not None else 0 for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted(set(cuda)), enabled=True):
-        torch.manual_seed(seed)
-        yield
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside (so no weight gradient is ever formed),
+    the model in eval mode; both restored on exit (each parameter's flag and each module's own
+    ``training`` flag), whatever happens."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with eval_mode(model):
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+class EditDropout:
+    """Dropout on an edit's delta path, drawn from generators that belong to the edit.
+
+    ``x * bernoulli(1 - p) / (1 - p)``, the mask drawn as ``torch.empty_like(x).bernoulli_(1 - p,
+    generator=g)`` from one ``torch.Generator`` per device, each seeded with ``seed`` when the edit
+    first draws on that device. That is how torch's CPU ``F.dropout`` draws its mask from the
+    global generator, so on CPU the masks are bit for bit those of ``torch.manual_seed(seed)``
+    followed by ``F.dropout`` (what kne 0.2.0 did) -- without touching torch's process-wide
+    generators: an edit in one thread neither moves nor is moved by any other thread's RNG stream.
+    (On CUDA, ``F.dropout`` uses a fused Philox kernel; the masks here come from ``bernoulli_`` on
+    the edit's own CUDA generator instead.) ``kne.fast_edit`` and ``kne.reference.edit`` draw one
+    mask per hooked module per forward, in the same order, so they see the same masks.
+    """
+
+    def __init__(self, p: float, seed: int):
+        self.p = float(p)
+        self.seed = int(seed)
+        self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return g
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.empty_like(x).bernoulli_(keep, generator=self.generator(x.device))
+        return x * noise.div_(keep)
 
 
 def forward_logits(model: nn.Module, batch) -> torch.Tensor:
@@ -99,6 +141,43 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, pos]
 
 
+def as_int(value, what: str, lo: Optional[int] = None) -> int:
+    """``value`` as an int: any integer (Python's, numpy's), never a bool or a float; ``>= lo``."""
+    import numbers
+
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (lo is not None and value < lo):
+        raise ValueError(f"{what}={value!r} is invalid: use an integer" + (f" >= {lo}" if lo is not None else ""))
+    return int(value)
+
+
+def as_float(value, what: str, *, lo: Optional[float] = None, lo_open: bool = False, fix: str = "") -> float:
+    """``value`` as a float: any finite real number (Python's, numpy's), never a bool; ``>= lo``
+    (``> lo`` with ``lo_open``)."""
+    import math
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if not ok:
+        raise ValueError(f"{what}={value!r} is invalid: use {fix or 'a finite number'}")
+    return float(value)
+
+
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(model: nn.Module) -> Optional[Tuple[int, str]]:
+    """``(limit, config field)``: the most tokens the model takes in one sequence, read from its
+    config (``max_position_embeddings``; GPT-2 and GPT-J: ``n_positions``), or ``None``."""
+    cfg = getattr(model, "config", None)
+    for field in _POSITION_FIELDS:
+        v = getattr(cfg, field, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, getattr(cfg, "attribute_map", {}).get(field, field)  # GPT-2: n_positions
+    return None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Device of the input embeddings (where input ids must go)."""
     try:
@@ -117,17 +196,38 @@ class Timer:
 
 
 def kernel_backend(config, device: torch.device):
-    """The ``kne_kernels`` backend for ops on ``device`` under ``config.backend``: ``None`` (auto)
-    for ``"auto"``; ``"torch"`` for the torch-only path; a named kernel backend on the tensors it is
-    made for (``cpu`` on CPU, ``triton``/``cuda`` on CUDA, ``triton`` also on CPU under its
-    interpreter), auto on the others (scores, for instance, are reduced on the CPU whatever the
-    model's device). A named backend that is not live where it is made for is passed on, so the op
-    raises ``kne_kernels``' error saying why, as a direct call with that backend does."""
+    """The ``kne_kernels`` backend for ops on the model's tensors on ``device`` under
+    ``config.backend``: ``None`` (auto) for ``"auto"``, ``"torch"`` for the torch-only path, or the
+    kernel backend named -- which must be live for those tensors: if it is not (``"cuda"`` without a
+    GPU, ``"triton"`` on CPU without its interpreter, ``"cpu"`` without the C++ extension), the
+    ``RuntimeError`` ``kne_kernels`` raises for it (with the reason) is raised here, before any work;
+    a named backend is never silently replaced by another."""
     name = config.backend
     if name == "auto":
         return None
     if name == "torch":
         return "torch"
-    made_for = device.type == "cpu" if name == "cpu" else device.type == "cuda" or (
-        name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1")
-    return name if made_for else None
+    from kne_kernels._backends import resolve
+
+    resolve(name, torch.device(device))  # raises kne_kernels' RuntimeError when the backend is not live here
+    return name
+
+
+def selection_backend(config):
+    """The backend of the ensemble selection, whose scores kne always keeps on the CPU (whatever
+    device the model is on): the named backend where it runs CPU tensors (``cpu``, ``torch``,
+    ``triton`` under its interpreter), else auto -- a ``"cuda"`` setting names the kernels of a
+    CUDA model's attribution and edit, not of this CPU reduction."""
+    import kne_kernels
+
+    name = config.backend
+    if name == "auto":
+        return None
+    return name if kne_kernels.status(name, "cpu")[0] else None
+
+
+def require_backend(config, devices) -> None:
+    """Raise now (``kne_kernels``' error) if ``config.backend`` names a backend that cannot run on
+    one of ``devices`` (the devices the model's target modules compute on)."""
+    for d in sorted({torch.device(d) for d in devices}, key=str):
+        kernel_backend(config, d)

@@ -22,8 +22,9 @@ from torch import nn
 
 import kne_kernels
 
-from ._text import Batch, answer_logprobs, encode
-from ._utils import Timer, answer_logits, frozen, input_device, kernel_backend
+from ._text import Batch, answer_logprobs, check_lengths, check_tokenizer, encode
+from ._utils import (Timer, answer_logits, as_int, frozen, input_device, kernel_backend, max_positions,
+                     require_backend)
 from .adapters import ModuleSite, resolve_sites
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble
@@ -210,11 +211,13 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     progress bar and the throughput (default: when there is more than one batch).
     """
     cfg = resolve_config(config, overrides)
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: use a positive number of requests per batch")
+    batch_size = as_int(batch_size, "batch_size", 1)
     timer = Timer()
     sites = resolve_sites(model, cfg.target_modules, cfg.layers)
+    require_backend(cfg, [s.device for ss in sites.values() for s in ss])
+    check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), cfg.add_special_tokens)
     layers = tuple(s.layer for s in next(iter(sites.values())))
     R, m = len(reqs), cfg.ig_steps
     # Scores live on the CPU: with a model spread over devices each site reports from its own.

@@ -30,6 +30,7 @@ DEMO_KEPT = (("same subject", "The official language of France is"), ("same subj
 def _setup(args) -> None:
     import torch
 
+    _check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif str(args.device).startswith("cpu"):
@@ -47,6 +48,68 @@ def _setup(args) -> None:
         pass
 
 
+def _check_device(device: str) -> None:
+    """``--device``: a torch device that exists here (a missing GPU is one line, not torch's
+    ``AssertionError: Torch not compiled with CUDA enabled``)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_output(path: Optional[str], flag: str, *, create: bool) -> None:
+    """An output path checked before any work: not a directory; its folder exists (or, with
+    ``create``, can be made: the nearest existing ancestor is a folder)."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a directory; give a file name, e.g. {p / 'out.json'}")
+    parent = probe = p.parent
+    if create:  # the missing folders are made when the file is written
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    if not probe.exists():
+        raise FileNotFoundError(f"{flag} {path}: the folder {str(parent)!r} does not exist; create it first")
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {str(probe)!r} is not a folder")
+
+
+def _check_args(args) -> None:
+    """What can be checked before torch is imported and the model loaded: numbers, input files and
+    every output path (so no edit runs only to fail at saving its result)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be a positive number of threads, got {threads}")
+    ens = getattr(args, "ensemble", None)
+    if ens:
+        if Path(ens).is_dir():
+            raise IsADirectoryError(f"--ensemble {ens}: is a directory; give the ensemble JSON file (Ensemble.save, or "
+                                    "the authors' knb_dict)")
+        if not Path(ens).is_file():
+            raise FileNotFoundError(f"--ensemble {ens}: the file does not exist")
+    _check_output(getattr(args, "save", None), "--save", create=True)
+    model_dir = getattr(args, "save_model", None)
+    if model_dir and Path(model_dir).exists() and not Path(model_dir).is_dir():
+        raise NotADirectoryError(f"--save-model {model_dir}: is a file; give a folder for the edited model")
+    for flag in ("out", "table"):
+        _check_output(getattr(args, flag, None), f"--{flag}", create=False)
+    if args.command == "eval":
+        if args.skip < 0:
+            raise ValueError(f"--skip must be >= 0, got {args.skip}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+
+
 def _load(args, quiet: bool = False):
     import torch
 
@@ -55,6 +118,7 @@ def _load(args, quiet: bool = False):
     dtype = getattr(torch, args.dtype)
     t = time.perf_counter()
     model, tok = kne.load_model(args.model, dtype=dtype, device=args.device)
+    args.phase = "run"
     n = sum(p.numel() for p in model.parameters())
     if not quiet:
         print(f"model   {args.model} ({model.config.model_type}, {kne.adapters.num_layers(model)} layers, "
@@ -108,7 +172,7 @@ def _common(p: argparse.ArgumentParser, model_default: Optional[str] = "smollm2-
                    help="'smollm2-135m' (embedded, offline) or a from_pretrained folder / hub id")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default on CPU: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, a positive number (default on CPU: 1)")
 
 
 def greedy(model, tok, prompt: str, n: int = 6, add_special_tokens: bool = False) -> str:
@@ -166,6 +230,11 @@ def cmd_demo(args) -> int:
     print(f"time      locate {st['locate_seconds']:.2f} s + edit {st['edit_seconds']:.2f} s = {st['total_seconds']:.2f} s")
     print(f"metrics   edit success {_pct(s['edit_succ'])}%, rephrase {_pct(s['rephrase'])}%, "
           f"locality {_pct(s['locality'])}% (the kept facts' answer tokens unchanged)")
+    moved = [p for kind, p in DEMO_KEPT if kind == "other capital" and after[p] != before[p]]
+    if moved and not (cfg.preserve_others and cfg.preserve_weight > 0):
+        print(f"note      {len(moved)} other subject(s) asked the edited relation moved (e.g. {moved[0]!r}): "
+              "--preserve-others 4 --preserve-weight 30 holds them with the KL, at about 4x the steps "
+              "(README, Quality)")
     if args.restore:
         res.restore()
         print("restored  the model is back to its original weights")
@@ -178,10 +247,10 @@ def cmd_edit(args) -> int:
     import kne
     from kne.runs import pct as _pct
 
-    model, tok = _load(args)
     cfg = _config(args)
     req = kne.EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)
     ens = kne.Ensemble.load(args.ensemble) if args.ensemble else None
+    model, tok = _load(args)
     before = greedy(model, tok, args.prompt)
     pre = kne.evaluate(model, tok, [req])
     res = kne.fast_edit(model, tok, [req], cfg, ensemble=ens)
@@ -194,33 +263,25 @@ def cmd_edit(args) -> int:
           f"{st['total_seconds']:.2f} s")
     if args.save:
         path = res.save(args.save)
+        args.wrote.append(str(path))
         print(f"saved   the edit ({path.stat().st_size / 1024:.0f} KB: indices, new and original rows) to {path}; "
               "apply it with kne.apply_edit(model, path), undo with kne.revert_edit")
     if args.save_model:
         out = Path(args.save_model)
+        args.writing = str(out)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         res.ensemble.save(out / "kne_ensemble.json")
         meta = {"request": req.to_dict(), "config": cfg.to_dict(), "stats": st, "base_model": args.model}
         (out / "kne_edit.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        args.writing = None
+        args.wrote.append(str(out))
         print(f"saved   the edited model, its ensemble and an edit record to {out}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------ eval
-def _check_writable(opt: str, value: Optional[str]) -> None:
-    """Fail before hours of evaluation, not after, when an output file cannot be written."""
-    if not value:
-        return
-    path = Path(value)
-    if path.is_dir():
-        raise ValueError(f"{opt} {value!r} is a folder: give a file name, e.g. {opt} {path / 'results.json'}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{opt} {value!r}: the folder {str(folder)!r} does not exist (create it first)")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{opt} {value!r}: the folder {str(folder)!r} is not writable")
 
 
 def cmd_eval(args) -> int:
@@ -229,6 +290,20 @@ def cmd_eval(args) -> int:
     from kne.runs import distributed, format_table, merge_runs, run_edits
 
     files = data_files(args.data, args.all)
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    data = []  # every file's records, read (and checked) before the model loads
+    for f in files:
+        records = kne.load_knowedit(f)
+        requests = records[args.skip:]
+        if args.limit is not None:
+            requests = requests[:args.limit]
+        if not requests:
+            raise ValueError(f"{f}: no records to evaluate " + (f"(it holds {len(records)}; --skip {args.skip} leaves "
+                                                                "none)" if records else "(the file holds none)"))
+        data.append((f, requests))
     protocols = ("independent", "sequential") if args.protocol == "both" else (args.protocol,)
     rank, world = distributed()
     if world > 1:
@@ -237,19 +312,10 @@ def cmd_eval(args) -> int:
                              "--protocol sequential without torchrun")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    for opt, value in (("--out", args.out), ("--table", args.table)):
-        _check_writable(opt, value)
     model, tok = _load(args) if rank == 0 else _load(args, quiet=True)
     cfg = _config(args)
     runs = []
-    for f in files:
-        if args.skip < 0:
-            raise ValueError(f"--skip must be >= 0, got {args.skip}")
-        requests = kne.load_knowedit(f)[args.skip:]
-        if args.limit is not None:
-            if args.limit < 1:
-                raise ValueError(f"--limit must be >= 1, got {args.limit}")
-            requests = requests[:args.limit]
+    for f, requests in data:
         mine = list(range(rank, len(requests), world))  # every world-th record, so shards stay balanced
         for method in args.method:
             for protocol in protocols:
@@ -276,7 +342,7 @@ def cmd_eval(args) -> int:
     if failed:
         print(f"\n{failed} edit(s) failed and are left out of the means (see the JSON output)")
     if args.table:
-        Path(args.table).write_text(table + "\n")
+        _write_text(args, args.table, table + "\n")
         print(f"wrote {args.table}")
     if args.out:
         payload = {"model": args.model, "limit": args.limit, "skip": args.skip, "config": cfg.to_dict(),
@@ -284,9 +350,22 @@ def cmd_eval(args) -> int:
                    "runs": runs}
         if len(runs) == 1:
             payload.update(runs[0])
-        Path(args.out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        _write_text(args, args.out, json.dumps(payload, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
     return 0 if not failed else 1
+
+
+def _write_text(args, path: str, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary name, then renamed)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    args.wrote.append(str(p))
 
 
 def cmd_info(args) -> int:
@@ -306,7 +385,9 @@ def cmd_plot(args) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kne", description="Fast KNE knowledge editing for Hugging Face models.")
+    p = argparse.ArgumentParser(prog="kne", description="Fast KNE knowledge editing for Hugging Face models.",
+                                epilog="A mistake ends in one line on stderr (exit status 2), a Ctrl-C in one line "
+                                       "saying what was written (130).")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="edit a fact of the embedded model and show before/after",
@@ -334,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subject", default=None)
     e.add_argument("--ensemble", default=None, help="an ensemble JSON (kne or the authors' knb_dict) to use")
     e.add_argument("--save", default=None, metavar="FILE",
-                   help="write the compact edit file (safetensors: indices, new and original rows, model fingerprint)")
+                   help="write the compact edit file (safetensors: indices, new and original rows, model fingerprint; "
+                        "missing folders are made)")
     e.add_argument("--save-model", default=None, metavar="DIR",
                    help="folder for the whole edited model (save_pretrained), its ensemble and an edit record")
     _config_args(e)
@@ -352,12 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the three shipped KnowEdit sets (zsre, counterfact, recent)")
     v.add_argument("--limit", type=int, default=None, help="N records of each file only (after --skip)")
     v.add_argument("--skip", type=int, default=0, help="leave out the first N records of each file")
-    v.add_argument("--method", nargs="+", choices=("kne", "reference", "ft-m"), default=["kne"],
-                   help="one or more methods (default kne)")
+    v.add_argument("--method", nargs="+", choices=("kne", "reference", "ft-m", "ft-m+kl"), default=["kne"],
+                   help="one or more methods (default kne); ft-m+kl is FT-M with kne's neighbour KL (needs "
+                        "--preserve-weight)")
     v.add_argument("--protocol", choices=("independent", "sequential", "both"), default="independent")
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
-    v.add_argument("--out", default=None, help="write the results JSON here")
-    v.add_argument("--table", default=None, help="write the markdown table here")
+    v.add_argument("--out", default=None, help="write the results JSON here (its folder must exist)")
+    v.add_argument("--table", default=None, help="write the markdown table here (its folder must exist)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     _config_args(v)
     v.set_defaults(func=cmd_eval)
@@ -376,23 +459,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _interrupted(args) -> str:
+    where = " during start-up" if args.phase == "start-up" else ""
+    if args.command not in ("demo", "edit", "eval"):
+        return f"kne {args.command}: interrupted{where}"
+    if args.writing:
+        files = f"; {args.writing} was being written and may be incomplete"
+    elif args.wrote:
+        files = f"; only {', '.join(args.wrote)} was written (complete)"
+    else:
+        files = "; nothing was written"
+    return f"kne {args.command}: interrupted{where}{files}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; every error is one line on stderr (exit 2), a Ctrl-C one line too (130).
+    The package is imported lazily, so a Ctrl-C while torch and the model load lands here."""
     args = build_parser().parse_args(argv)
-    if args.command not in ("info", "plot"):  # these set (or report) threads and devices themselves
-        _setup(args)
+    args.phase, args.wrote, args.writing = "start-up", [], None
     try:
+        _check_args(args)
+        if args.command not in ("info", "plot"):  # these set (or report) threads and devices themselves
+            _setup(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, MissingDependency) as e:
-        print(f"kne {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, MissingDependency) as e:
+        print(f"kne {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kne {args.command}: interrupted (the model in memory was restored; nothing was saved)", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     finally:
-        try:
-            import torch.distributed as dist
+        if "torch.distributed" in sys.modules:
+            try:
+                import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
+            except Exception:  # pragma: no cover - best effort at exit
+                pass

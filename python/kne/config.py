@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
+
 __all__ = ["KNEConfig", "resolve_config"]
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed / Generator.manual_seed accept
 
 _CHOICES = {
     "neuron_axis": ("out", "in"),
@@ -34,7 +39,9 @@ class KNEConfig:
     Localisation (``kne.attribute`` / ``kne.locate``):
 
     * ``target_modules``: FFN modules whose neurons are scored, by neutral alias (``ffn_in``,
-      ``ffn_gate``, ``ffn_out``) or by Hugging Face suffix (``mlp.down_proj``).
+      ``ffn_gate``, ``ffn_out``) or by Hugging Face suffix (``mlp.down_proj``). Any other linear
+      projection inside a decoder layer (``self_attn.o_proj``) may be named by its path too: it is
+      scored and edited by the same code (tests/test_other_modules.py holds it to the reference).
     * ``neuron_axis``: ``"out"`` -- neuron ``i`` is row ``W[i, :]`` (the authors' ``this_layer``);
       ``"in"`` -- neuron ``j`` is column ``W[:, j]`` (``last_layer``).
     * ``layers``: decoder layer indices to score (``None``: all).
@@ -71,9 +78,13 @@ class KNEConfig:
     ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
     kernels of the fast path (``kne_kernels``): ``"auto"`` (the C++ extension on CPU, Triton or
     CUDA C++ on a GPU, falling back to torch), ``"torch"`` (the torch-only fast path), or one
-    kernel backend by name (``"cpu"``, ``"triton"``, ``"cuda"``: used on the tensors it is made
-    for, auto on the others; one that is not live raises ``RuntimeError`` saying why); ``seed``
-    seeds dropout and the delta initialisation (the caller's global RNG state is left untouched).
+    kernel backend by name (``"cpu"``, ``"triton"``, ``"cuda"``; one that cannot run here raises
+    ``kne_kernels``' error instead of falling back); ``seed`` (an integer in ``[-2**63, 2**64)``, as
+    ``torch.manual_seed`` takes) seeds dropout and the delta initialisation from generators of the
+    edit's own (torch's global RNG is never touched).
+
+    Numbers may be Python's or numpy's scalars. Every call validates its config again (a copy of it),
+    so a field reassigned after construction is refused at the call.
     """
 
     target_modules: Tuple[str, ...] = _f(("ffn_out",), "FFN modules whose neurons are scored: aliases ffn_in, "
@@ -97,7 +108,8 @@ class KNEConfig:
     delta_init: str = _f("zeros", "zeros, or kaiming (the authors' LoRA-style noise, bound 1/sqrt(in))")
     preserve_weight: float = _f(0.0, "weight of the neighbour KL(p_before || p_after) (0: off)")
     preserve_count: int = _f(16, "relation templates filled with the request's subject as neighbours")
-    preserve_others: int = _f(4, "neighbours that ask the edit prompt's own relation of other subjects")
+    preserve_others: int = _f(0, "neighbours that ask the edit prompt's own relation of other subjects (with "
+                                 "project and the KL on, the KL holds them and the projection the rest)")
     preserve_prompt_positions: bool = _f(False, "also keep the edit prompt's own positions before the answer")
     stop_rule: str = _f("loss", "stop when the edit loss < stop_loss (loss), every answer token is the argmax "
                                 "(argmax), or has probability >= stop_prob (min_prob)")
@@ -123,14 +135,15 @@ class KNEConfig:
         if len(set(self.target_modules)) != len(self.target_modules):
             _bad("target_modules", self.target_modules, "each module named once")
         if self.layers is not None:
-            if isinstance(self.layers, int):
+            if _is_integer(self.layers):
                 self.layers = (self.layers,)
             try:
                 self.layers = tuple(self.layers)
             except TypeError:
                 _bad("layers", self.layers, "None (all layers) or a sequence of layer indices")
-            if not self.layers or not all(isinstance(l, int) and not isinstance(l, bool) for l in self.layers):
+            if not self.layers or not all(_is_integer(l) for l in self.layers):
                 _bad("layers", self.layers, "None (all layers) or a non-empty sequence of int layer indices")
+            self.layers = tuple(int(l) for l in self.layers)
             if len(set(self.layers)) != len(self.layers):
                 _bad("layers", self.layers, "each layer listed once")
         for name, choices in _CHOICES.items():
@@ -138,7 +151,7 @@ class KNEConfig:
                 _bad(name, getattr(self, name), "one of " + ", ".join(repr(c) for c in choices))
         _int(self, "ig_steps", 1)
         _int(self, "steps", 0)
-        _int(self, "seed", None)
+        _int(self, "seed", SEED_MIN, hi=SEED_MAX, fix="an integer in [-2**63, 2**64) (what torch.manual_seed takes)")
         _int(self, "preserve_count", 0)
         _int(self, "preserve_others", 0)
         _num(self, "percentile", lo=0.0, hi=100.0, hi_open=True,
@@ -158,8 +171,12 @@ class KNEConfig:
         _num(self, "project_threshold", lo=0.0, fix="a non-negative eigenvalue threshold such as 1e-2")
         for name in ("positive_only", "rs_scaling", "add_special_tokens", "preserve_prompt_positions", "project",
                      "project_corpus"):
-            if not isinstance(getattr(self, name), bool):
-                _bad(name, getattr(self, name), "True or False")
+            v = getattr(self, name)
+            if isinstance(v, np.bool_):  # numpy's bool is the bool it holds
+                v = bool(v)
+                setattr(self, name, v)
+            if not isinstance(v, bool):
+                _bad(name, v, "True or False")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "KNEConfig":
@@ -210,19 +227,20 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 
 
 def resolve_config(config: Optional[KNEConfig], overrides: Optional[Dict[str, Any]] = None) -> KNEConfig:
-    """``config`` (default ``KNEConfig()``) with ``overrides`` applied, validated."""
+    """A validated copy of ``config`` (default ``KNEConfig()``) with ``overrides`` applied."""
     if config is None:
         config = KNEConfig()
     elif isinstance(config, dict):
         config = resolve_config(None, config)
     elif not isinstance(config, KNEConfig):
         raise ValueError(f"config must be a kne.KNEConfig or a dict, got {type(config).__name__}")
-    if not overrides:
-        return config
+    overrides = overrides or {}
     names = {f.name for f in dataclasses.fields(KNEConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown KNEConfig field(s) {unknown}; valid fields are: {', '.join(sorted(names))}")
+    # Always a fresh, validated copy: fields reassigned after construction (cfg.lr = -1) are checked
+    # again here, at the call, and the caller's later changes do not reach a running edit.
     return dataclasses.replace(config, **overrides)
 
 
@@ -230,15 +248,22 @@ def _bad(name: str, value: Any, fix: str) -> None:
     raise ValueError(f"KNEConfig.{name}={value!r} is invalid: use {fix}")
 
 
-def _int(cfg: KNEConfig, name: str, lo: Optional[int]) -> None:
+def _is_integer(v: Any) -> bool:
+    """An integer: Python's or numpy's (any ``numbers.Integral``), never a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _int(cfg: KNEConfig, name: str, lo: Optional[int], hi: Optional[int] = None, fix: Optional[str] = None) -> None:
     v = getattr(cfg, name)
-    if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
-        _bad(name, v, f"an integer >= {lo}" if lo is not None else "an integer")
+    if not _is_integer(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        _bad(name, v, fix or (f"an integer >= {lo}" if lo is not None else "an integer"))
+    setattr(cfg, name, int(v))  # a numpy integer is the int it holds
 
 
 def _num(cfg: KNEConfig, name: str, *, lo=None, hi=None, lo_open=False, hi_open=False, fix: str) -> None:
     v = getattr(cfg, name)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # any real number (int, float, numpy's scalars: numbers.Real), never a bool
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
     if ok and hi is not None:

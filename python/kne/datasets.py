@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from .requests import EditRequest, load_knowedit
 
-__all__ = ["KNOWEDIT", "KNOWEDIT_FILES", "data_files", "knowedit", "knowedit_path", "resolve_data"]
+__all__ = ["KNOWEDIT", "data_files", "knowedit", "knowedit_path", "resolve_data"]
 
 #: short name -> file under kne/data/knowedit (the published name plus ``.gz``)
 KNOWEDIT: Dict[str, str] = {
@@ -24,9 +24,6 @@ KNOWEDIT: Dict[str, str] = {
     "counterfact": "wiki_counterfact-train.json.gz",
     "recent": "wiki_recent-train.json.gz",
 }
-
-#: the published names of the shipped files (the ``data`` name of their runs in ``kne eval --all``)
-KNOWEDIT_FILES = tuple(f[:-len(".gz")] for f in KNOWEDIT.values())
 
 _DIR = Path(__file__).resolve().parent / "data" / "knowedit"
 

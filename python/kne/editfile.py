@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._guard import deferred_interrupt
+from ._guard import undo_writes
 
 __all__ = ["save_edit", "read_edit", "apply_edit", "revert_edit", "fingerprint", "value_fingerprint"]
 
@@ -162,6 +162,9 @@ def save_edit(result, path: Union[str, Path]) -> Path:
 
     if result.restored:
         raise ValueError("this edit was restored: there is nothing to save (save before restore())")
+    changed = result._changed_sites()
+    if changed:  # the rows now hold a later edit's change too: a file of them would apply both
+        raise result._conflict("save", changed)
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give the edit file a name, e.g. {path / 'edit.safetensors'}")
@@ -433,18 +436,7 @@ def _transfer(model: nn.Module, path: Union[str, Path], expect: str, write: str,
 
 
 def _rollback(done, path: Path, verb: str, error: BaseException) -> None:
-    failed = []
-    with deferred_interrupt(), torch.no_grad():  # a second Ctrl-C waits until the model is whole again
-        for site, w, idx, now in reversed(done):
-            try:
-                w.index_copy_(site.dim, idx, now)
-            except Exception as e:  # keep undoing the other sites
-                failed.append(f"{site.path} ({type(e).__name__}: {e})")
-    if failed:
-        raise RuntimeError(f"{verb} {path.name} failed ({type(error).__name__}: {error}) and could not be undone at "
-                           f"{', '.join(failed)}: those weights are left partly written; reload the model") from error
-    if hasattr(error, "add_note"):
-        error.add_note(f"kne: {verb} {path.name} was rolled back; the model is unchanged")
+    undo_writes([(site.path, w, site.dim, idx, now) for site, w, idx, now in done], f"{verb} {path.name}", error)
 
 
 def apply_edit(model: nn.Module, path: Union[str, Path]) -> int:

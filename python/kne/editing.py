@@ -11,21 +11,26 @@ the original rows are kept so :meth:`EditResult.restore` is bit-exact.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import pathlib
+import threading
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kne_kernels
 from kne_kernels import adamw_update_
 
-from ._utils import Timer, frozen, input_device, kernel_backend, logits_at, model_devices, seeded
-from .adapters import ModuleSite, get_architecture, resolve_sites
+from ._guard import undo_writes
+from ._text import check_lengths, check_tokenizer
+from ._utils import EditDropout, Timer, frozen, input_device, kernel_backend, logits_at, max_positions, require_backend
+from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .attribution import locate
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble, _match_suffix
@@ -75,6 +80,29 @@ class _Slot:
     idx_dev: torch.Tensor  # idx on the compute device (the forward hook's index)
 
 
+_LOCK = threading.Lock()
+_LIVE: "weakref.WeakValueDictionary[int, EditResult]" = weakref.WeakValueDictionary()  # number -> unrestored result
+_NUMBERS = itertools.count(1)
+
+
+def _rows_digest(rows: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: what an edit wrote, kept instead of a copy."""
+    t = rows.detach().contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
+    return h.hexdigest()
+
+
+def _overlap(a: Tuple[int, torch.Tensor], b: Tuple[int, torch.Tensor]) -> bool:
+    """Whether two row (dim 0) or column (dim 1) index sets of one weight share an element."""
+    (da, ia), (db, ib) = a, b
+    if not ia.numel() or not ib.numel():
+        return False
+    if da != db:  # rows and columns of one matrix always cross
+        return True
+    return bool(torch.isin(ia.cpu(), ib.cpu()).any())
+
+
 class EditResult:
     """Outcome of one edit: ``model`` (edited in place), ``ensemble``, ``stats`` and ``restore()``.
 
@@ -82,37 +110,130 @@ class EditResult:
     steps taken), ``losses`` (the loss before each step, and the one that stopped the loop),
     ``stopped_early``, ``neurons``, ``params_edited``, ``params_total`` (all model parameters),
     ``param_fraction`` and ``target_param_fraction`` (share of the target modules' parameters).
+
+    Every result is numbered in the order it was made (``number``; :meth:`describe` names it) and,
+    until restored, kept in a per-process registry of weak references, so :meth:`restore` can name
+    the later edit that stands in its way. It keeps the original rows (for ``restore``) and a sha256
+    of the rows it wrote (to tell whether they are still there), not a second copy of them.
     """
 
-    def __init__(self, model: nn.Module, ensemble: Ensemble, stats: Dict[str, Any], config: KNEConfig,
-                 requests: List[EditRequest], saved: List[Tuple[ModuleSite, int, torch.Tensor, torch.Tensor]]):
+    def __init__(self, model: nn.Module, ensemble: Optional[Ensemble], stats: Dict[str, Any],
+                 config: Optional[KNEConfig], requests: List[EditRequest],
+                 saved: List[Tuple[ModuleSite, int, torch.Tensor, torch.Tensor]], *, method: str = "kne.fast_edit"):
         self.model = model
         self.ensemble = ensemble
         self.stats = stats
         self.config = config
         self.requests = requests
+        self.method = method
         self._saved = saved  # (site, dim, idx, original rows/cols)
+        with torch.no_grad():  # what this edit wrote, as the model holds it now
+            self._written = [_rows_digest(site.weight().index_select(dim, idx.to(site.weight().device)))
+                             for site, dim, idx, _ in saved]
         self.restored = False
+        with _LOCK:
+            self.number = next(_NUMBERS)
+            _LIVE[self.number] = self
+
+    def describe(self) -> str:
+        """``edit #3 (kne.fast_edit: 'The capital of France is' -> 'Rome')``."""
+        r = self.requests[0] if self.requests else None
+        what = f"{r.prompt!r} -> {r.target_new!r}" if r is not None else "no request"
+        more = f" and {len(self.requests) - 1} more request(s)" if len(self.requests) > 1 else ""
+        return f"edit #{self.number} ({self.method}: {what}{more})"
 
     def save(self, path) -> "pathlib.Path":
         """Write only what changed (indices, new and original rows, model fingerprint, config) to a
-        safetensors file; :func:`kne.apply_edit` / :func:`kne.revert_edit` apply and undo it."""
+        safetensors file; :func:`kne.apply_edit` / :func:`kne.revert_edit` apply and undo it.
+        Refused (``ValueError``) once a later edit has changed rows this edit wrote."""
         from .editfile import save_edit
 
         return save_edit(self, path)
 
-    def restore(self) -> nn.Module:
-        """Put every edited weight back bit for bit (idempotent). Returns the model."""
-        if not self.restored:
-            for site, dim, idx, base in reversed(self._saved):
-                with torch.no_grad():
-                    site.weight().index_copy_(dim, idx.to(base.device), base)
-            self.restored = True
+    def _changed_sites(self) -> List[ModuleSite]:
+        """The module instances whose edited rows no longer hold what this edit wrote."""
+        out = []
+        with torch.no_grad():
+            for (site, dim, idx, _), digest in zip(self._saved, self._written):
+                w = site.weight()
+                if _rows_digest(w.index_select(dim, idx.to(w.device))) != digest:
+                    out.append(site)
+        return out
+
+    def _later_edits(self, sites: List[ModuleSite]) -> List["EditResult"]:
+        """Live (unrestored) results made after this one that wrote rows of ``sites`` this one
+        wrote too, newest first (the order to restore them in)."""
+        mine = {id(s.module): (d, i) for s, d, i, _ in self._saved if any(s.module is c.module for c in sites)}
+        with _LOCK:
+            others = [r for n, r in sorted(_LIVE.items(), reverse=True) if n > self.number]
+        return [r for r in others if not r.restored and any(
+            id(s.module) in mine and _overlap(mine[id(s.module)], (d, i)) for s, d, i, _ in r._saved)]
+
+    def _conflict(self, verb: str, changed: List[ModuleSite]) -> ValueError:
+        names = changed[0].path + (f" (and {len(changed) - 1} more module(s))" if len(changed) > 1 else "")
+        later = self._later_edits(changed)
+        if later:
+            cause = ("a later edit changed those rows: restore " + ", then ".join(r.describe() for r in later) +
+                     " first (later edits newest first, as kne.runs does)")
+        else:
+            cause = ("they were changed after this edit by something kne cannot name (a forced restore of an earlier "
+                     "edit, an edit file applied with kne.apply_edit, a later edit whose EditResult is gone, or a "
+                     "direct write): undo that first")
+        return ValueError(f"cannot {verb} {self.describe()}: {names} no longer holds the rows this edit wrote; {cause}"
+                          + ("; or restore(force=True) to write this edit's original rows anyway (the later change "
+                             "of those rows is then lost, and its own restore() refuses in turn)"
+                             if verb == "restore" else ""))
+
+    def restore(self, *, force: bool = False) -> nn.Module:
+        """Put every weight this edit changed back bit for bit; returns the model (idempotent).
+
+        Refuses (``ValueError``, nothing written) when the edited rows no longer hold what this edit
+        wrote -- a later edit changed them -- and names that later edit: restore later edits first,
+        newest first. ``force=True`` writes the original rows anyway. All or nothing: a failure or
+        a Ctrl-C while writing puts back what was written (a second Ctrl-C waits for that)."""
+        if self.restored:
+            return self.model
+        changed = [] if force else self._changed_sites()
+        if changed:
+            if self._holds_originals():
+                self._done()  # already restored (an interrupted restore, or kne.revert_edit of its file)
+                return self.model
+            raise self._conflict("restore", changed)
+        done = []
+        try:
+            with torch.no_grad():
+                for site, dim, idx, base in reversed(self._saved):
+                    w = site.weight()
+                    i = idx.to(w.device)
+                    done.append((site.path, w, dim, i, w.index_select(dim, i)))
+                    w.index_copy_(dim, i, base.to(w.device))
+                self._done()
+        except BaseException as e:
+            self.restored = False
+            with _LOCK:
+                _LIVE[self.number] = self
+            undo_writes(done, f"restore of {self.describe()}", e)
+            raise
         return self.model
+
+    def _holds_originals(self) -> bool:
+        """Whether every edited row already holds its original value again."""
+        with torch.no_grad():
+            for site, dim, idx, base in self._saved:
+                w = site.weight()
+                if _rows_digest(w.index_select(dim, idx.to(w.device))) != _rows_digest(base):
+                    return False
+        return True
+
+    def _done(self) -> None:
+        self.restored = True
+        with _LOCK:
+            _LIVE.pop(self.number, None)
 
     def __repr__(self) -> str:
         s = self.stats
-        return (f"EditResult(steps={s.get('steps')}, final_loss={s['losses'][-1] if s.get('losses') else None}, "
+        return (f"EditResult(#{self.number}, {self.method}, steps={s.get('steps')}, "
+                f"final_loss={s['losses'][-1] if s.get('losses') else None}, "
                 f"neurons={s.get('neurons')}, params_edited={s.get('params_edited')}, "
                 f"total_seconds={s.get('total_seconds', 0):.3f}, restored={self.restored})")
 
@@ -148,6 +269,24 @@ def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torc
     return losses, steps, stopped
 
 
+def check_call(model: nn.Module, tokenizer, requests, cfg: KNEConfig, ensemble, preserve_prompts) -> List[EditRequest]:
+    """The checks of an edit call that need no forward pass, before any work: the tokenizer, the
+    requests (validated again), the ensemble's type, ``preserve_prompts``, and every text against
+    the model's maximum positions. Returns the validated requests."""
+    check_tokenizer(tokenizer)
+    reqs = as_requests(requests)
+    if ensemble is not None and not isinstance(ensemble, Ensemble):
+        raise ValueError(f"ensemble must be a kne.Ensemble (see kne.locate / Ensemble.load), got "
+                         f"{type(ensemble).__name__}")
+    texts = [(r.prompt, r.target_new) for r in reqs]
+    if preserve_prompts is not None:
+        if isinstance(preserve_prompts, str) or not all(isinstance(p, str) and p.strip() for p in preserve_prompts):
+            raise ValueError("preserve_prompts must be a list of non-empty prompt strings")
+        texts += [(p, None) for p in preserve_prompts]
+    check_lengths(tokenizer, texts, max_positions(model), cfg.add_special_tokens)
+    return reqs
+
+
 def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
               preserve_prompts: Optional[List[str]] = None, **overrides: Any) -> EditResult:
@@ -159,6 +298,13 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     loss is the mean of their per-request losses). The model is left exactly as it was if the edit
     fails or is interrupted (a non-finite loss raises :class:`EditError`).
 
+    All or nothing: every input is checked against the model before any work (requests, config,
+    tokenizer, text lengths, the ensemble's layers, indices and shapes, the kernel backend); the
+    weights are written only at the end, in one merge, after every statistic is computed; an
+    exception or a ``KeyboardInterrupt`` at any point (locate, the preservation capture, an
+    optimizer step, the merge) leaves the model bit for bit as it was -- a merge that fails
+    half-way is put back -- or the call returns its complete result.
+
     With ``preserve_weight > 0`` (``KNEConfig.preset("local")``) the loss also keeps the unedited
     model's next-token distributions on neighbour prompts: ``preserve_prompts`` names them, else
     they are made from each request's ``subject`` (:mod:`kne.preservation`).
@@ -167,21 +313,23 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     >>> res.stats["steps"], res.restore()
     """
     cfg = resolve_config(config, overrides)
-    reqs = as_requests(requests)
+    reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     total = Timer()
     if ensemble is None:
         ensemble = locate(model, tokenizer, reqs, cfg)
         locate_seconds = total()
     else:
-        if not isinstance(ensemble, Ensemble):
-            raise ValueError(f"ensemble must be a kne.Ensemble (see kne.locate / Ensemble.load), got "
-                             f"{type(ensemble).__name__}")
         locate_seconds = 0.0
     axis = ensemble.neuron_axis
     pairs = ensemble.sites(model)
     if not pairs:
         raise EditError("the ensemble is empty: no neuron scored above the percentile threshold; lower "
                         f"KNEConfig.percentile (now {cfg.percentile}) or set positive_only=False")
+    require_backend(cfg, [site.device for site, _ in pairs])
+    if cfg.project and axis != "out":
+        raise ValueError("KNEConfig.project=True needs a row ensemble (neuron_axis='out'); this ensemble is on "
+                         f"axis {axis!r}: locate it with neuron_axis='out' or set project=False")
+    target_params = _target_params(model, ensemble)  # checks the ensemble's own layers against the model
     timer = Timer()
     objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
     dim = 0 if axis == "out" else 1
@@ -201,13 +349,11 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
     deltas = [s.delta.requires_grad_(True) for s in slots]
 
-    def make_hook(slot: _Slot):
-        p = cfg.dropout
+    dropout = EditDropout(cfg.dropout, cfg.seed)  # the edit's own generators: no global RNG is touched
 
+    def make_hook(slot: _Slot):
         def hook(module, args, out):
-            x = args[0]
-            if p > 0:
-                x = F.dropout(x, p=p, training=True)
+            x = dropout(args[0])
             d = slot.delta.to(x.dtype)
             if axis == "out":
                 return out.index_add(-1, slot.idx_dev, (x @ d.t()) * slot.scale)
@@ -216,9 +362,6 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         return hook
 
     backends = [kernel_backend(cfg, s.delta.device) for s in slots]  # once, not every step
-    if cfg.project and axis != "out":
-        raise ValueError("KNEConfig.project=True needs a row ensemble (neuron_axis='out'); this ensemble is on "
-                         f"axis {axis!r}: locate it with neuron_axis='out' or set project=False")
     bases: List[Optional[torch.Tensor]] = [None] * len(slots)
 
     def step_fn(step: int, grads: List[torch.Tensor]) -> None:
@@ -251,9 +394,9 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         return objective(logits_at(model, *objective.selection(), gather=objective.kl_on), penalty)
 
     handles = []
-    merged: List[_Slot] = []
+    written = []  # (path, weight, dim, index, rows before): what an undo puts back
     try:
-        with frozen(model), seeded(cfg.seed, model_devices(model)):
+        with frozen(model):
             if objective.preservation is not None:  # p_before and the neighbours' keys: the model itself
                 with torch.no_grad():
                     keys = objective.capture(lambda *sel: logits_at(model, *sel, gather=True),
@@ -265,45 +408,54 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         for h in handles:
             h.remove()
         handles = []
+        for d in deltas:
+            d.requires_grad_(False)
+        # Every statistic before the first write: after the merge only the clock is read.
+        edited = sum(int(s.delta.numel()) for s in slots)
+        n_total = sum(p.numel() for p in model.parameters())
+        stats = {
+            "steps": steps,
+            "losses": losses,
+            "stopped_early": stopped,
+            "neurons": len(ensemble),
+            "params_edited": edited,
+            "params_total": n_total,
+            "param_fraction": edited / n_total,
+            "target_param_fraction": edited / max(1, target_params),
+            **objective.stats(),
+        }
         with torch.no_grad():
-            for s in slots:  # merge: W[idx] = base + s * delta, in place
+            for s in slots:  # the merge, the only write: W[idx] = base + s * delta, in place
                 w = s.site.weight()
+                written.append((s.site.path, w, dim, s.idx, s.base))  # first: a write that fails half-way is undone
                 w.index_copy_(dim, s.idx, s.merged.to(w.device))
-                merged.append(s)
-    except BaseException:
+        stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), **stats}
+        result = EditResult(model, ensemble, stats, cfg, reqs, saved, method="kne.fast_edit")
+    except BaseException as e:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for s in merged:
-                s.site.weight().index_copy_(dim, s.idx, s.base)
+        if written:
+            undo_writes(written, "kne.fast_edit", e)
         raise
-    edit_seconds = timer()
-    edited = sum(int(s.delta.numel()) for s in slots)
-    n_total = sum(p.numel() for p in model.parameters())
-    stats = {
-        "locate_seconds": locate_seconds,
-        "edit_seconds": edit_seconds,
-        "total_seconds": total(),
-        "steps": steps,
-        "losses": losses,
-        "stopped_early": stopped,
-        "neurons": len(ensemble),
-        "params_edited": edited,
-        "params_total": n_total,
-        "param_fraction": edited / n_total,
-        "target_param_fraction": edited / max(1, _target_params(model, ensemble)),
-        **objective.stats(),
-    }
-    for d in deltas:
-        d.requires_grad_(False)
-    return EditResult(model, ensemble, stats, cfg, reqs, saved)
+    return result
 
 
 def _target_params(model: nn.Module, ensemble: Ensemble) -> int:
     """Parameters of the target modules the ensemble was selected from: the layers the config
-    scored when known, else the layers the ensemble touches."""
+    scored when known, else the layers the ensemble touches. An ensemble whose config scored layers
+    this model lacks was made for another model: ``ValueError``."""
     arch = get_architecture(model)
-    layers = ensemble.config.get("layers") if ensemble.config else None
+    layers = ensemble.config.get("layers") if isinstance(ensemble.config, dict) else None
+    if layers is not None:
+        n = num_layers(model)
+        try:
+            layers = [int(l) for l in layers]
+        except (TypeError, ValueError):
+            raise ValueError(f"the ensemble's config names layers {layers!r}: layer numbers must be integers") from None
+        bad = [l for l in layers if not 0 <= l < n]
+        if bad:
+            raise ValueError(f"the ensemble was located over layers {layers} (its config), but this model has {n} layers "
+                             f"(0..{n - 1}): was the ensemble made for another model?")
     total = 0
     for suffix, per in ensemble.indices.items():
         name = _match_suffix(model, arch, suffix)

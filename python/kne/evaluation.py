@@ -39,8 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._text import answer_predictions, encode
-from ._utils import answer_logits, input_device
+from ._text import answer_predictions, check_lengths, check_tokenizer, encode
+from ._utils import answer_logits, as_int, input_device, max_positions, restore_training, training_flags
 from .requests import as_requests
 
 __all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk"]
@@ -142,6 +142,8 @@ def generate_topk(model, tokenizer, prompt: str, *, max_len: int = 100, top_k: i
     EasyEdit does), decoded without special tokens."""
     device = input_device(model)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]], device=device)
+    if not -(2**63) <= seed < 2**64:  # seed + record index past what torch.manual_seed takes: wrap it
+        seed %= 2**64
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # transformers renamed the KV-cache argument from past_key_values to cache (5.2x)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -174,11 +176,14 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
     leaves BOS out; ``always_space=False`` joins without a second space when the answer starts with
     whitespace -- both ``False`` is kne 0.2's evaluation and the edit's own training tokenisation.
     """
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
+    seed = as_int(seed, "seed")
+    batch_size = as_int(batch_size, "batch_size", 1)
     if pre is not None and len(pre.records) != len(reqs):
         raise ValueError(f"pre has {len(pre.records)} records but {len(reqs)} requests were given: evaluate the "
                          "same requests before and after the edit")
-    training = model.training
+    modes = training_flags(model)
     model.eval()
     try:
         # Gather every (prompt, answer) pair of every request, predict them in batches.
@@ -194,6 +199,7 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
             for kind, probes in r.locality.items():
                 for pr in probes:
                     pairs.append((pr["prompt"], pr["ground_truth"])); where.append((i, "locality", kind))
+        check_lengths(tokenizer, pairs, max_positions(model), add_special_tokens)
         preds = _predict(model, tokenizer, pairs, add_special_tokens, batch_size, always_space)
         records: List[Dict[str, Any]] = [
             {"rewrite_acc": None, "rephrase_acc": None, "portability": {}, "locality": {}, "fluency": None,
@@ -224,4 +230,4 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
                                                              add_special_tokens=add_special_tokens))
         return EvalResult(records)
     finally:
-        model.train(training)
+        restore_training(modes)

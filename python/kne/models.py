@@ -101,13 +101,46 @@ def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch
         src, local = str(folder), True
     else:
         src, local = str(name_or_path), kwargs.pop("local_files_only", False)
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
-    with _quiet_progress():
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
+        _check_source(src)
+    try:
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
+    except OSError as e:  # transformers' "not a local folder and not on the hub" and friends
+        raise OSError(f"could not load a model from {src!r}: {_first_line(e)}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{src!r} holds a model but no tokenizer kne can load ({_first_line(e)}): save the tokenizer "
+                      "beside it (tokenizer.save_pretrained)") from e
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)
     model.eval()
     return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _check_source(src: str) -> None:
+    """A model name that is a local path must be a folder holding a model (``config.json``); a name
+    that is neither a folder here nor a hub id (``name`` or ``org/name``) does not exist."""
+    import re
+
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{src!r} is a folder but holds no model (no config.json): give a folder written "
+                                    "by save_pretrained (config.json, weights, tokenizer), a hub id, or "
+                                    f"{EMBEDDED!r} (the embedded model)")
+        return
+    if path.exists():
+        raise NotADirectoryError(f"{src!r} is a file: give the folder that holds the model (config.json, weights, "
+                                 f"tokenizer), a hub id, or {EMBEDDED!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", src) or src.endswith((".json", ".safetensors")):
+        raise FileNotFoundError(f"model folder {src!r} does not exist (and it is not a hub id such as "
+                                f"'org/name'); give a folder written by save_pretrained, a hub id, or {EMBEDDED!r}")
 
 
 def _cached(folder: Path) -> bool:

@@ -42,7 +42,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._utils import frozen, input_device
+from ._text import check_lengths, check_tokenizer
+from ._utils import as_int, frozen, input_device, max_positions
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .models import cache_dir
 
@@ -176,9 +177,15 @@ def build(model: nn.Module, tokenizer, *, target_modules: Sequence[str] = ("ffn_
 
     from .preservation import training_prompts
 
+    check_tokenizer(tokenizer)
     prompts = list(training_prompts() if prompts is None else prompts)
     if not prompts:
         raise ValueError("build needs at least one prompt for the preservation corpus")
+    new_tokens = as_int(new_tokens, "new_tokens", 0)
+    limit = max_positions(model)
+    if limit is not None:  # each prompt and its greedy continuation must fit the model
+        check_lengths(tokenizer, [(p, None) for p in prompts], (limit[0] - new_tokens, f"{limit[1]} - new_tokens"),
+                      add_special_tokens)
     suffixes = _suffixes(model, target_modules)
     folder = _stats_folder(model, suffixes, prompts, new_tokens, add_special_tokens)
     if not force and (folder / "meta.json").is_file():

@@ -53,6 +53,7 @@ class EditObjective:
         self.batch = self.preservation.edit if self.kl_on else \
             encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
                    add_special_tokens=config.add_special_tokens, device=device)
+        self.neighbours = self.preservation  # every kept neighbour (preservation: those the KL holds)
         self.edit_losses: List[float] = []
         self.kls: List[float] = []
         self.flips: Optional[float] = None
@@ -70,8 +71,15 @@ class EditObjective:
         """One forward of the unedited model over the edit and its neighbours (``logits_fn(input_ids,
         attention_mask, rows, pos)`` returns the logits at those positions): keeps ``p_before``,
         drops same-relation neighbours (:meth:`Preservation.capture`), and returns the inputs of
-        each of ``key_sites`` at every token of the kept neighbours (``[tokens, in]`` each, the keys
-        the null-space projection preserves)."""
+        each of ``key_sites`` at every token of the neighbours the projection keeps (``[tokens, in]``
+        each).
+
+        Who keeps which neighbour: the null-space projection keeps a neighbour's whole forward
+        exactly (every edited module's output on its tokens is unchanged, layer by layer), so with
+        ``project`` the KL has nothing to add there; it then holds only the neighbours that ask the
+        edit's relation of other subjects (``preserve_others``), which the projection leaves free
+        (projecting their keys too would forbid the relation itself). Without ``project`` the KL
+        holds every neighbour; without the KL the projection keeps every neighbour."""
         from .nullspace import KeyCapture
 
         pres = self.preservation
@@ -79,10 +87,14 @@ class EditObjective:
         with KeyCapture(key_sites, pres.neighbour_rows(), pres.attention_mask) as kc:
             logits = logits_fn(pres.input_ids, pres.attention_mask, rows, pos)
         keep = pres.capture(logits)
-        self.preservation = pres.subset(keep)
+        other = torch.tensor(pres.other_subject, dtype=torch.bool)
+        split = self.config.project and self.kl_on
+        keys = kc.keys(keep & ~other if split else keep)
+        self.neighbours = pres.subset(keep)
+        self.preservation = self.neighbours.subset(other[keep]) if split else self.neighbours
         if self.kl_on:
             self.batch = self.preservation.edit
-        return kc.keys(keep)
+        return keys
 
     def __call__(self, logits: torch.Tensor, penalty: Optional[Callable[[], torch.Tensor]] = None
                  ) -> Tuple[torch.Tensor, bool]:
@@ -114,10 +126,10 @@ class EditObjective:
         ``neighbor_flips`` (share of neighbours whose top token changed), ``neighbours`` (the
         prompts kept) and ``neighbours_dropped`` (same-relation prompts left out)."""
         out = {"edit_losses": list(self.edit_losses)}
-        p = self.preservation
+        p = self.neighbours
         if p is not None:
             out.update(neighbours=list(p.prompts), neighbours_dropped=list(p.dropped))
         if self.kl_on:
             out.update(preserve_kl=self.kls[-1] if self.kls else None, preserve_kls=list(self.kls),
-                       neighbor_flips=self.flips)
+                       neighbor_flips=self.flips, kl_neighbours=list(self.preservation.prompts))
         return out

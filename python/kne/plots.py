@@ -97,8 +97,19 @@ def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None) ->
     from .ensemble import Ensemble
 
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give an ensemble JSON or a results JSON of kne eval")
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: give an ensemble JSON or a results JSON of kne eval")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e}); give an ensemble JSON or a results JSON of kne eval") from None
     out = Path(out) if out else path.with_suffix(".png")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory: give the picture a file name, e.g. {out / 'plot.png'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {out} does not exist: create it first")
     if isinstance(data, dict) and ("runs" in data or "summary" in data):
         runs = data.get("runs") or [data]
         return plot_results(runs, out, title=f"{path.name}")

@@ -20,15 +20,15 @@ from typing import Any, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._text import answer_logprobs, encode, per_sequence_mean
-from ._utils import Timer, forward_logits, input_device, model_devices, seeded
+from ._guard import undo_writes
+from ._text import answer_logprobs, check_lengths, check_tokenizer, encode
+from ._utils import EditDropout, Timer, forward_logits, input_device, max_positions, restore_training, training_flags
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
-from .editing import EditError, EditResult, delta_scale, initial_delta
+from .editing import EditError, EditResult, check_call, delta_scale, initial_delta
 from .nullspace import edit_bases
 from .objective import EditObjective
 from .ensemble import Ensemble
@@ -45,9 +45,11 @@ def _objective(model, batch, objective: str) -> torch.Tensor:
 def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, **overrides: Any) -> Attribution:
     """Reference attribution: autograd on the scaled weights, ``W * G`` summed per neuron."""
     cfg = resolve_config(config, overrides)
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
     timer = Timer()
     sites = resolve_sites(model, cfg.target_modules, cfg.layers)
+    check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), cfg.add_special_tokens)
     layers = tuple(s.layer for s in next(iter(sites.values())))
     m = cfg.ig_steps
     alphas = [k / m for k in range(1, m + 1)]
@@ -55,7 +57,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     require_resident([s for _, _, s in flat], "kne.reference.attribute")
     scores = {name: torch.zeros(len(reqs), len(ss), ss[0].num_neurons(cfg.neuron_axis)) for name, ss in sites.items()}
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's grads are kept
-    training = model.training
+    modes = training_flags(model)
     passes = 0
     try:
         model.eval()
@@ -102,7 +104,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         for p, f, g in flags:
             p.requires_grad_(f)
             p.grad = g
-        model.train(training)
+        restore_training(modes)
     return Attribution(scores=scores, layers=layers, suffixes={n: ss[0].suffix for n, ss in sites.items()},
                        config=cfg, requests=reqs, seconds=timer(), passes=passes)
 
@@ -134,7 +136,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``; the preservation KL
     from the full output logits, by plain autograd."""
     cfg = resolve_config(config, overrides)
-    reqs = as_requests(requests)
+    reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     total = Timer()
     locate_seconds = 0.0
     if ensemble is None:
@@ -146,10 +148,10 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     if not pairs:
         raise EditError("the ensemble is empty: lower KNEConfig.percentile or set positive_only=False")
     require_resident([s for s, _ in pairs], "kne.reference.edit")
-    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
     if cfg.project and axis != "out":
         raise ValueError("KNEConfig.project=True needs a row ensemble (neuron_axis='out'); this ensemble is on "
                          f"axis {axis!r}")
+    objective = EditObjective(tokenizer, reqs, cfg, input_device(model), preserve_prompts)
 
     def full_logits(ids, mask, rows, pos) -> torch.Tensor:  # every position's logits, then the ones asked for
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
@@ -172,77 +174,83 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         edits.append({"site": site, "idx": idx, "mask": mask, "D": D.requires_grad_(True),
                       "s": delta_scale(cfg, idx.numel()), "orig": site.module.weight.detach().clone()})
 
+    dropout = EditDropout(cfg.dropout, cfg.seed)  # the same masks as kne.fast_edit draws
+
     def make_hook(e):
         def hook(module, args, out):
-            x = F.dropout(args[0], p=cfg.dropout, training=True) if cfg.dropout > 0 else args[0]
+            x = dropout(args[0])
             return out + e["s"] * (x @ (e["D"] * e["mask"]).t().to(x.dtype))
         return hook
 
     opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+    modes = training_flags(model)
     handles = []
+    written = []  # (path, weight, dim, index, rows before): what an undo puts back
     losses: List[float] = []
     steps, stopped = 0, False
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        with seeded(cfg.seed, model_devices(model)):
-            projectors = []
-            if objective.preservation is not None:
-                with torch.no_grad():
-                    keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
-                if cfg.project:  # I - B B^T per edited module instance, formed explicitly
-                    for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg):
-                        n = edits[0]["D"].shape[1]
-                        B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
-                        projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
-            handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
-            for it in range(cfg.steps + 1):
-                loss, done = objective(logits(), lambda: sum(((e["s"] * e["D"] * e["mask"]) ** 2).sum()
-                                                             for e in edits))
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
-                if done:
-                    stopped = True
-                    break
-                if it == cfg.steps:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
-                        e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
-                steps += 1
+        projectors = []
+        if objective.preservation is not None:
+            with torch.no_grad():
+                keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
+            if cfg.project:  # I - B B^T per edited module instance, formed explicitly
+                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg):
+                    n = edits[0]["D"].shape[1]
+                    B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
+                    projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
+        handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
+        for it in range(cfg.steps + 1):
+            loss, done = objective(logits(), lambda: sum(((e["s"] * e["D"] * e["mask"]) ** 2).sum()
+                                                         for e in edits))
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
+            if done:
+                stopped = True
+                break
+            if it == cfg.steps:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
+                    e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
+            steps += 1
         for h in handles:
             h.remove()
         handles = []
         dim = 0 if axis == "out" else 1
+        # Every statistic before the first write (the same all-or-nothing rule as kne.fast_edit).
+        saved = [(e["site"], dim, e["idx"], e["orig"].t().index_select(dim, e["idx"]) if e["site"].transposed
+                  else e["orig"].index_select(dim, e["idx"])) for e in edits]
+        edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)
+                     for e in edits)
+        n_total = sum(p.numel() for p in model.parameters())
+        stats = {"steps": steps, "losses": losses, "stopped_early": stopped, "neurons": len(ensemble),
+                 "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total,
+                 **objective.stats()}
         with torch.no_grad():
             for e in edits:  # W[idx] += s * D[idx]
                 W = e["site"].weight()
-                rows = W.index_select(dim, e["idx"]).float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                before = W.index_select(dim, e["idx"])
+                rows = before.float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                written.append((e["site"].path, W, dim, e["idx"], before))
                 W.index_copy_(dim, e["idx"], rows.to(W.dtype))
-    except BaseException:
+        stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), **stats}
+        result = EditResult(model, ensemble, stats, cfg, reqs, saved, method="kne.reference.edit")
+    except BaseException as e:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for e in edits:
-                e["site"].module.weight.copy_(e["orig"])
+        if written:
+            undo_writes(written, "kne.reference.edit", e)
         raise
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(training)
-    saved = [(e["site"], dim, e["idx"], e["orig"].t().index_select(dim, e["idx"]) if e["site"].transposed
-              else e["orig"].index_select(dim, e["idx"])) for e in edits]
-    edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)
-                 for e in edits)
-    n_total = sum(p.numel() for p in model.parameters())
-    stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), "steps": steps,
-             "losses": losses, "stopped_early": stopped, "neurons": len(ensemble), "params_edited": edited,
-             "params_total": n_total, "param_fraction": edited / n_total, **objective.stats()}
-    return EditResult(model, ensemble, stats, cfg, reqs, saved)
+        restore_training(modes)
+    return result

@@ -159,7 +159,19 @@ class EditRequest:
 
 
 def as_request(r: Union[EditRequest, Mapping[str, Any]]) -> EditRequest:
-    return r if isinstance(r, EditRequest) else EditRequest.from_dict(r)
+    """A validated :class:`EditRequest`. An ``EditRequest`` is checked again and copied, so a field
+    reassigned after construction (``req.target_new = ""``) is refused here, at the call, and later
+    changes by the caller do not reach a running edit."""
+    if isinstance(r, EditRequest):
+        try:
+            fresh = EditRequest(prompt=r.prompt, target_new=r.target_new, subject=r.subject,
+                                ground_truth=r.ground_truth, rephrase_prompt=r.rephrase_prompt,
+                                locality=r.locality, portability=r.portability, warn_skipped=False)
+        except ValueError as e:
+            raise ValueError(f"{e} (the request was changed after it was made)") from None
+        fresh.skipped_probes = list(r.skipped_probes) + [p for p in fresh.skipped_probes if p not in r.skipped_probes]
+        return fresh
+    return EditRequest.from_dict(r)
 
 
 def as_requests(requests: Any) -> List[EditRequest]:

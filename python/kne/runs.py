@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
+from ._guard import deferred_interrupt
 from .config import KNEConfig
 from .editing import EditError, EditResult
 from .evaluation import EvalResult, evaluate
@@ -57,7 +58,8 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     ``independent``: for each request evaluate, edit, evaluate again, restore (the model is never
     edited twice). ``sequential``: evaluate every request on the unedited model, apply every edit in
     turn without restoring, evaluate every request at the end (earlier edits must survive later
-    ones), then restore them all. A request whose edit fails (``EditError``) is left out of the means
+    ones), then restore them all (newest first; a Ctrl-C waits for the restores, so the model is left as
+    it was whatever happens). A request whose edit fails (``EditError``) is left out of the means
     and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
     used for every edit instead of locating one per request. ``indices`` name the requests in the
     records (default ``0..n-1``; a data-parallel shard passes its global indices). ``evaluation``:
@@ -108,7 +110,8 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             try:
                 post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i], **ev)
             finally:
-                res.restore()
+                with deferred_interrupt():  # a Ctrl-C waits until the model is restored
+                    res.restore()
             records.append(record(i, req, post, res))
             seconds.append(res.stats["total_seconds"])
             s = EvalResult(records).summary()
@@ -130,8 +133,9 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
                                 seed=config.seed + indices[i], **ev)
                 records.append(record(i, requests[i], post, res))
         finally:
-            for res in reversed(list(results.values())):
-                res.restore()
+            with deferred_interrupt():  # a Ctrl-C waits until every edit is restored, newest first
+                for res in reversed(list(results.values())):
+                    res.restore()
     bar.close()
     summary = EvalResult(records).summary() if records else {"n": 0}
     return {"method": method, "protocol": protocol, "summary": summary,

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .._utils import Timer, input_device
+from .._text import check_lengths, check_tokenizer
+from .._utils import Timer, as_float, as_int, input_device, max_positions, restore_training, training_flags
 from ..adapters import num_layers, require_resident, resolve_sites
+from .._guard import undo_writes
 from ..editing import EditError, EditResult
 from ..objective import EditObjective
 from ..requests import as_requests
@@ -37,15 +39,25 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     ``preserve_prompts``)."""
     from ..config import KNEConfig
 
+    check_tokenizer(tokenizer)
     reqs = as_requests(requests)
-    if steps < 1:
-        raise ValueError(f"steps={steps} is invalid: use a positive number of steps (EasyEdit: 25)")
-    if not lr > 0:
-        raise ValueError(f"lr={lr} is invalid: use a positive learning rate (EasyEdit: 5e-4)")
+    steps = as_int(steps, "steps", 1)
+    lr = as_float(lr, "lr", lo=0.0, lo_open=True, fix="a positive learning rate (EasyEdit: 5e-4)")
+    stop_loss = as_float(stop_loss, "stop_loss", lo=0.0, fix="a non-negative loss (EasyEdit: 1e-2)")
+    weight_decay = as_float(weight_decay, "weight_decay", lo=0.0, fix="a non-negative number (EasyEdit: 0)")
+    if not isinstance(add_special_tokens, bool):
+        raise ValueError(f"add_special_tokens={add_special_tokens!r} is invalid: use True or False")
     L = num_layers(model)
-    layers = [round(L * 21 / 32)] if layers is None else list(layers)
+    if layers is None:
+        layers = [round(L * 21 / 32)]
+    else:
+        try:
+            layers = [as_int(l, "layers[...]") for l in ([layers] if isinstance(layers, int) else layers)]
+        except TypeError:
+            raise ValueError(f"layers={layers!r} is invalid: use a list of layer indices") from None
     sites = resolve_sites(model, [module], layers)[module]
     require_resident(sites, "FT-M")
+    check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), add_special_tokens)
     timer = Timer()
     cfg = KNEConfig(stop_loss=stop_loss, add_special_tokens=add_special_tokens, preserve_weight=preserve_weight,
                     preserve_count=preserve_count)
@@ -53,22 +65,24 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
 
     def logits(ids, mask, rows, pos):
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
+
     params = [s.module.weight for s in sites]
     originals = [p.detach().clone() for p in params]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's gradients are kept
+    modes = training_flags(model)
     losses, n_steps = [], 0
     try:
         model.eval()
-        for p, _ in flags:
+        for p, _, _ in flags:
             p.requires_grad_(False)
+            p.grad = None
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         if objective.preservation is not None:
             with torch.no_grad():
                 objective.capture(logits)
-        for _ in range(steps):
+        for _ in range(steps):  # every step writes the weights: from here on an undo puts them back
             opt.zero_grad()
             loss, done = objective(logits(*objective.selection()))
             losses.append(loss.item())
@@ -79,24 +93,23 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
             n_steps += 1
             if done:  # EasyEdit's FT stops after the step whose loss was under stop_loss
                 break
-    except BaseException:
-        with torch.no_grad():
-            for p, o in zip(params, originals):
-                p.copy_(o)
+        edited = sum(p.numel() for p in params)
+        n_total = sum(p.numel() for p in model.parameters())
+        stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
+                 "losses": losses, "stopped_early": objective.edit_losses[-1] < stop_loss, "neurons": None,
+                 "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total,
+                 "layers": layers, **objective.stats()}
+        saved = []
+        for s, o in zip(sites, originals):
+            w = o.t() if s.transposed else o
+            saved.append((s, 0, torch.arange(w.shape[0], device=w.device), w.clone()))
+        result = EditResult(model, None, stats, None, reqs, saved, method="FT-M")
+    except BaseException as e:
+        undo_writes([(s.path + ".weight", p, 0, None, o) for s, p, o in zip(sites, params, originals)], "FT-M", e)
         raise
     finally:
-        for p, f in flags:
+        for p, f, g in flags:
             p.requires_grad_(f)
-            p.grad = None
-        model.train(training)
-    edited = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
-             "losses": losses, "stopped_early": objective.edit_losses[-1] < stop_loss, "neurons": None,
-             "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total, "layers": layers,
-             **objective.stats()}
-    saved = []
-    for s, o in zip(sites, originals):
-        w = o.t() if s.transposed else o
-        saved.append((s, 0, torch.arange(w.shape[0], device=w.device), w.clone()))
-    return EditResult(model, None, stats, None, reqs, saved)
+            p.grad = g
+        restore_training(modes)
+    return result

@@ -1,0 +1,180 @@
+"""Command-line mistakes end in one line on stderr and an exit code, never a traceback; the ones
+that can be seen before the model loads are caught before it loads (so no edit runs only to fail
+at saving its result)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kne
+from kne import cli
+
+EDIT = ["edit", "--prompt", "The capital of France is", "--target", "Rome"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The model must not load: a call means the mistake was found too late."""
+
+    def boom(*a, **k):
+        raise AssertionError("kne.load_model was called: the mistake should have been caught before")
+
+    monkeypatch.setattr(kne, "load_model", boom)
+
+
+def _one_line(capsys, rc, want_rc, *patterns):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == want_rc, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for p in patterns:
+        assert p in lines[0], (p, lines[0])
+    return lines[0]
+
+
+def test_missing_model_path(tmp_path, capsys):
+    rc = cli.main(EDIT + ["--model", str(tmp_path / "no-such-model")])
+    _one_line(capsys, rc, 2, "kne edit: error: model folder", "no-such-model' does not exist")
+
+
+def test_model_folder_without_a_model(tmp_path, capsys):
+    rc = cli.main(EDIT + ["--model", str(tmp_path)])
+    _one_line(capsys, rc, 2, "is a folder but holds no model (no config.json)")
+
+
+def test_model_folder_without_a_tokenizer(tmp_path, capsys, tiny_model):
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    rc = cli.main(EDIT + ["--model", str(tmp_path / "m")])
+    _one_line(capsys, rc, 2, "holds a model but no tokenizer kne can load", "tokenizer.save_pretrained")
+
+
+def test_model_file_instead_of_folder(tmp_path, capsys):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    rc = cli.main(EDIT + ["--model", str(f)])
+    _one_line(capsys, rc, 2, "is a file: give the folder that holds the model")
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_threads_must_be_positive(threads, capsys, no_model):
+    rc = cli.main(EDIT + ["--threads", threads])
+    _one_line(capsys, rc, 2, f"--threads must be a positive number of threads, got {threads}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu(capsys, no_model):
+    rc = cli.main(EDIT + ["--device", "cuda"])
+    _one_line(capsys, rc, 2, "--device cuda: torch", "sees no CUDA device", "use --device cpu")
+
+
+def test_device_that_is_no_device(capsys, no_model):
+    rc = cli.main(EDIT + ["--device", "banana"])
+    _one_line(capsys, rc, 2, "--device 'banana' is not a device")
+
+
+def test_ensemble_directory(tmp_path, capsys, no_model):
+    rc = cli.main(EDIT + ["--ensemble", str(tmp_path)])
+    _one_line(capsys, rc, 2, "--ensemble", "is a directory; give the ensemble JSON file")
+    rc = cli.main(EDIT + ["--ensemble", str(tmp_path / "none.json")])
+    _one_line(capsys, rc, 2, "none.json: the file does not exist")
+
+
+def test_ensemble_file_that_is_not_json(tmp_path, capsys, no_model):
+    bad = tmp_path / "e.json"
+    bad.write_text("{oops")
+    rc = cli.main(EDIT + ["--ensemble", str(bad)])
+    _one_line(capsys, rc, 2, "e.json: not an ensemble JSON file")
+
+
+def test_plot_directory_missing_file_and_bad_json(tmp_path, capsys):
+    _one_line(capsys, cli.main(["plot", str(tmp_path)]), 2, "kne plot: error:", "is a directory")
+    _one_line(capsys, cli.main(["plot", str(tmp_path / "x.json")]), 2, "x.json' does not exist")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1,")
+    _one_line(capsys, cli.main(["plot", str(bad)]), 2, "bad.json: not a JSON file")
+    good = tmp_path / "ens.json"
+    good.write_text(json.dumps({"mlp.down_proj": {"0": [1]}}))
+    _one_line(capsys, cli.main(["plot", str(good), "-o", str(tmp_path / "no" / "p.png")]), 2, "does not exist")
+
+
+def test_save_to_a_directory_is_refused_before_the_edit(tmp_path, capsys, no_model):
+    rc = cli.main(EDIT + ["--save", str(tmp_path)])
+    _one_line(capsys, rc, 2, "--save", "is a directory; give a file name")
+    f = tmp_path / "file"
+    f.write_text("")
+    rc = cli.main(EDIT + ["--save", str(f / "edit.safetensors")])
+    _one_line(capsys, rc, 2, "is not a folder")
+    rc = cli.main(EDIT + ["--save-model", str(f)])
+    _one_line(capsys, rc, 2, "--save-model", "is a file")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--table"])
+def test_eval_output_into_a_missing_folder_is_refused_before_any_edit(flag, tmp_path, capsys, no_model):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"prompt": "a b", "target_new": "c"}]))
+    rc = cli.main(["eval", "--data", str(data), flag, str(tmp_path / "missing" / "r.json")])
+    _one_line(capsys, rc, 2, f"kne eval: error: {flag}", "missing' does not exist; create it first")
+    rc = cli.main(["eval", "--data", str(data), flag, str(tmp_path)])
+    _one_line(capsys, rc, 2, "is a directory")
+
+
+def test_eval_on_no_records_is_an_error(tmp_path, capsys, no_model):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    rc = cli.main(["eval", "--data", str(empty)])
+    _one_line(capsys, rc, 2, "empty.json: no records to evaluate (the file holds none)")
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([{"prompt": "a b", "target_new": "c"}] * 2))
+    rc = cli.main(["eval", "--data", str(two), "--skip", "5"])
+    _one_line(capsys, rc, 2, "two.json: no records to evaluate (it holds 2; --skip 5 leaves none)")
+    rc = cli.main(["eval", "--data", str(two), "--limit", "0"])
+    _one_line(capsys, rc, 2, "--limit must be >= 1, got 0")
+
+
+def test_ctrl_c_while_the_model_loads(capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kne, "load_model", interrupted)
+    rc = cli.main(EDIT)
+    _one_line(capsys, rc, 130, "kne edit: interrupted during start-up; nothing was written")
+
+
+def test_ctrl_c_while_torch_is_imported_in_a_fresh_process(tmp_path):
+    """A real SIGINT while `import torch` runs, in a process where nothing is imported yet: kne
+    0.2.0 imported torch when the package itself was imported, before main() had a handler."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import builtins, os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+        real = builtins.__import__
+        def hooked(name, *args, **kwargs):
+            if name == "torch" and "torch" not in sys.modules:
+                builtins.__import__ = real
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch loads
+            return real(name, *args, **kwargs)
+        builtins.__import__ = hooked
+        from kne.cli import main
+        sys.exit(main(["edit", "--prompt", "a", "--target", "b"]))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert lines == ["kne edit: interrupted during start-up; nothing was written"], out.stderr[-2000:]
+
+
+def test_errors_are_one_line_even_when_the_message_is_not(capsys, monkeypatch):
+    def multi(*a, **k):
+        raise RuntimeError("first line\n  second line\n")
+
+    monkeypatch.setattr(kne, "load_model", multi)
+    rc = cli.main(EDIT)
+    _one_line(capsys, rc, 2, "kne edit: error: first line second line")
