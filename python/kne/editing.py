@@ -57,6 +57,13 @@ def initial_delta(config: KNEConfig, site: ModuleSite, axis: str, k: int, device
     return (torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound).to(device)
 
 
+def merged_rows(base: torch.Tensor, scale: float, delta: torch.Tensor) -> torch.Tensor:
+    """``base + scale * delta`` in ``base``'s dtype, computed in float32 (float64 for a float64
+    model, whose rows are then not rounded to float32)."""
+    acc = torch.promote_types(base.dtype, torch.float32)
+    return (base.to(acc) + scale * delta.to(acc)).to(base.dtype)
+
+
 @dataclass
 class _Slot:
     """One edited module instance."""
@@ -194,7 +201,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         base = w.index_select(dim, idx).detach().clone()
         base_dev = base.to(dev)
         slots.append(_Slot(site=site, idx=idx, scale=scale, delta=delta, base=base, base_dev=base_dev,
-                           merged=(base_dev.float() + scale * delta).to(w.dtype), exp_avg=torch.zeros_like(delta),
+                           merged=merged_rows(base_dev, scale, delta).to(w.dtype), exp_avg=torch.zeros_like(delta),
                            exp_avg_sq=torch.zeros_like(delta), local=torch.arange(idx.numel(), device=dev),
                            idx_dev=idx.to(dev)))
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
@@ -233,7 +240,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                 else:  # a float64 model: the same step in plain torch (the kernels take fp32/fp16/bf16)
                     adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-                    slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
+                    slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
             for slot, basis, backend in zip(slots, bases, backends):
                 if basis is not None:  # keep the delta off the preserved keys (kne.nullspace)
                     if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
@@ -241,7 +248,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                                                        scale=slot.scale, backend=backend)
                     else:
                         slot.delta.sub_((slot.delta @ basis.to(slot.delta.dtype)) @ basis.to(slot.delta.dtype).t())
-                        slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
+                        slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
 
     def penalty() -> torch.Tensor:  # ||s * dW||^2 over every edited module instance
         return sum((s.scale * s.delta).pow(2).sum() for s in slots)

@@ -28,7 +28,7 @@ from ._utils import Timer, forward_logits, input_device, model_devices, seeded
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
-from .editing import EditError, EditResult, delta_scale, initial_delta
+from .editing import EditError, EditResult, delta_scale, initial_delta, merged_rows
 from .nullspace import edit_bases
 from .objective import EditObjective
 from .ensemble import Ensemble
@@ -224,7 +224,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         with torch.no_grad():
             for e in edits:  # W[idx] += s * D[idx]
                 W = e["site"].weight()
-                rows = W.index_select(dim, e["idx"]).float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                rows = merged_rows(W.index_select(dim, e["idx"]), e["s"], e["D"].index_select(dim, e["idx"]))
                 W.index_copy_(dim, e["idx"], rows.to(W.dtype))
     except BaseException:
         for h in handles:
