@@ -45,15 +45,18 @@ def delta_scale(config: KNEConfig, k: int) -> float:
 
 
 def initial_delta(config: KNEConfig, site: ModuleSite, axis: str, k: int, device) -> torch.Tensor:
-    """The compact delta's starting value: zeros, or kaiming-uniform noise with the bound of the
-    dense ``[out, in]`` weight (``1/sqrt(in_features)``), drawn from a generator seeded by
-    ``(seed, layer, module)`` so every implementation draws the same numbers."""
+    """The compact delta's starting value: zeros, or uniform noise in ``+-bound`` drawn from a
+    generator seeded by ``(seed, layer, module)`` so every implementation draws the same numbers.
+    ``"kaiming"``: the bound of the dense ``[out, in]`` weight, ``1/sqrt(in_features)``;
+    ``"authors"``: the bound ``nn.init.kaiming_uniform_(a=sqrt(5))`` gives the authors' compact
+    ``knb_W``, ``1/sqrt(fan_in)``: ``1/sqrt(in_features)`` for rows ``[K, in]``, ``1/sqrt(K)`` for
+    columns ``[out, K]``."""
     shape = (k, site.in_features) if axis == "out" else (site.out_features, k)
     if config.delta_init == "zeros":
         return torch.zeros(shape, dtype=torch.float32, device=device)
     gen = torch.Generator().manual_seed(
         (config.seed * 1_000_003 + site.layer * 7919 + zlib.crc32(site.suffix.encode())) % (2**63))
-    bound = 1.0 / math.sqrt(site.in_features)
+    bound = 1.0 / math.sqrt(site.in_features if config.delta_init == "kaiming" else shape[1])
     return (torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound).to(device)
 
 
@@ -129,8 +132,10 @@ def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torc
 
     ``objective()`` runs the forward and returns ``(loss, done)`` (:class:`kne.objective.EditObjective`).
     Runs at most ``config.steps`` steps and records the loss before each, plus the loss after the
-    last step (or the one whose stop test ended the loop). ``kne.reference.edit`` writes the same
-    loop out with ``torch.optim.AdamW``."""
+    last step (or the one whose stop test ended the loop). With ``config.stop_after_step`` (the
+    authors' loop) a passed stop test still takes its step and the loop ends right after it: the
+    losses are then one per step, the last the one that passed. ``kne.reference.edit`` writes the
+    same loop out with ``torch.optim.AdamW``."""
     losses: List[float] = []
     steps = 0
     stopped = False
@@ -141,16 +146,20 @@ def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torc
         if not math.isfinite(value):
             raise EditError(f"the edit loss became {value} at step {it}: lower KNEConfig.lr (now {config.lr}) or "
                             "use a float32/bfloat16 model; the model was restored")
-        if done:
+        if done and not config.stop_after_step:
             stopped = True
             break
         if it == config.steps:
+            stopped = bool(done)
             break
         grads = torch.autograd.grad(loss, params)
         step_fn(it + 1, list(grads))
         steps += 1
         if on_step is not None:
             on_step(steps, value)
+        if done:  # stop_after_step: the step on the loss that passed is taken, then the loop ends
+            stopped = True
+            break
     return losses, steps, stopped
 
 

@@ -67,7 +67,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         groups = [flat] if (cfg.ig_path == "joint" or m == 1) else [[f] for f in flat]
         for r, req in enumerate(reqs):
             batch = encode(tokenizer, [req.prompt], [req.target_new], add_special_tokens=cfg.add_special_tokens,
-                           device=input_device(model))
+                           always_space=cfg.always_space, device=input_device(model))
             for group in groups:
                 grad_sum = {id(s.module.weight): torch.zeros_like(s.module.weight, dtype=torch.float32)
                             for _, _, s in group}
@@ -205,10 +205,11 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
                     raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
-                if done:
+                if done and not cfg.stop_after_step:
                     stopped = True
                     break
                 if it == cfg.steps:
+                    stopped = bool(done)
                     break
                 opt.zero_grad()
                 loss.backward()
@@ -217,6 +218,9 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                     for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
                         e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
                 steps += 1
+                if done:  # stop_after_step (the authors' loop): the step on the passing loss, then stop
+                    stopped = True
+                    break
         for h in handles:
             h.remove()
         handles = []
