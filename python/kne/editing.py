@@ -88,7 +88,8 @@ class EditResult:
     """Outcome of one edit: ``model`` (edited in place), ``ensemble``, ``stats`` and ``restore()``.
 
     ``stats`` holds ``locate_seconds``, ``edit_seconds``, ``total_seconds``, ``steps`` (optimizer
-    steps taken), ``losses`` (the loss before each step, and the one that stopped the loop),
+    steps taken), ``losses`` (the loss before each step, and the one that stopped the loop; with
+    ``stop_after_step`` the loop ends after the step that loss took, so one per step),
     ``stopped_early``, ``neurons``, ``params_edited``, ``params_total`` (all model parameters),
     ``param_fraction`` and ``target_param_fraction`` (share of the target modules' parameters).
     """
