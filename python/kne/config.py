@@ -196,8 +196,9 @@ class KNEConfig:
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
           ``loss_reduction="token"``, ``delta_init="authors"`` -- and its tokenisation
-          (``add_special_tokens``, ``always_space``). With the same ensemble and seed-matched start
-          its per-step losses equal theirs (``tests/test_knb_parity.py``).
+          (``add_special_tokens``, ``always_space``). From the same ensemble and start its per-step
+          losses equal theirs: bit for bit in float64, within their own float32 noise in float32
+          (``tests/test_knb_parity.py``, README "Parity with the authors' code").
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
