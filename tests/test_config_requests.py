@@ -79,6 +79,12 @@ INVALID = [
     ("stop_loss", -1e-3),
     ("stop_loss", float("nan")),
     ("delta_init", "normal"),
+    ("delta_init", "Authors"),
+    ("stop_after_step", 1),
+    ("stop_after_step", None),
+    ("loss_reduction", "mean"),
+    ("loss_reduction", None),
+    ("always_space", "yes"),
     ("add_special_tokens", None),
     ("backend", "rocm"),
     ("seed", 1.5),
@@ -552,6 +558,14 @@ def test_presets():
     assert kne.KNEConfig.preset("authors") == kne.KNEConfig()
     t = kne.KNEConfig.preset("tuned", lr=1e-3)
     assert (t.neuron_axis, t.dropout, t.stop_loss, t.lr) == ("in", 0.0, 0.1, 1e-3)
+    k = kne.KNEConfig.preset("knb")
+    assert (k.stop_after_step, k.loss_reduction, k.delta_init, k.add_special_tokens, k.always_space, k.dropout) == (
+        True, "token", "authors", True, True, 0.0)
+    # the rest are the authors' YAML values, which are KNEConfig's defaults
+    assert k.replace(stop_after_step=False, loss_reduction="request", delta_init="zeros", add_special_tokens=False,
+                     always_space=False, dropout=0.1) == kne.KNEConfig()
+    d = kne.KNEConfig()
+    assert (d.stop_after_step, d.loss_reduction, d.always_space) == (False, "request", False)
     with pytest.raises(ValueError, match="unknown preset 'fastest'"):
         kne.KNEConfig.preset("fastest")
     with pytest.raises(ValueError, match="KNEConfig.dropout"):

@@ -294,6 +294,28 @@ def test_multi_request_edit_matches_reference(model_type, tiny_model, tok, seed,
     assert_state_equal(ref_model, orig)
 
 
+@pytest.mark.parametrize("model_type, neuron_axis", [("llama", "out"), ("llama", "in"), ("gpt2", "in"), ("opt", "out")])
+def test_authors_trainer_switches_match_reference(model_type, neuron_axis, tiny_model, tok, seed, gen):
+    """KNEConfig.preset("knb") -- the token-mean loss of a padded 3-request batch, the authors'
+    start (``delta_init="authors"``), ``always_space`` on a target with a leading space, special
+    tokens -- trained the same by the fast path and the reference."""
+    fast_model = tiny_model(model_type, seed=seed % 10_000)
+    ref_model = copy.deepcopy(fast_model)
+    orig = snapshot(fast_model)
+    reqs = requests(gen, 3)
+    reqs[0]["target_new"] = " " + reqs[0]["target_new"]
+    cfg = kne.KNEConfig.preset("knb", **dict(EDIT_KW, neuron_axis=neuron_axis, aggregate="mean", percentile=70.0))
+    assert (cfg.loss_reduction, cfg.delta_init, cfg.always_space, cfg.stop_after_step) == ("token", "authors", True,
+                                                                                           True)
+    fast_res = kne.fast_edit(fast_model, tok, reqs, cfg)
+    ref_res = kne.reference.edit(ref_model, tok, reqs, cfg)
+    _check_edit_pair(fast_model, ref_model, fast_res, ref_res, orig)
+    fast_res.restore()
+    ref_res.restore()
+    assert_state_equal(fast_model, orig)
+    assert_state_equal(ref_model, orig)
+
+
 @pytest.mark.parametrize("model_type, neuron_axis", [("llama", "out"), ("gpt2", "in"), ("gpt_neox", "out")])
 def test_edit_with_given_ensemble_sequential_and_reverse_restore(model_type, neuron_axis, tiny_model, tok, seed, gen):
     fast_model = tiny_model(model_type, seed=seed % 10_000)

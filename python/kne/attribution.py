@@ -57,7 +57,7 @@ class Attribution:
 
 def request_batch(tokenizer, requests: Sequence[EditRequest], config: KNEConfig, device) -> Batch:
     return encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                  add_special_tokens=config.add_special_tokens, device=device)
+                  add_special_tokens=config.add_special_tokens, always_space=config.always_space, device=device)
 
 
 def objective_value(logprobs: torch.Tensor, objective: str) -> torch.Tensor:
@@ -192,7 +192,8 @@ def _length_order(tokenizer, reqs: Sequence[EditRequest], config: KNEConfig) -> 
     """Request indices sorted by token length, so chunks pad little."""
     from ._text import join
 
-    lens = [len(tokenizer(join(r.prompt, r.target_new), add_special_tokens=config.add_special_tokens)["input_ids"])
+    lens = [len(tokenizer(join(r.prompt, r.target_new, always_space=config.always_space),
+                          add_special_tokens=config.add_special_tokens)["input_ids"])
             for r in reqs]
     return sorted(range(len(reqs)), key=lambda i: lens[i])
 

@@ -19,9 +19,10 @@ _CHOICES = {
     "ig_path": ("layerwise", "joint"),
     "objective": ("prob", "logprob"),
     "aggregate": ("max", "mean"),
-    "delta_init": ("zeros", "kaiming"),
+    "delta_init": ("zeros", "kaiming", "authors"),
     "backend": ("auto", "torch", "cpu", "triton", "cuda"),
     "stop_rule": ("loss", "argmax", "min_prob"),
+    "loss_reduction": ("request", "token"),
 }
 
 
@@ -60,8 +61,23 @@ class KNEConfig:
     ``weight_decay``; at most ``steps`` optimizer steps, stopping as soon as the loss is below
     ``stop_loss``; the delta path ``y += s * dropout(x) @ dW^T`` with ``s = alpha / sqrt(K)``
     (``rs_scaling``) or ``alpha / K``, ``K`` the ensemble size of that module instance;
-    ``delta_init`` ``"zeros"`` (the model is unchanged before the first step) or ``"kaiming"`` (the
-    authors' LoRA-style uniform noise, bound ``1/sqrt(in_features)``).
+    ``delta_init`` ``"zeros"`` (the model is unchanged before the first step), ``"kaiming"``
+    (LoRA-style uniform noise, bound ``1/sqrt(in_features)`` on both axes) or ``"authors"`` (the
+    bound of the authors' ``knb_W``, ``nn.init.kaiming_uniform_(a=sqrt(5))``: ``1/sqrt(fan_in)``,
+    which is ``1/sqrt(in_features)`` for rows ``[K, in]`` and ``1/sqrt(K)`` for columns
+    ``[out, K]``).
+
+    Compatibility with the authors' KNB trainer (their EasyEdit fork; all off by default, on in
+    ``preset("knb")``): ``stop_after_step`` -- their loop steps on the loss before testing it, so
+    it applies one more optimizer step once the stop test passes (kne stops before it);
+    ``loss_reduction`` -- ``"request"`` (the mean NLL of each request's answer tokens, then the
+    mean over requests: every request weighs the same) or ``"token"`` (the mean over every answer
+    token of the batch, Hugging Face's loss, which theirs is: a request with more answer tokens
+    weighs more); ``always_space`` -- the edit's text is ``prompt + " " + target_new`` even when
+    the target starts with whitespace (their trainer's and EasyEdit's text; kne's default adds no
+    second space); with ``add_special_tokens=True`` (below) also BOS where the tokenizer adds it,
+    as their trainer tokenises. Both tokenisation switches apply to the edit's own text, which
+    attribution scores and the edit trains.
 
     Preservation (``kne.preservation``; all off by default, on in ``preset("local")``):
     ``preserve_weight`` -- weight of the mean ``KL(p_before || p_after)`` over the next-token
@@ -105,7 +121,14 @@ class KNEConfig:
     dropout: float = _f(0.1, "dropout on the input of the delta path")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     stop_loss: float = _f(1e-2, "stop once the edit loss is below this (stop_rule loss; the authors' t_loss)")
-    delta_init: str = _f("zeros", "zeros, or kaiming (the authors' LoRA-style noise, bound 1/sqrt(in))")
+    delta_init: str = _f("zeros", "zeros; kaiming (uniform noise, bound 1/sqrt(in_features) on both axes); or "
+                                  "authors (the authors' bound 1/sqrt(fan_in): in_features for rows, K for columns)")
+    stop_after_step: bool = _f(False, "take one more optimizer step once the stop test passes (the authors' loop "
+                                      "steps before it tests the loss)")
+    loss_reduction: str = _f("request", "edit NLL: mean per request, then over requests (request); or over every "
+                                        "answer token of the batch (token: the authors' and Hugging Face's loss)")
+    always_space: bool = _f(False, "edit text prompt + ' ' + target_new even when the target starts with "
+                                   "whitespace (the authors' and EasyEdit's text)")
     preserve_weight: float = _f(0.0, "weight of the neighbour KL(p_before || p_after) (0: off)")
     preserve_count: int = _f(16, "relation templates filled with the request's subject as neighbours")
     preserve_others: int = _f(0, "neighbours that ask the edit prompt's own relation of other subjects (with "
@@ -119,7 +142,8 @@ class KNEConfig:
     project_corpus: bool = _f(True, "with project: also the cached corpus key covariance (built on first use)")
     project_threshold: float = _f(1e-2, "with project_corpus: keep corpus directions whose eigenvalue is above "
                                         "this times the largest")
-    add_special_tokens: bool = _f(False, "passed to the tokenizer for every prompt")
+    add_special_tokens: bool = _f(False, "passed to the tokenizer for every prompt (True: BOS where the tokenizer "
+                                         "adds one, as the authors' trainer)")
     backend: str = _f("auto", "kernels of the fast path: auto, torch, cpu, triton or cuda")
     seed: int = _f(0, "seed of dropout and the delta initialisation")
 
@@ -170,7 +194,7 @@ class KNEConfig:
         _num(self, "delta_l2", lo=0.0, fix="a non-negative weight (0 turns the penalty off)")
         _num(self, "project_threshold", lo=0.0, fix="a non-negative eigenvalue threshold such as 1e-2")
         for name in ("positive_only", "rs_scaling", "add_special_tokens", "preserve_prompt_positions", "project",
-                     "project_corpus"):
+                     "project_corpus", "stop_after_step", "always_space"):
             v = getattr(self, name)
             if isinstance(v, np.bool_):  # numpy's bool is the bool it holds
                 v = bool(v)
@@ -195,6 +219,13 @@ class KNEConfig:
           (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
           Quality). Needs the request's ``subject`` (else its neighbours come from elsewhere, with a
           warning).
+        * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
+          (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
+          1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
+          ``loss_reduction="token"``, ``delta_init="authors"`` -- and its tokenisation
+          (``add_special_tokens``, ``always_space``). From the same ensemble and start its per-step
+          losses equal theirs: bit for bit in float64, within their own float32 noise in float32
+          (``tests/test_knb_parity.py``, README "Parity with the authors' code").
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
@@ -223,6 +254,10 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
               "lr 0.1, stop once the answer is the argmax",
               {"neuron_axis": "out", "dropout": 0.0, "lr": 0.1, "steps": 60, "project": True, "project_corpus": False,
                "stop_rule": "argmax"}),
+    "knb": ("the authors' KNB trainer: their llama2-7b-chat YAML (dropout 0) with their stopping step, token-mean "
+            "loss, random start and tokenisation",
+            {"dropout": 0.0, "stop_after_step": True, "loss_reduction": "token", "delta_init": "authors",
+             "add_special_tokens": True, "always_space": True}),
 }
 
 

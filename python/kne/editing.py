@@ -51,16 +51,26 @@ def delta_scale(config: KNEConfig, k: int) -> float:
 
 
 def initial_delta(config: KNEConfig, site: ModuleSite, axis: str, k: int, device) -> torch.Tensor:
-    """The compact delta's starting value: zeros, or kaiming-uniform noise with the bound of the
-    dense ``[out, in]`` weight (``1/sqrt(in_features)``), drawn from a generator seeded by
-    ``(seed, layer, module)`` so every implementation draws the same numbers."""
+    """The compact delta's starting value: zeros, or uniform noise in ``+-bound`` drawn from a
+    generator seeded by ``(seed, layer, module)`` so every implementation draws the same numbers.
+    ``"kaiming"``: the bound of the dense ``[out, in]`` weight, ``1/sqrt(in_features)``;
+    ``"authors"``: the bound ``nn.init.kaiming_uniform_(a=sqrt(5))`` gives the authors' compact
+    ``knb_W``, ``1/sqrt(fan_in)``: ``1/sqrt(in_features)`` for rows ``[K, in]``, ``1/sqrt(K)`` for
+    columns ``[out, K]``."""
     shape = (k, site.in_features) if axis == "out" else (site.out_features, k)
     if config.delta_init == "zeros":
         return torch.zeros(shape, dtype=torch.float32, device=device)
     gen = torch.Generator().manual_seed(
         (config.seed * 1_000_003 + site.layer * 7919 + zlib.crc32(site.suffix.encode())) % (2**63))
-    bound = 1.0 / math.sqrt(site.in_features)
+    bound = 1.0 / math.sqrt(site.in_features if config.delta_init == "kaiming" else shape[1])
     return (torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound).to(device)
+
+
+def merged_rows(base: torch.Tensor, scale: float, delta: torch.Tensor) -> torch.Tensor:
+    """``base + scale * delta`` in ``base``'s dtype, computed in float32 (float64 for a float64
+    model, whose rows are then not rounded to float32)."""
+    acc = torch.promote_types(base.dtype, torch.float32)
+    return (base.to(acc) + scale * delta.to(acc)).to(base.dtype)
 
 
 @dataclass
@@ -107,7 +117,8 @@ class EditResult:
     """Outcome of one edit: ``model`` (edited in place), ``ensemble``, ``stats`` and ``restore()``.
 
     ``stats`` holds ``locate_seconds``, ``edit_seconds``, ``total_seconds``, ``steps`` (optimizer
-    steps taken), ``losses`` (the loss before each step, and the one that stopped the loop),
+    steps taken), ``losses`` (the loss before each step, and the one that stopped the loop; with
+    ``stop_after_step`` the loop ends after the step that loss took, so one per step),
     ``stopped_early``, ``neurons``, ``params_edited``, ``params_total`` (all model parameters),
     ``param_fraction`` and ``target_param_fraction`` (share of the target modules' parameters).
 
@@ -244,8 +255,10 @@ def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torc
 
     ``objective()`` runs the forward and returns ``(loss, done)`` (:class:`kne.objective.EditObjective`).
     Runs at most ``config.steps`` steps and records the loss before each, plus the loss after the
-    last step (or the one whose stop test ended the loop). ``kne.reference.edit`` writes the same
-    loop out with ``torch.optim.AdamW``."""
+    last step (or the one whose stop test ended the loop). With ``config.stop_after_step`` (the
+    authors' loop) a passed stop test still takes its step and the loop ends right after it: the
+    losses are then one per step, the last the one that passed. ``kne.reference.edit`` writes the
+    same loop out with ``torch.optim.AdamW``."""
     losses: List[float] = []
     steps = 0
     stopped = False
@@ -256,16 +269,20 @@ def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torc
         if not math.isfinite(value):
             raise EditError(f"the edit loss became {value} at step {it}: lower KNEConfig.lr (now {config.lr}) or "
                             "use a float32/bfloat16 model; the model was restored")
-        if done:
+        if done and not config.stop_after_step:
             stopped = True
             break
         if it == config.steps:
+            stopped = bool(done)
             break
         grads = torch.autograd.grad(loss, params)
         step_fn(it + 1, list(grads))
         steps += 1
         if on_step is not None:
             on_step(steps, value)
+        if done:  # stop_after_step: the step on the loss that passed is taken, then the loop ends
+            stopped = True
+            break
     return losses, steps, stopped
 
 
@@ -343,7 +360,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         base = w.index_select(dim, idx).detach().clone()
         base_dev = base.to(dev)
         slots.append(_Slot(site=site, idx=idx, scale=scale, delta=delta, base=base, base_dev=base_dev,
-                           merged=(base_dev.float() + scale * delta).to(w.dtype), exp_avg=torch.zeros_like(delta),
+                           merged=merged_rows(base_dev, scale, delta).to(w.dtype), exp_avg=torch.zeros_like(delta),
                            exp_avg_sq=torch.zeros_like(delta), local=torch.arange(idx.numel(), device=dev),
                            idx_dev=idx.to(dev)))
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
@@ -377,7 +394,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                 else:  # a float64 model: the same step in plain torch (the kernels take fp32/fp16/bf16)
                     adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-                    slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
+                    slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
             for slot, basis, backend in zip(slots, bases, backends):
                 if basis is not None:  # keep the delta off the preserved keys (kne.nullspace)
                     if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
@@ -385,7 +402,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                                                        scale=slot.scale, backend=backend)
                     else:
                         slot.delta.sub_((slot.delta @ basis.to(slot.delta.dtype)) @ basis.to(slot.delta.dtype).t())
-                        slot.merged.copy_(slot.base_dev.float() + slot.scale * slot.delta)
+                        slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
 
     def penalty() -> torch.Tensor:  # ||s * dW||^2 over every edited module instance
         return sum((s.scale * s.delta).pow(2).sum() for s in slots)

@@ -2,13 +2,16 @@
 
 ``loss = NLL(target_new) + preserve_weight * mean KL(p_before || p_after) + delta_l2 * ||dW||^2``
 
-* NLL: mean over each request's answer tokens, then over requests (EasyEdit's FT-M loss);
+* NLL: mean over each request's answer tokens, then over requests (EasyEdit's FT-M loss;
+  ``loss_reduction="request"``), or the mean over every answer token of the batch (the authors'
+  KNB trainer's, Hugging Face's causal-LM loss; ``loss_reduction="token"``); the same for one
+  request;
 * KL: over the preserved next-token distributions (:mod:`kne.preservation`), when
   ``preserve_weight > 0``;
 * ``||dW||^2``: the squared Frobenius norm of the weight change ``s * delta`` over every edited
   module instance, when ``delta_l2 > 0`` (the caller computes it from its own delta).
 
-The stop test (``stop_rule``) reads the answer tokens only: ``"loss"`` (the NLL below
+The stop test (``stop_rule``) reads the answer tokens only: ``"loss"`` (the NLL, so reduced, below
 ``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every answer
 token's probability at least ``stop_prob``). Every part comes from the one forward the step takes
 anyway: none costs a pass.
@@ -26,10 +29,19 @@ from .preservation import Preservation, build_preservation
 __all__ = ["EditObjective", "edit_loss"]
 
 
-def edit_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean NLL of the answer tokens of each request (prompt and padding masked), then the mean over
-    requests (EasyEdit's FT-M loss)."""
-    return (-per_sequence_mean(answer_logprobs(logits, batch), batch)).mean()
+def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") -> torch.Tensor:
+    """NLL of the answer tokens (prompt and padding masked): ``"request"`` -- the mean over each
+    request's answer tokens, then over requests (EasyEdit's FT-M loss); ``"token"`` -- the mean
+    over every answer token of the batch (Hugging Face's loss, the authors' KNB trainer's)."""
+    return _reduce(answer_logprobs(logits, batch), batch, reduction)
+
+
+def _reduce(lp: torch.Tensor, batch: Batch, reduction: str) -> torch.Tensor:
+    if reduction == "request":
+        return (-per_sequence_mean(lp, batch)).mean()
+    if reduction == "token":
+        return -lp.mean()
+    raise ValueError(f"loss reduction {reduction!r} is invalid: use 'request' or 'token'")
 
 
 class EditObjective:
@@ -52,7 +64,7 @@ class EditObjective:
                              "set one (for instance KNEConfig.preset('local')) to preserve them")
         self.batch = self.preservation.edit if self.kl_on else \
             encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                   add_special_tokens=config.add_special_tokens, device=device)
+                   add_special_tokens=config.add_special_tokens, always_space=config.always_space, device=device)
         self.neighbours = self.preservation  # every kept neighbour (preservation: those the KL holds)
         self.edit_losses: List[float] = []
         self.kls: List[float] = []
@@ -102,7 +114,7 @@ class EditObjective:
         n = int(b.rows.numel())
         answer = logits[:n] if self.kl_on else logits
         lp = answer_logprobs(answer, b)
-        loss = (-per_sequence_mean(lp, b)).mean()
+        loss = _reduce(lp, b, cfg.loss_reduction)
         nll = float(loss.detach())
         self.edit_losses.append(nll)
         if self.kl_on:

@@ -245,7 +245,7 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
     exactly :func:`kne._text.encode`'s batch of the requests, padded further on the right."""
     add = config.add_special_tokens
     edit = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                  add_special_tokens=add)
+                  add_special_tokens=add, always_space=config.always_space)
     own = {r.prompt for r in requests}
     prompts: List[str] = []
     dropped: List[str] = []

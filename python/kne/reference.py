@@ -28,7 +28,7 @@ from ._utils import EditDropout, Timer, forward_logits, input_device, max_positi
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
-from .editing import EditError, EditResult, check_call, delta_scale, initial_delta
+from .editing import EditError, EditResult, check_call, delta_scale, initial_delta, merged_rows
 from .nullspace import edit_bases
 from .objective import EditObjective
 from .ensemble import Ensemble
@@ -69,7 +69,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         groups = [flat] if (cfg.ig_path == "joint" or m == 1) else [[f] for f in flat]
         for r, req in enumerate(reqs):
             batch = encode(tokenizer, [req.prompt], [req.target_new], add_special_tokens=cfg.add_special_tokens,
-                           device=input_device(model))
+                           always_space=cfg.always_space, device=input_device(model))
             for group in groups:
                 grad_sum = {id(s.module.weight): torch.zeros_like(s.module.weight, dtype=torch.float32)
                             for _, _, s in group}
@@ -209,10 +209,11 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise EditError(f"the edit loss became {losses[-1]} at step {it}; the model was restored")
-            if done:
+            if done and not cfg.stop_after_step:
                 stopped = True
                 break
             if it == cfg.steps:
+                stopped = bool(done)
                 break
             opt.zero_grad()
             loss.backward()
@@ -221,6 +222,9 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                 for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
                     e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
             steps += 1
+            if done:  # stop_after_step (the authors' loop): the step on the passing loss, then stop
+                stopped = True
+                break
         for h in handles:
             h.remove()
         handles = []
@@ -238,7 +242,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             for e in edits:  # W[idx] += s * D[idx]
                 W = e["site"].weight()
                 before = W.index_select(dim, e["idx"])
-                rows = before.float() + e["s"] * e["D"].index_select(dim, e["idx"])
+                rows = merged_rows(before, e["s"], e["D"].index_select(dim, e["idx"]))
                 written.append((e["site"].path, W, dim, e["idx"], before))
                 W.index_copy_(dim, e["idx"], rows.to(W.dtype))
         stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), **stats}
