@@ -26,6 +26,10 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The C++ standard of every translation unit, host and CUDA. CMakeLists.txt sets the same
+# (CMAKE_CXX_STANDARD) and benchmarks/cuda_static.py reads it from here; tests/kernels/test_registry.py
+# checks that the three agree.
+CXX_STANDARD = "c++20"
 # Every package under python/ (kne and its subpackages) and kne_kernels/, found rather than listed:
 # a hand list once left kne.integrations out of the wheel (tests/test_packaging.py checks the list).
 PACKAGES = find_packages(os.path.join(ROOT, "python")) + find_packages(ROOT, include=["kne_kernels", "kne_kernels.*"])
@@ -72,14 +76,14 @@ def _ext_modules():
         raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch (this one is CPU-only: " + torch.__version__ + ")")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
+    cxx = ["-O3", "-g0", "-fopenmp", f"-std={CXX_STANDARD}"]
     define = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         define = [("KNE_WITH_CUDA", None)]
         ext = CUDAExtension("kne_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                             define_macros=define,
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", f"-std={CXX_STANDARD}", "-lineinfo"]},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("kne_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

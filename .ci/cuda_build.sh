@@ -77,19 +77,19 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch
 
-import kne_kernels._ops as o  # the package init defines the schemas and loads _C (never raises)
+import kne_kernels  # defines the schemas and loads _C (never raises)
 from kne_kernels import _extension
+from kne_kernels.ops import registry
 
 here = os.getcwd()
-assert o.__file__.startswith(here), f"imported {o.__file__}, not the built copy under {here}"
-o.define()
+assert kne_kernels.__file__.startswith(here), f"imported {kne_kernels.__file__}, not the built copy under {here}"
 path = _extension.library_path()
 assert path and path.startswith(here), f"no built library under {here}/kne_kernels: {path}"
 if not _extension.load():
     sys.exit(f"cuda_build: loading {path} failed: {_extension._STATE['error']}")
 print(f"loaded {os.path.relpath(path, here)} (built info: {_extension.build_info()})")
 missing = []
-for name in o.SCHEMAS:
+for name in registry():
     keys = _extension.registered_keys(name)
     print(f"  kne::{name:22s} {', '.join(keys)}")
     missing += [f"{name}:{k}" for k in ("CPU", "CUDA") if k not in keys]
@@ -97,7 +97,7 @@ if missing:
     sys.exit("cuda_build: kernels not registered: " + ", ".join(missing))
 live, why = _extension.status("cuda")
 print(f"status('cuda'): live={live} ({why})")
-print(f"all {len(o.SCHEMAS)} ops have CPU and CUDA kernels registered")
+print(f"all {len(registry())} ops have CPU and CUDA kernels registered")
 EOF
 )
 

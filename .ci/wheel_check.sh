@@ -41,7 +41,8 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["kne/__init__.py", "kne/integrations/__init__.py", "kne/integrations/easyedit.py", "kne/baselines/ft_m.py",
         "kne/datasets.py", "kne/data/knowedit/LICENSE", "kne/data/knowedit/README.md",
         "kne/data/knowedit/ZsRE-test-all.json.gz", "kne/data/knowedit/wiki_counterfact-train.json.gz",
-        "kne/data/knowedit/wiki_recent-train.json.gz", "kne_kernels/__init__.py", "kne_kernels/triton/kernels.py",
+        "kne/data/knowedit/wiki_recent-train.json.gz", "kne_kernels/__init__.py", "kne_kernels/ops/__init__.py",
+        "kne_kernels/ops/neuron_attribution.py", "kne_kernels/triton/neuron_attribution.py",
         "kne_kernels/_build_info.json"]
 missing = [n for n in need if n not in names]
 if not any(n.startswith("kne_kernels/_C") and n.endswith(".so") for n in names):

@@ -11,9 +11,13 @@ each op's share of it.
     python benchmarks/bench_kernels.py --device cuda      # on a GPU (every live GPU backend: triton, cuda)
     python benchmarks/bench_kernels.py --static           # registers/spills/smem of the GPU kernels
     python benchmarks/bench_kernels.py --quick            # small shapes (smoke run)
+    python benchmarks/bench_kernels.py --overhead         # per-call overhead on tiny inputs, cpu vs torch
 
 Rows are written to ``kernels_<device>.csv`` and the printed table to ``kernels_<device>.txt`` in
 the folder ``--out`` (default: the current folder; the README's tables: ``--out benchmarks/results``).
+``--overhead`` writes ``overhead_<device>.csv/.txt`` instead: microseconds per call of each public op
+on a tiny input (where the kernel's own work is negligible and what remains is validation and the
+choice of kernel), for ``--backend`` (default ``cpu torch``), the backends alternating in one process.
 """
 
 from __future__ import annotations
@@ -236,6 +240,70 @@ def run(args) -> List[dict]:
     return rows
 
 
+def overhead_cases(device: torch.device):
+    """``(op, shape, call(backend))`` on tiny inputs: the cost of one call is argument checks, the
+    choice of kernel and the launch, not arithmetic."""
+    import kne_kernels
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    act, grad = rnd(4, 8), rnd(4, 8)
+    w, wg = rnd(4, 8), rnd(4, 8)
+    scores = rnd(1, 2, 8)
+    weight, idx = rnd(4, 8), torch.tensor([0, 2], device=device)
+    state = [torch.zeros(2, 8, device=device) for _ in range(3)]
+    agrad, base = rnd(2, 8), weight[idx].clone()
+    basis = torch.linalg.qr(torch.randn(8, 2, generator=g)).Q.contiguous().to(device)
+    delta = rnd(2, 8)
+    return [
+        ("neuron_attribution", "[4, 8]", lambda b: kne_kernels.neuron_attribution(act, grad, backend=b)),
+        ("weight_attribution", "[4, 8] dim=1", lambda b: kne_kernels.weight_attribution(w, wg, backend=b)),
+        ("ensemble_select", "[1, 2, 8]", lambda b: kne_kernels.ensemble_select(scores, percentile=50.0, backend=b)),
+        ("ensemble_adamw_step_", "[2, 8] of [4, 8]",
+         lambda b: kne_kernels.ensemble_adamw_step_(weight, idx, agrad, *state, base, step=1, lr=1e-3, scale=1.0,
+                                                    backend=b)),
+        ("nullspace_project_", "[2, 8] of [4, 8], r=2",
+         lambda b: kne_kernels.nullspace_project_(weight, idx, delta, basis, base, scale=1.0, backend=b)),
+    ]
+
+
+def overhead(args) -> List[dict]:
+    """Microseconds per call of every public op on a tiny input, per backend: the backends
+    alternate (``--repeats`` rounds of ``--calls`` calls each, after a warm-up), median and p20/p80
+    over the rounds."""
+    import kne_kernels
+
+    device = torch.device(args.device)
+    backends = args.backend or ["cpu", "torch"]
+    torch.set_num_threads(1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    rows = []
+    for op, shape, call in overhead_cases(device):
+        for b in backends:  # warm-up: first-use checks, caches, lazy imports
+            for _ in range(50):
+                call(b)
+        per = {b: [] for b in backends}
+        for _ in range(args.repeats):
+            for b in backends:
+                _sync(device)
+                t = time.perf_counter()
+                for _ in range(args.calls):
+                    call(b)
+                _sync(device)
+                per[b].append((time.perf_counter() - t) / args.calls * 1e6)
+        for b in backends:
+            med, p20, p80 = statistics.median(per[b]), _q(per[b], 0.2), _q(per[b], 0.8)
+            rows.append({"op": op, "provider": f"kne_kernels[{b}]", "shape": shape, "dtype": "float32",
+                         "metric": "time per call", "unit": "us", "median": med, "p20": p20, "p80": p80,
+                         "threads": 1, "device": name, "torch": torch.__version__,
+                         "kne_kernels": kne_kernels.__version__, "date": datetime.date.today().isoformat()})
+            print(f"{op:<21} {shape:<24} {b:<7} {med:9.1f} us/call  (p20 {p20:.1f}, p80 {p80:.1f})", flush=True)
+    return rows
+
+
 def static_report() -> int:
     """Registers, spills and shared memory of every GPU kernel, built here without a GPU."""
     import subprocess
@@ -264,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes")
     ap.add_argument("--no-huge", action="store_true", help="skip the 2^28 ensemble_select case")
     ap.add_argument("--static", action="store_true", help="print the GPU kernels' resource usage and exit")
+    ap.add_argument("--overhead", action="store_true",
+                    help="microseconds per call on tiny inputs (default backends: cpu torch); overhead_<device>.csv")
+    ap.add_argument("--calls", type=int, default=2000, help="--overhead: calls per timed round")
     ap.add_argument("--out", default=".", metavar="DIR",
                     help="folder for kernels_<device>.csv/.txt (default: the current folder)")
     args = ap.parse_args(argv)
@@ -271,7 +342,7 @@ def main(argv=None) -> int:
         return static_report()
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"kernels_{torch.device(args.device).type}.csv"
+    path = folder / f"{'overhead' if args.overhead else 'kernels'}_{torch.device(args.device).type}.csv"
     lines: List[str] = []
     stdout = sys.stdout
 
@@ -285,10 +356,15 @@ def main(argv=None) -> int:
 
     sys.stdout = _Tee()
     try:
-        print(f"# kne_kernels benchmark on {args.device}: torch {torch.__version__}, {platform.machine()}, "
-              f"threads {args.threads if args.device == 'cpu' else torch.get_num_threads()}, "
-              f"{'do_bench' if args.device.startswith('cuda') else f'median of {args.repeats}'}")
-        rows = run(args)
+        if args.overhead:
+            print(f"# kne_kernels per-call overhead on {args.device}: torch {torch.__version__}, {platform.machine()}, "
+                  f"1 thread, median of {args.repeats} rounds of {args.calls} calls, backends alternating")
+            rows = overhead(args)
+        else:
+            print(f"# kne_kernels benchmark on {args.device}: torch {torch.__version__}, {platform.machine()}, "
+                  f"threads {args.threads if args.device == 'cpu' else torch.get_num_threads()}, "
+                  f"{'do_bench' if args.device.startswith('cuda') else f'median of {args.repeats}'}")
+            rows = run(args)
     finally:
         sys.stdout = stdout
     path.with_suffix(".txt").write_text("".join(lines))

@@ -3,7 +3,8 @@ architecture, from ``nvcc -Xptxas -v`` (no GPU and no torch needed, only nvcc).
 
 Each ``csrc/cuda/*.cu`` file is compiled alone (``-c``, into a temporary folder) for every
 architecture with the flags the extension build uses (torch's ``COMMON_NVCC_FLAGS`` plus setup.py's
-``-O3 -std=c++17 -lineinfo``), and ptxas's report is parsed into rows.
+``-O3 -std=<CXX_STANDARD> -lineinfo``, the standard read from setup.py), and ptxas's report is
+parsed into rows.
 
     python benchmarks/cuda_static.py                 # table for sm_80 and sm_90
     python benchmarks/cuda_static.py --arch 90 --json
@@ -29,10 +30,22 @@ from typing import Dict, Iterable, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = os.path.join(ROOT, "csrc", "cuda")
 
-# torch.utils.cpp_extension.COMMON_NVCC_FLAGS (torch 2.13/2.14) and setup.py's nvcc flags.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
-              "-DKNE_WITH_CUDA", "-Xcompiler", "-fPIC"]
+
+
+def cxx_standard() -> str:
+    """The C++ standard setup.py builds with (its ``CXX_STANDARD``: named there only)."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        m = re.search(r'^CXX_STANDARD = "(c\+\+\d+)"$', f.read(), re.M)
+    if not m:
+        raise RuntimeError("setup.py names no CXX_STANDARD")
+    return m.group(1)
+
+
+# setup.py's nvcc flags, then a copy of torch.utils.cpp_extension.COMMON_NVCC_FLAGS (this script
+# runs without torch; tests/kernels/test_registry.py compares the copy with the installed torch's).
+NVCC_FLAGS = ["-O3", f"-std={cxx_standard()}", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+              "--expt-relaxed-constexpr", "-DKNE_WITH_CUDA", "-Xcompiler", "-fPIC"]
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)a?'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

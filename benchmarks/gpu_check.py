@@ -63,7 +63,7 @@ def selfcheck() -> int:
 
     import kne_kernels
     from kne_kernels import _backends
-    from kne_kernels._selfcheck import CASES
+    from kne_kernels.ops import registry
 
     dev = torch.device("cuda")
     backends = [b for b in ("triton", "cuda") if _backends.status(b, "cuda")[0]]
@@ -73,8 +73,8 @@ def selfcheck() -> int:
         return 1
     failed = 0
     for b in backends:
-        for op, case in CASES.items():
-            ok, why = case(_backends._implementation(op, b), _backends._implementation(op, "torch"), dev)
+        for op, d in registry().items():
+            ok, why = d.selfcheck(_backends.implementation(op, b), d.torch, dev)
             failed += not ok
             print(f"selfcheck {b:<6} {op:<22} fp32 {'ok' if ok else 'FAILED ' + why}")
         g = torch.Generator().manual_seed(0)

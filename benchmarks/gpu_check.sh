@@ -16,9 +16,10 @@
 #      (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16; about 1-1.5 min on 16 cores, measured
 #      3 min with MAX_JOBS=2 for two architectures here); it must finish by t=300 s or is stopped,
 #      and the check goes on with the Triton kernels alone;
-#   4. meanwhile the Triton kernel tests (tests/test_kernels_triton.py: fp32/fp16/bf16 against the
-#      reference; without pytest: gpu_check.py --selfcheck);
-#   5. the CUDA C++ kernel tests (tests/test_kernels_cuda.py) once the extension is built;
+#   4. meanwhile the Triton kernel tests (tests/kernels -m triton_backend: every op, fp32/fp16/bf16,
+#      against the torch kernel and float64; not the AOT compile, which is CI's, nor the hypothesis
+#      fuzzing, whose many shapes would each compile; without pytest: gpu_check.py --selfcheck);
+#   5. the CUDA C++ kernel tests (tests/kernels -m cuda_backend, no fuzzing) once the extension is built;
 #   6. the kernel benchmark (benchmarks/bench_kernels.py --device cuda: every live GPU backend, each
 #      memory-bound op's GB/s and its share of a device-to-device copy measured in the same process);
 #   7. the edit benchmark on a Llama-7B-shaped bf16 model with random weights (benchmarks/
@@ -150,8 +151,8 @@ XDIST=()
 has xdist && XDIST=(-n 6)
 if has pytest; then
   run_step "Triton kernel tests" $(( $(left) - 260 < 180 ? $(left) - 260 : 180 )) "$TESTS" \
-    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_triton.py \
-    -k "not test_aot_compile"  # the ahead-of-time compile for sm_80/sm_90 is CI's (80 s); here they compile for real
+    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels \
+    -m triton_backend -k "not test_aot_compile and not test_fuzz"  # the AOT compile is CI's (80 s)
 else
   run_step "Triton kernel self-checks (no pytest)" 120 "$TESTS" \
     env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" benchmarks/gpu_check.py --selfcheck
@@ -170,7 +171,7 @@ if [ -n "$BUILD_PID" ]; then
     record "CUDA extension build" OK $((SECONDS - BUILD_T0)) "$(grep -c '^\[' "$BUILD") compile steps"
     if has pytest; then
       run_step "CUDA C++ kernel tests" $(( $(left) - 200 < 60 ? $(left) - 200 : 60 )) "$TESTS" \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
+        "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m cuda_backend -k "not test_fuzz"
     else
       run_step "CUDA C++ kernel self-checks (no pytest)" 60 "$TESTS" "$PY" benchmarks/gpu_check.py --selfcheck
     fi

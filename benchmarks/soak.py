@@ -9,7 +9,7 @@ and compares every tensor of the state dict with the original bit for bit. A fai
 model as it was on a failure, which the final bit-exact check also covers.
 
     python benchmarks/soak.py                                   # 100 edits, tuned preset, 1 thread
-    python benchmarks/soak.py --n 20 --preset authors --data path/to/ZsRE-test-all.json --out /tmp
+    python benchmarks/soak.py --n 20 --preset authors --data zsre --out /tmp
 
 Prints a summary table and writes ``soak.csv`` (one row per edit) and ``soak_summary.csv`` to
 ``--out`` (default: the current folder). Exit status 1 when a parameter became non-finite or the
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
 import platform
 import resource
 import statistics
@@ -29,20 +28,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
-
-COUNTERFACT = "wiki_counterfact-train.json"
-
-
-def default_data() -> Optional[Path]:
-    """The KnowEdit counterfact file: ``$KNE_SHARED/data/knowedit``, the repository's ``data/knowedit``,
-    or the shared folder beside the repository, whichever exists first."""
-    repo = Path(__file__).resolve().parents[1]
-    candidates = []
-    if os.environ.get("KNE_SHARED"):
-        candidates.append(Path(os.environ["KNE_SHARED"]) / "data" / "knowedit" / COUNTERFACT)
-    candidates += [repo / "data" / "knowedit" / COUNTERFACT, repo.parent / "shared" / "data" / "knowedit" / COUNTERFACT]
-    return next((c for c in candidates if c.is_file()), None)
-
 
 def rss_mib() -> float:
     """Resident set size of this process now (Linux ``/proc``; elsewhere the peak from getrusage)."""
@@ -95,9 +80,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100, help="edits (default 100)")
     ap.add_argument("--skip", type=int, default=0, help="records of the file to skip first (default 0)")
-    ap.add_argument("--data", type=Path, default=None,
-                    help=f"KnowEdit JSON file of the requests (default: {COUNTERFACT} from $KNE_SHARED/data/knowedit, "
-                         "data/knowedit in the repository, or ../shared/data/knowedit)")
+    ap.add_argument("--data", default="counterfact",
+                    help="the requests: a shipped KnowEdit set (zsre, counterfact, recent; kne.datasets) or a KnowEdit "
+                         "JSON file (default counterfact)")
     ap.add_argument("--model", default="smollm2-135m", help="kne.load_model name or path (default: the embedded model)")
     ap.add_argument("--preset", default="tuned", help="KNEConfig.preset name (default tuned; e.g. authors)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -105,9 +90,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.n < 1 or args.skip < 0 or args.threads < 1:
         ap.error("--n and --threads must be at least 1 and --skip at least 0")
-    data = args.data or default_data()
-    if data is None or not Path(data).is_file():
-        ap.error(f"no KnowEdit file at {data}: pass --data PATH (e.g. .../knowedit/{COUNTERFACT})")
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} is a file: give a folder")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +98,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import kne
 
+    try:
+        data = kne.datasets.resolve_data(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     cfg = kne.KNEConfig.preset(args.preset)
     records = kne.load_knowedit(data)[args.skip:args.skip + args.n]

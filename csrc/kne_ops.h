@@ -1,6 +1,7 @@
 // kne C++ kernels: declarations shared by the CPU and CUDA implementations, the op registration
-// (registration.cpp) and the C++ tests. Semantics: kne_kernels/_ops.py (the schemas and the
-// pure-torch kernels every implementation reproduces). Only ATen headers: no Python.h, so the
+// (registration.cpp) and the C++ tests. Semantics: kne_kernels/ops/<op module>.py (the schema and
+// the pure-torch kernel every implementation reproduces); the kernels: cpu/<op module>.cpp and
+// cuda/<op module>.cu (plus the ATen side of the CUDA ones in cuda/ops_cuda.cpp). Only ATen headers: no Python.h, so the
 // same sources build as a Python-loadable library (setup.py) and against libtorch (CMake).
 #pragma once
 

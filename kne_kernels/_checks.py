@@ -1,7 +1,8 @@
-"""Argument rules shared by the public ops (``kne_kernels.api``) and the pure-torch reference
-(``kne_kernels.reference``), so that both -- and through the api every backend -- accept and refuse
-the same inputs with the same message:
+"""Argument rules of the public ops (``kne_kernels.ops.<op>``), checked before any backend runs, so
+every backend accepts and refuses the same inputs with the same message:
 
+* tensors have an accepted dtype and rank and are contiguous (nothing is copied or cast silently),
+  and all of one call's tensors are on one device;
 * flags (``absolute``, ``positive_only``) are ``bool`` (or ``numpy.bool_``), never truthy objects;
 * counts (``num_segments``) are integers (``int``, NumPy or 0-d torch integers; not ``bool``, not
   ``2.5``) and not negative;
@@ -14,10 +15,45 @@ the same inputs with the same message:
 from __future__ import annotations
 
 import operator
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+
+# The float dtypes every op takes (inputs, weights); results and optimizer state are float32.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, dtypes: Optional[Sequence[torch.dtype]] = None, dim: Optional[int] = None) -> torch.Tensor:
+    """``t`` if it is a contiguous tensor of one of ``dtypes`` with ``dim`` dimensions; ``TypeError``
+    (not a tensor, wrong dtype) or ``ValueError`` (rank, strides) naming ``name`` and the fix."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {allowed} (cast with .to())")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}): pass {name}.contiguous()")
+    return t
+
+
+def same_device(**tensors) -> torch.device:
+    """The one device of the given tensors (``None`` values skipped); ``ValueError`` listing them otherwise."""
+    devs = {k: v.device for k, v in tensors.items() if v is not None}
+    first = next(iter(devs.values()))
+    if any(d != first for d in devs.values()):
+        raise ValueError("all tensors must be on one device; got " + ", ".join(f"{k} on {d}" for k, d in devs.items()))
+    return first
+
+
+def finite_number(name: str, value) -> float:
+    """``value`` as a float: an int or float (not a bool) that is finite; ``ValueError`` otherwise."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def flag(name: str, value) -> bool:
@@ -67,30 +103,33 @@ def unique_in_range(index: torch.Tensor, limit: int, what: str) -> None:
 
 
 def _span(t: torch.Tensor):
-    """Bytes ``[start, end)`` from the first to the last element of ``t`` (strides are >= 0)."""
+    """Bytes ``[start, end)`` from the first to the last element of ``t`` (strides are >= 0), or
+    ``None`` for an empty tensor or one on the meta device (no memory)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
     start = t.data_ptr()
     last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return start, start + (last + 1) * t.element_size()
+    return t.device, start, start + (last + 1) * t.element_size()
+
+
+def _spans_meet(a, b) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors may share memory: their byte spans intersect (exact for the contiguous
-    tensors the api takes; for strided views, interleaved but disjoint ones count as sharing)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
-        return False
-    a0, a1 = _span(a)
-    b0, b1 = _span(b)
-    return a0 < b1 and b0 < a1
+    tensors the ops take; for strided views, interleaved but disjoint ones count as sharing)."""
+    return _spans_meet(_span(a), _span(b))
 
 
 def no_overlap(op: str, written: Dict[str, Optional[torch.Tensor]], read: Dict[str, Optional[torch.Tensor]]) -> None:
     """``ValueError`` when a tensor ``op`` writes in place shares memory with another argument: the
     backends read and write in different orders, so aliased arguments give backend-dependent results."""
-    w = [(k, v) for k, v in written.items() if v is not None]
-    r = [(k, v) for k, v in read.items() if v is not None]
-    for i, (a, ta) in enumerate(w):
-        for b, tb in w[i + 1:] + r:
-            if overlaps(ta, tb):
+    w = [(k, _span(v)) for k, v in written.items() if v is not None]
+    r = [(k, _span(v)) for k, v in read.items() if v is not None]
+    for i, (a, sa) in enumerate(w):
+        for b, sb in w[i + 1:] + r:
+            if _spans_meet(sa, sb):
                 raise ValueError(f"{op}: {a} and {b} share memory; {op} writes {a} in place, so it must not alias "
                                  f"another argument (pass {b}.clone())")
 

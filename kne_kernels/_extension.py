@@ -60,11 +60,15 @@ def load() -> bool:
                            "with `pip install --no-build-isolation -e .` against this torch")
         return False
     _STATE["loaded"] = True
+    from . import _backends
+
+    _backends.invalidate()  # new kernels: every cached choice of kernel is stale
     return True
 
 
 def registered_keys(op_name: str = "neuron_attribution_") -> Tuple[str, ...]:
-    """Dispatch keys with a kernel for ``kne::<op_name>`` (from the dispatcher's own table)."""
+    """Dispatch keys with a kernel for ``kne::<op_name>`` (from the dispatcher's own table; parsed
+    anew on every call: ``kne_kernels._backends`` caches what it concludes)."""
     dump = torch._C._dispatch_dump(f"kne::{op_name}")
     keys = []
     for line in dump.splitlines():
@@ -74,7 +78,8 @@ def registered_keys(op_name: str = "neuron_attribution_") -> Tuple[str, ...]:
 
 
 def status(kind: str) -> Tuple[bool, str]:
-    """``(live, reason)`` of the C++ ``cpu`` or ``cuda`` kernels."""
+    """``(live, reason)`` of the C++ ``cpu`` or ``cuda`` kernels as a whole (the library loaded and
+    registered kernels for that dispatch key; uncached)."""
     if not load():
         return False, _STATE["error"]
     key = "CPU" if kind == "cpu" else "CUDA"

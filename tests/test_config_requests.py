@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kne
+import kne_kernels
 from kne import KNEConfig
 from kne.requests import first_alias
 
@@ -133,6 +134,32 @@ def test_valid_config_values_are_normalised():
     assert c.target_modules == ("ffn_out", "mlp.up_proj") and c.layers == (2, -1)
     assert KNEConfig(percentile=99.999).percentile == 99.999
     assert KNEConfig(dropout=0.999).dropout == 0.999
+
+
+def test_named_backend_that_is_not_live_raises_everywhere(tiny_model, tok, monkeypatch):
+    """config.backend="cpu" without a live C++ library is kne_kernels' error, as a direct op call
+    with backend="cpu" is, never a silent fall back to auto (tests/test_input_checks.py: cuda and
+    triton)."""
+    from kne_kernels import _backends
+
+    real = _backends._status
+    monkeypatch.setattr(_backends, "_status", lambda b, d: (False, "pretend it is not built") if b == "cpu"
+                        else real(b, d))
+    _backends.invalidate()
+    try:
+        model = tiny_model("llama")
+        req = {"prompt": "The capital of France is", "target_new": "Rome"}
+        snap = snapshot(model)
+        msg = r"backend 'cpu' cannot run cpu tensors here: pretend it is not built"
+        with pytest.raises(RuntimeError, match=msg):
+            kne.fast_edit(model, tok, req, backend="cpu", steps=1)
+        w = torch.randn(4, 3)
+        with pytest.raises(RuntimeError, match=msg):
+            kne_kernels.weight_attribution(w, w, backend="cpu")
+        assert_state_equal(model, snap)
+    finally:
+        monkeypatch.undo()
+        _backends.invalidate()
 
 
 def test_config_defaults_are_the_authors():

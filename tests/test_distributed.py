@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import kne.runs
 from kne import cli
 
 SAME = ("index", "prompt", "rewrite_acc", "rephrase_acc", "portability", "locality", "fluency", "steps", "final_loss")
@@ -42,7 +43,7 @@ def test_torchrun_two_processes_equal_one(embedded, tmp_path, capsys):
 
 
 def test_sequential_protocol_refuses_torchrun(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli, "_distributed", lambda: (0, 2))
+    monkeypatch.setattr(kne.runs, "distributed", lambda: (0, 2))
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"prompt": "a", "target_new": "b"}]))
     assert cli.main(["eval", "--data", str(data), "--protocol", "sequential"]) == 2

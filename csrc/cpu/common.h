@@ -200,7 +200,8 @@ inline void check_shape(const at::Tensor& t, const char* op, const char* name, a
 }
 
 // `written` (an argument the op writes in place) shares no memory with `other`: aliased arguments
-// would be read after being written (kne_kernels.api refuses them first, for every backend).
+// would be read after being written (the public functions of kne_kernels refuse them first, for
+// every backend).
 inline void check_no_overlap(const at::Tensor& written, const char* wname, const at::Tensor& other, const char* oname,
                              const char* op) {
   if (written.numel() == 0 || other.numel() == 0) return;

@@ -1,6 +1,6 @@
 // The ensemble-selection ops on CPU: kne::ensemble_aggregate (max/mean over requests, the mean
 // bit for bit torch's), kne::order_statistics (exact k-th and (k+1)-th smallest at any size) and
-// kne::threshold_mask (mask and per-row counts in one pass). kne_kernels.api.ensemble_select
+// kne::threshold_mask (mask and per-row counts in one pass). kne_kernels.ensemble_select
 // chains them.
 #include "common.h"
 

@@ -1,10 +1,10 @@
 // Host launchers of the kne CUDA kernels: the only interface between the lean .cu translation
-// units (device code; CUDA headers only, no ATen) and ops_cuda.cpp (ATen: validation, device
-// guard, stream, allocation). Every launcher takes raw pointers to contiguous memory, sizes,
+// units (csrc/cuda/<op module>.cu: device code; CUDA headers only, no ATen) and ops_cuda.cpp
+// (ATen: validation, device guard, stream, allocation). Every launcher takes raw pointers to contiguous memory, sizes,
 // scalars and the stream to run on; it enqueues its kernels and returns the first CUDA error
 // (cudaSuccess when all launches were accepted). Inputs are NOT validated here: ops_cuda.cpp does.
 //
-// Semantics: kne_kernels/_ops.py (the schemas and the pure-torch kernels).
+// Semantics: kne_kernels/ops/<op module>.py (the schema and the pure-torch kernel of each op).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -25,6 +25,13 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 cudaError_t neuron_attribution(float* out, const void* act, const void* grad, DType dtype,
                                const int64_t* segments, const float* scale, float scale_value,
                                int64_t N, int64_t D, int64_t S, cudaStream_t stream);
+
+// out[seg[n], d] += sum_n p(n, d), p = a * b (|a * b| when `absolute`), times scale[n] and then
+// scale_value when given: the column sums of neuron_attribution.cu, shared with weight_attribution
+// (dim=0). a, b: [N, D] of `dtype`; out: fp32 [S, D]; segments, scale as above.
+cudaError_t column_sums(float* out, const void* a, const void* b, DType dtype, const int64_t* segments,
+                        const float* scale, float scale_value, bool absolute, int64_t N, int64_t D, int64_t S,
+                        cudaStream_t stream);
 
 // out += sum over `dim` of weight * grad (|weight * grad| when `absolute`), products in fp32.
 //   weight, grad: [R, C] of `dtype`; out: fp32 [C] (dim=0) or [R] (dim=1).

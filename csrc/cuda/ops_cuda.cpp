@@ -3,8 +3,9 @@
 // the .cu files (launchers.h). Compiled by the host compiler: ATen headers live here only, so the
 // .cu translation units stay small and fast to build.
 //
-// Semantics: kne_kernels/_ops.py. Inputs must be contiguous CUDA tensors on one device; nothing is
-// copied or cast silently (the public API in kne_kernels.api gives friendlier errors first).
+// One section per op, in the order of kne_ops.h. Semantics: kne_kernels/ops/<op module>.py. Inputs
+// must be contiguous CUDA tensors on one device; nothing is copied or cast silently (the public
+// functions of kne_kernels give friendlier errors first).
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -237,7 +238,7 @@ void ensemble_adamw_step_(at::Tensor& weight, const at::Tensor& index, const at:
   check_shape(base, op, "base", compact);
   TORCH_CHECK(step >= 1, "kne::", op, ": step counts from 1, got ", step);
   // The tensors written in place alias nothing. Index range and uniqueness are the caller's
-  // (kne_kernels.api checks them once per call; checking here would need a device sync).
+  // (kne_kernels.ensemble_adamw_step_ checks them once per call; here it would cost a device sync).
   const std::pair<const char*, const at::Tensor*> args[] = {
       {"weight", &weight}, {"delta", &delta}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq},
       {"index", &index},   {"grad", &grad},   {"base", &base}};

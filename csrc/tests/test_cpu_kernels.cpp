@@ -301,9 +301,10 @@ void test_threshold_mask() {
 }
 
 // ------------------------------------------------------------------------------------------ ensemble_adamw_step_
-// The torch kernel (kne_kernels._ops.ensemble_adamw_step_torch) in ATen. ieee_sqrt: take the
-// correctly rounded square root (ATen's float32 sqrt goes through MKL VML, which is not correctly
-// rounded; the kernel's is), so that every other step can be compared bit for bit.
+// The torch kernel (ensemble_adamw_step_torch, kne_kernels/ops/ensemble_adamw_step.py) in ATen.
+// ieee_sqrt: take the correctly rounded square root (ATen's float32 sqrt goes through MKL VML,
+// which is not correctly rounded; the kernel's is), so that every other step can be compared bit
+// for bit.
 void reference_adamw(at::Tensor& weight, const at::Tensor& index, const at::Tensor& grad, at::Tensor& delta,
                      at::Tensor& m, at::Tensor& v, const at::Tensor& base, int64_t step, double lr, double scale,
                      int64_t dim, double b1, double b2, double eps, double wd, bool ieee_sqrt) {

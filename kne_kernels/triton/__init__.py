@@ -1,8 +1,8 @@
-"""Triton kernels of the kne ops: one file per op family (``neuron_attribution``,
-``weight_attribution``, ``ensemble_select``, ``ensemble_adamw``, ``nullspace_project``), each a ``@triton.jit`` kernel, its
-block configurations in one table, and a launcher with the torch kernel's signature;
-``kernels.KERNELS`` maps op names to launchers and ``aot`` compiles every shipped configuration
-ahead of time for sm_80/sm_90 (``python -m kne_kernels.triton.aot``).
+"""Triton kernels of the kne ops: ``triton/<module>.py`` beside ``ops/<module>.py``, each with its
+``@triton.jit`` kernels (``_<op>_kernel``), their block configurations in one table, one launcher
+per op with the torch kernel's signature (``<op>_triton``, found by ``kne_kernels._backends``) and
+``aot_specs()``, every (kernel, signature, configuration) the launchers can run, which ``aot``
+compiles ahead of time for sm_80/sm_90 (``python -m kne_kernels.triton.aot``).
 
 They run on CUDA devices, and on CPU tensors through Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before they are imported (how CI checks them without a GPU).
@@ -19,7 +19,7 @@ def status(device_type: str) -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
-        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install 'kne[triton]' (triton>=3.6)"
+        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install 'kne[triton]'"
     interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
     if device_type == "cpu":
         if not interpret:

@@ -1,5 +1,6 @@
-"""What the Triton launchers share: the dtypes they accept, how many programs to aim for, and how
-to cut one axis of a tensor into per-program chunks."""
+"""What the Triton launchers share: the dtypes they accept, how many programs to aim for, how to
+cut one axis of a tensor into per-program chunks, fp32 products of two inputs, and the
+round-to-nearest-even cast of fp32 results to a weight's dtype."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def products(x_ptr, y_ptr, offs, mask):
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return x * y
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype``, round to nearest even. bf16 is rounded with integer ops (as c10::BFloat16
+    does; the GPU's cvt.rn gives the same bits, but Triton's interpreter truncates), NaN -> 0x7FC0."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # noqa: PLR0124 (x is NaN)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

@@ -2,11 +2,12 @@
 
 ``python -m kne_kernels.triton.aot [--arch 80 --arch 90] [--jobs N] [--json]`` compiles, for each
 target ``GPUTarget("cuda", arch, 32)``, every ``@triton.jit`` kernel of this package for every
-dtype and every launch configuration (the ``aot_specs()`` of each op module, built from the same
-tables the launchers pick from), each in the two extreme specializations of the JIT (every pointer
-and integer argument divisible by 16: "aligned"; none: "generic"), plus, once per kernel, every
-integer argument equal to 1 (which the JIT turns into a constant: "ones"), down to a cubin with the ``ptxas`` shipped in the Triton wheel.
-No GPU is needed. It prints one line per (kernel, arch, variant): registers, spill stores/loads
+dtype and every launch configuration (the ``aot_specs()`` of each Triton module, found from the op
+modules of ``kne_kernels.ops`` and built from the same tables the launchers pick from), each in
+the two extreme specializations of the JIT (every pointer and integer argument divisible by 16:
+"aligned"; none: "generic"), plus, once per kernel, every integer argument equal to 1 (which the
+JIT turns into a constant: "ones"), down to a cubin with the ``ptxas`` shipped in the Triton
+wheel. No GPU is needed. It prints one line per (kernel, arch, variant): registers, spill stores/loads
 and shared memory, and exits non-zero if any compile fails.
 
 ``compile_all(archs=(80, 90))`` returns the same rows as dicts (for tests). The interpreter
@@ -29,14 +30,20 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Sequence
 
-MODULES = ("neuron_attribution", "weight_attribution", "ensemble_select", "ensemble_adamw", "nullspace_project")
+def modules() -> List[str]:
+    """The Triton modules: ``triton/<module>.py`` for each op module that has one."""
+    import importlib.util
+
+    from kne_kernels.ops import modules as op_modules
+
+    return [m for m in op_modules() if importlib.util.find_spec(f"kne_kernels.triton.{m}") is not None]
 
 
 def _specs() -> List[dict]:
     import importlib
 
     out = []
-    for name in MODULES:
+    for name in modules():
         mod = importlib.import_module(f"kne_kernels.triton.{name}")
         for spec in mod.aot_specs():
             spec = dict(spec)

@@ -69,7 +69,7 @@ def _ensemble_aggregate_kernel(out_ptr, scores_ptr, R, M, MEAN: tl.constexpr, BL
     tl.store(out_ptr + offs, acc, mask=m)
 
 
-def ensemble_aggregate(scores: torch.Tensor, mode: int) -> torch.Tensor:
+def ensemble_aggregate_triton(scores: torch.Tensor, mode: int) -> torch.Tensor:
     R, M = scores.shape
     out = torch.empty(M, dtype=torch.float32, device=scores.device)
     if M == 0:
@@ -162,7 +162,7 @@ def _radix_select_kernel(state_ptr, hist_ptr, out_ptr, SHIFT: tl.constexpr, BITS
         tl.store(out_ptr + 1, _key_to_float(prefix_b2))
 
 
-def order_statistics(values: torch.Tensor, k: int) -> torch.Tensor:
+def order_statistics_triton(values: torch.Tensor, k: int) -> torch.Tensor:
     M = values.numel()
     device = values.device
     k1 = min(k + 1, M - 1)
@@ -202,7 +202,7 @@ def _threshold_mask_kernel(mask_ptr, counts_ptr, values_ptr, threshold, D, cols_
     tl.atomic_add(counts_ptr + row, tl.sum(cnt, axis=0).to(tl.int64), sem="relaxed")
 
 
-def threshold_mask(values: torch.Tensor, threshold: float, positive_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def threshold_mask_triton(values: torch.Tensor, threshold: float, positive_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     L, D = values.shape
     mask = torch.empty((L, D), dtype=torch.bool, device=values.device)
     counts = torch.zeros(L, dtype=torch.int64, device=values.device)

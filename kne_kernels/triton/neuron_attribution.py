@@ -91,9 +91,9 @@ def _neuron_attribution_kernel(out_ptr, act_ptr, grad_ptr, seg_ptr, scale_ptr, s
         tl.atomic_add(out_ptr + cols, total, mask=cmask, sem="relaxed")
 
 
-def neuron_attribution_(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
-                        segments: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                        scale_value: float) -> None:
+def neuron_attribution_triton(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
+                              segments: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                              scale_value: float) -> None:
     N, D = act.shape
     if N == 0 or D == 0:
         return

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES
-from .ensemble_adamw import _round_to
+from ._common import DTYPES, round_to
 
 CONFIGS: Dict[str, dict] = {
     "coef": dict(BLOCK_K=16, BLOCK_R=64, BLOCK_N=32, num_warps=4),
@@ -66,12 +65,12 @@ def _project_kernel(weight_ptr, index_ptr, delta_ptr, basis_ptr, coef_ptr, base_
     tl.store(delta_ptr + offs, d, mask=m2)
     b = tl.load(base_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     rows = tl.load(index_ptr + k, mask=kmask, other=0)
-    tl.store(weight_ptr + rows[:, None] * n + i[None, :], _round_to(b + scale * d, weight_ptr.dtype.element_ty),
+    tl.store(weight_ptr + rows[:, None] * n + i[None, :], round_to(b + scale * d, weight_ptr.dtype.element_ty),
              mask=m2)
 
 
-def nullspace_project_(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, basis: torch.Tensor,
-                       base: torch.Tensor, scale: float) -> None:
+def nullspace_project_triton(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, basis: torch.Tensor,
+                             base: torch.Tensor, scale: float) -> None:
     K, n = delta.shape
     r = basis.shape[1]
     if K == 0 or n == 0:

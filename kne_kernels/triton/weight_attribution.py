@@ -72,8 +72,8 @@ def _weight_attribution_rows_kernel(out_ptr, w_ptr, g_ptr, R, C, cols_per_prog,
     tl.atomic_add(out_ptr + rows, tl.sum(tile, axis=1), mask=rmask, sem="relaxed")
 
 
-def weight_attribution_(out: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dim: int,
-                        absolute: bool) -> None:
+def weight_attribution_triton(out: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, dim: int,
+                              absolute: bool) -> None:
     R, C = weight.shape
     if R == 0 or C == 0:
         return

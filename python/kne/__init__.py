@@ -20,11 +20,11 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "register_architecture": "adapters", "supported_model_types": "adapters",
-    "Attribution": "attribution", "attribute": "attribution",
+    "Attribution": "attribution", "attribute": "attribution", "locate": "attribution",
     "KNEConfig": "config",
     "EditError": "editing", "EditResult": "editing", "fast_edit": "editing",
     "apply_edit": "editfile", "read_edit": "editfile", "revert_edit": "editfile",
-    "Ensemble": "ensemble", "locate": "ensemble",
+    "Ensemble": "ensemble",
     "EvalResult": "evaluation", "evaluate": "evaluation",
     "load_model": "models",
     "EditRequest": "requests", "load_knowedit": "requests",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -32,6 +35,23 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         restore_training(flags)
+
+
+@contextlib.contextmanager
+def new_folder(target: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``target`` to fill; when the block ends without an exception
+    it replaces ``target`` whole (a reader never sees half a folder), else it is removed and
+    ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

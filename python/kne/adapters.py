@@ -136,6 +136,14 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def weight_transposed(module: nn.Module) -> Optional[bool]:
+    """Whether a projection stores its weight ``[in, out]`` (GPT-2's ``Conv1D``: ``True``) or
+    ``[out, in]`` (``nn.Linear``: ``False``); ``None`` for a module kne does not edit."""
+    if isinstance(module, nn.Linear):
+        return False
+    return True if _is_conv1d(module) else None
+
+
 def _align_hook(module: nn.Module):
     """Accelerate's AlignDevicesHook on ``module`` (also inside a SequentialHook), or None."""
     hook = getattr(module, "_hf_hook", None)
@@ -267,11 +275,8 @@ def resolve_sites(model: nn.Module, target_modules: Sequence[str],
                     f"target module {name!r} not found in layer {l} of a {_model_type(model)!r} model; use an "
                     "alias (" + ", ".join(f"{a}={s}" for a, s in arch.modules) + ") or a module path inside "
                     "a decoder layer such as 'mlp.down_proj'") from None
-            if isinstance(mod, nn.Linear):
-                transposed = False
-            elif _is_conv1d(mod):
-                transposed = True
-            else:
+            transposed = weight_transposed(mod)
+            if transposed is None:
                 raise ValueError(f"target module {name!r} ({arch.layers}.{l}.{suffix}) is a "
                                  f"{type(mod).__name__}; kne edits nn.Linear and GPT-2 Conv1D projections only")
             sites.append(ModuleSite(name=name, suffix=suffix, layer=l, path=f"{arch.layers}.{l}.{suffix}",

@@ -27,9 +27,10 @@ from ._utils import (Timer, answer_logits, as_int, frozen, input_device, kernel_
                      require_backend)
 from .adapters import ModuleSite, resolve_sites
 from .config import KNEConfig, resolve_config
+from .ensemble import Ensemble
 from .requests import EditRequest, as_requests
 
-__all__ = ["Attribution", "attribute", "objective_value", "request_batch"]
+__all__ = ["Attribution", "attribute", "locate", "objective_value", "request_batch"]
 
 
 @dataclass
@@ -51,8 +52,6 @@ class Attribution:
 
     def select(self):
         """The ensemble these scores give under the config's percentile rule."""
-        from .ensemble import Ensemble
-
         return Ensemble.from_attribution(self)
 
 
@@ -276,3 +275,15 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     suffixes = {name: ss[0].suffix for name, ss in sites.items()}
     return Attribution(scores=scores, layers=layers, suffixes=suffixes,
                        config=cfg, requests=reqs, seconds=seconds, passes=passes)
+
+
+def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *, batch_size: int = 16,
+           progress: Optional[bool] = None, **overrides: Any) -> Ensemble:
+    """Attribute (:func:`kne.attribute`) and keep the neurons above the global percentile.
+
+    One ensemble for all ``requests`` (scores aggregated over requests with ``config.aggregate``):
+    with many requests this is the authors' dataset-level ensemble, reusable for every edit.
+    ``batch_size`` and ``progress`` are passed to :func:`kne.attribute`.
+    """
+    return Ensemble.from_attribution(attribute(model, tokenizer, requests, resolve_config(config, overrides),
+                                               batch_size=batch_size, progress=progress))

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 from ._extras import MissingDependency
 
@@ -189,29 +189,10 @@ def greedy(model, tok, prompt: str, n: int = 6, add_special_tokens: bool = False
     return text.split("\n")[0]
 
 
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    """Markdown table of evaluation summaries (percentages; fluency x100 as in the KnowEdit tables)."""
-    head = "| data | method | protocol | n | Edit Succ. | Rephrase | Portability | Locality | Fluency | s/edit |"
-    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    lines = [head, sep]
-    for r in rows:
-        s = r["summary"]
-        if not s.get("n"):
-            lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | 0 | - | - | - | - | - | - |")
-            continue
-        lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | {s['n']} | "
-                     f"{_pct(s['edit_succ'])} | {_pct(s['rephrase'])} | {_pct(s['portability'])} | "
-                     f"{_pct(s['locality'])} | {_pct(s['fluency'])} | {r['seconds_per_edit']:.2f} |")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
     import kne
+    from kne.runs import pct as _pct
 
     model, tok = _load(args)
     cfg = _config(args)
@@ -264,6 +245,7 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------------------ edit
 def cmd_edit(args) -> int:
     import kne
+    from kne.runs import pct as _pct
 
     cfg = _config(args)
     req = kne.EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)
@@ -302,35 +284,12 @@ def cmd_edit(args) -> int:
 # ------------------------------------------------------------------------------------------ eval
 
 
-def _data_files(args) -> List[Path]:
-    """The files of ``--data`` (shipped short names or paths) or ``--all`` (the three shipped files)."""
-    from kne.datasets import KNOWEDIT, resolve_data
-
-    if args.all == bool(args.data):
-        raise ValueError("give either --data (zsre, counterfact, recent or a file path) or --all (the three shipped "
-                         "KnowEdit files)")
-    return [resolve_data(d) for d in (args.data or list(KNOWEDIT))]
-
-
-def _distributed():
-    """``(rank, world_size)`` under torchrun (a gloo, or NCCL on CUDA, process group is started),
-    else ``(0, 1)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if os.environ.get("KNE_DIST_BACKEND") == "nccl" else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def cmd_eval(args) -> int:
     import kne
-    from kne.runs import merge_runs, run_edits
+    from kne.datasets import data_files
+    from kne.runs import distributed, format_table, merge_runs, run_edits
 
-    files = _data_files(args)
+    files = data_files(args.data, args.all)
     if args.skip < 0:
         raise ValueError(f"--skip must be >= 0, got {args.skip}")
     if args.limit is not None and args.limit < 1:
@@ -346,7 +305,7 @@ def cmd_eval(args) -> int:
                                                                 "none)" if records else "(the file holds none)"))
         data.append((f, requests))
     protocols = ("independent", "sequential") if args.protocol == "both" else (args.protocol,)
-    rank, world = _distributed()
+    rank, world = distributed()
     if world > 1:
         if "sequential" in protocols:
             raise ValueError("sequential edits build on each other and cannot be split across processes: run "
@@ -410,36 +369,10 @@ def _write_text(args, path: str, text: str) -> None:
 
 
 def cmd_info(args) -> int:
-    """Versions, kernel backends, threads, devices, cache."""
-    import importlib.metadata as md
-    import platform
+    """Versions, kernel backends, threads, devices, cache (kne.info)."""
+    from kne.info import main as info_main
 
-    import torch
-
-    import kne
-    import kne_kernels.info
-    from kne.models import _CACHE_NAME, cache_dir
-
-    def version(dist):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    print(f"kne {kne.__version__}   kne_kernels {kne_kernels.__version__}   Python {platform.python_version()} "
-          f"({platform.machine()}, {platform.system()})")
-    print("packages: " + ", ".join(f"{d} {version(d)}" for d in ("torch", "transformers", "accelerate", "triton",
-                                                                  "safetensors", "numpy")))
-    print(f"threads: torch {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (the CLI uses 1 thread on CPU unless --threads)")
-    devs = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    print("devices: cpu" + ("".join(f", {d}" for d in devs)))
-    cached = (cache_dir() / _CACHE_NAME / "config.json").is_file()
-    print(f"cache: {cache_dir()} (KNE_CACHE overrides); embedded model {'cached' if cached else 'not converted yet'}")
-    print(f"supported model types: {', '.join(kne.supported_model_types())}")
-    print()
-    return kne_kernels.info.main([])
+    return info_main()
 
 
 def cmd_plot(args) -> int:

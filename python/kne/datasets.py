@@ -12,11 +12,11 @@ their licence and the citation lie beside them (``knowedit_path(name).parent``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from .requests import EditRequest, load_knowedit
 
-__all__ = ["KNOWEDIT", "knowedit", "knowedit_path", "resolve_data"]
+__all__ = ["KNOWEDIT", "data_files", "knowedit", "knowedit_path", "resolve_data"]
 
 #: short name -> file under kne/data/knowedit (the published name plus ``.gz``)
 KNOWEDIT: Dict[str, str] = {
@@ -56,3 +56,12 @@ def resolve_data(name_or_path: Union[str, Path]) -> Path:
         raise FileNotFoundError(f"KnowEdit file {str(path)!r} does not exist; give a path or one of the shipped "
                                 f"data sets: {', '.join(KNOWEDIT)}")
     return path
+
+
+def data_files(data: Optional[Sequence[Union[str, Path]]], all_: bool) -> List[Path]:
+    """The files ``kne eval`` reads: those of ``data`` (short names or paths, :func:`resolve_data`)
+    or, with ``all_``, the three shipped files; exactly one of the two must be given."""
+    if all_ == bool(data):
+        raise ValueError("give either --data (zsre, counterfact, recent or a file path) or --all (the three shipped "
+                         "KnowEdit files)")
+    return [resolve_data(d) for d in (data or list(KNOWEDIT))]

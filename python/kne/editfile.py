@@ -358,18 +358,15 @@ def _check_model(path: Path, meta: Dict[str, Any], model: nn.Module) -> None:
 
 
 def _weight(model: nn.Module, site: _Site, path: Path) -> torch.Tensor:
-    from .adapters import _is_conv1d, _offloaded_weight
+    from .adapters import _offloaded_weight, weight_transposed
 
     try:
         mod = model.get_submodule(site.path)
     except AttributeError:
         raise ValueError(f"{path}: the model has no module {site.path!r} (field {site.field}.path): this edit was made "
                          "for another architecture") from None
-    if isinstance(mod, nn.Linear):
-        transposed = False
-    elif _is_conv1d(mod):
-        transposed = True
-    else:
+    transposed = weight_transposed(mod)
+    if transposed is None:
         raise ValueError(f"{path}: {site.path} (field {site.field}.path) is a {type(mod).__name__}, not a linear "
                          "projection that kne edits")
     if transposed != site.transposed:

@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 import kne_kernels
-from kne_kernels.reference import adamw_update_
+from kne_kernels import adamw_update_
 
 from ._guard import undo_writes
 from ._text import check_lengths, check_tokenizer
 from ._utils import EditDropout, Timer, frozen, input_device, kernel_backend, logits_at, max_positions, require_backend
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
+from .attribution import locate
 from .config import KNEConfig, resolve_config
-from .ensemble import Ensemble, _match_suffix, locate
+from .ensemble import Ensemble, _match_suffix
 from .nullspace import edit_bases
 from .objective import EditObjective, edit_loss
 from .requests import EditRequest, as_requests

@@ -18,7 +18,7 @@ from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from ._utils import selection_backend
 from .config import KNEConfig, resolve_config
 
-__all__ = ["Ensemble", "locate"]
+__all__ = ["Ensemble"]
 
 _FORMAT = "kne.ensemble/1"
 
@@ -29,7 +29,7 @@ class Ensemble:
 
     ``indices[suffix][layer]`` is a LongTensor (rows of ``W`` for ``neuron_axis="out"``, columns
     for ``"in"``). Layers with no ensemble neuron are absent. ``thresholds[suffix]`` is the global
-    percentile the selection used (when it came from :func:`locate`), ``n_neurons[suffix]`` the
+    percentile the selection used (when it came from :func:`kne.locate`), ``n_neurons[suffix]`` the
     neurons per module instance and ``n_layers[suffix]`` the layers scored.
     """
 
@@ -247,17 +247,3 @@ def _match_suffix(model: nn.Module, arch, key: str) -> str:
     if len(ends) == 1:
         return ends[0]
     return key  # a path inside the layer that is not registered: resolve_sites checks it
-
-
-def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *, batch_size: int = 16,
-           progress: Optional[bool] = None, **overrides: Any) -> Ensemble:
-    """Attribute (:func:`kne.attribute`) and keep the neurons above the global percentile.
-
-    One ensemble for all ``requests`` (scores aggregated over requests with ``config.aggregate``):
-    with many requests this is the authors' dataset-level ensemble, reusable for every edit.
-    ``batch_size`` and ``progress`` are passed to :func:`kne.attribute`.
-    """
-    from .attribution import attribute
-
-    return attribute(model, tokenizer, requests, resolve_config(config, overrides), batch_size=batch_size,
-                     progress=progress).select()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Tuple, Union
 
 import torch
+
+from ._utils import new_folder
 
 __all__ = ["load_model", "cache_dir", "EMBEDDED", "embedded_gguf"]
 
@@ -62,17 +62,9 @@ def _convert_embedded(target: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with new_folder(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch.dtype = torch.float32,

@@ -32,9 +32,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,7 +41,7 @@ import torch
 from torch import nn
 
 from ._text import check_lengths, check_tokenizer
-from ._utils import as_int, frozen, input_device, max_positions
+from ._utils import as_int, frozen, input_device, max_positions, new_folder
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .models import cache_dir
 
@@ -207,8 +205,7 @@ def build(model: nn.Module, tokenizer, *, target_modules: Sequence[str] = ("ffn_
                 used = 0
             groups[-1].append(i)
             used += b
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
-        try:
+        with new_folder(folder) as tmp:
             bar = tqdm(total=len(groups) * len(seqs) + len(flat), desc="null-space corpus: keys", unit="seq",
                        file=sys.stderr, disable=not progress)
             for group in groups:
@@ -227,18 +224,7 @@ def build(model: nn.Module, tokenizer, *, target_modules: Sequence[str] = ("ffn_
                     "prompts": len(prompts), "new_tokens": new_tokens, "tokens": n_tokens,
                     "model_type": getattr(getattr(model, "config", None), "model_type", None)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return KeyStatistics(folder, json.loads((folder / "meta.json").read_text()))
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -13,7 +14,7 @@ from .editing import EditError, EditResult
 from .evaluation import EvalResult, evaluate
 from .requests import EditRequest
 
-__all__ = ["METHODS", "edit_with", "run_edits", "merge_runs"]
+__all__ = ["METHODS", "distributed", "edit_with", "format_table", "merge_runs", "pct", "run_edits"]
 
 METHODS = ("kne", "reference", "ft-m", "ft-m+kl")
 
@@ -43,8 +44,9 @@ def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditR
     raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+def pct(x: Optional[float], digits: int = 2) -> str:
+    """A metric in [0, 1] as a percentage with ``digits`` decimals; ``-`` when not measured."""
+    return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
 def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], method: str, config: KNEConfig, *,
@@ -113,7 +115,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             records.append(record(i, req, post, res))
             seconds.append(res.stats["total_seconds"])
             s = EvalResult(records).summary()
-            bar.set_postfix(succ=_pct(s["edit_succ"]), loc=_pct(s["locality"]))
+            bar.set_postfix(succ=pct(s["edit_succ"], 1), loc=pct(s["locality"], 1))
             bar.update(1)
     else:
         pre = evaluate(model, tokenizer, list(requests), **ev)
@@ -150,3 +152,34 @@ def merge_runs(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "summary": EvalResult(records).summary() if records else {"n": 0},
             "seconds_per_edit": sum(secs) / max(1, len(secs)), "failures": failures, "records": records,
             "shards": len(parts)}
+
+
+def distributed() -> Tuple[int, int]:
+    """``(rank, world_size)`` under torchrun (a gloo, or NCCL on CUDA, process group is started),
+    else ``(0, 1)``; ``kne eval`` gives each rank every world-th record and merges with
+    :func:`merge_runs`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if os.environ.get("KNE_DIST_BACKEND") == "nccl" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """Markdown table of evaluation summaries (percentages; fluency x100 as in the KnowEdit tables)."""
+    head = "| data | method | protocol | n | Edit Succ. | Rephrase | Portability | Locality | Fluency | s/edit |"
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    lines = [head, sep]
+    for r in rows:
+        s = r["summary"]
+        if not s.get("n"):
+            lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | 0 | - | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | {s['n']} | "
+                     f"{pct(s['edit_succ'])} | {pct(s['rephrase'])} | {pct(s['portability'])} | "
+                     f"{pct(s['locality'])} | {pct(s['fluency'])} | {r['seconds_per_edit']:.2f} |")
+    return "\n".join(lines)

@@ -1,12 +1,11 @@
-"""``kne_kernels.nullspace_project_`` on every backend live here (torch, the CPU C++ kernel, Triton
-under its interpreter; CUDA C++ and Triton on a GPU when present) against the float64 reference
-(``kne_kernels.reference.nullspace_project_``, the projector ``I - B B^T`` formed explicitly).
+"""``nullspace_project_`` (``kne::nullspace_project_``) on every backend against a float64 oracle
+(the projector ``I - B B^T`` formed explicitly, written out below), the public function's rules,
+opcheck and the first-use case.
 
-Tolerances (one table per weight dtype): the delta is float32 whatever the weight, so its error
-bound is the float32 GEMM bound ``(in + r) * eps32`` relative to the delta's magnitude; the written
-rows are the float32 ``base + scale * delta`` rounded to the weight dtype, within one unit in the
-last place of that dtype of the float64 reference's rows.
-"""
+Tolerances: the delta is float32 whatever the weight, so its error bound is the float32 GEMM bound
+``(in + r) * eps32`` relative to the delta's magnitude; the written rows are the float32
+``base + scale * delta`` rounded to the weight dtype, within the ``rows`` tolerance of that dtype
+(one unit in its last place) of the float64 rows."""
 
 from __future__ import annotations
 
@@ -14,33 +13,19 @@ import pytest
 import torch
 
 import kne_kernels
-from kne_kernels import _backends, reference
-
+from kne_kernels.ops.nullspace_project import OPS
 from helpers import rel_err, worst
+from .kernel_testing import EPS32, FLOATS, TOL, kernel, opcheck, require
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-EPS32 = torch.finfo(torch.float32).eps
-ULP = {torch.float32: 2 * EPS32, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-
-
-def backends():
-    out = []
-    for dev in ("cpu", "cuda"):
-        if dev == "cuda" and not torch.cuda.is_available():
-            continue
-        for name in ("torch", "cpu", "triton", "cuda"):
-            if _backends.status(name, dev)[0]:
-                out.append((name, dev))
-    return out
+OP = "nullspace_project_"
 
 
-BACKENDS = backends()
-
-
-def test_cpu_backends_are_live():
-    """CI builds the C++ kernels and runs Triton's interpreter: every CPU backend must be live here."""
-    names = {b for b, d in BACKENDS if d == "cpu"}
-    assert {"torch", "cpu", "triton"} <= names, names
+def project_float64(weight, index, delta, basis, base, scale) -> None:
+    """The oracle: ``delta = delta @ (I - B B^T)`` in float64, then the rows as the op writes them."""
+    B = basis.double()
+    P = torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t()
+    delta.copy_((delta.double() @ P).float())
+    weight.index_copy_(0, index, (base.float() + scale * delta).to(weight.dtype))
 
 
 def _case(K, n, r, dtype, device, gen):
@@ -58,17 +43,15 @@ def _case(K, n, r, dtype, device, gen):
 SHAPES = [(1, 1, 0), (1, 7, 3), (3, 77, 20), (7, 130, 65), (2, 31, 31), (17, 257, 100), (5, 64, 1)]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_against_float64_reference(backend, device, dtype, shape, gen):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter has no bfloat16 (covered on a GPU)")
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_against_float64(backend, dev, dtype, shape, gen):
+    if backend == "triton" and dev.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 dot products (covered on a GPU)")
     K, n, r = shape
-    weight, index, delta, basis, base = _case(K, n, r, dtype, device, gen)
+    weight, index, delta, basis, base = _case(K, n, r, dtype, dev, gen)
     want_w, want_d = weight.clone(), delta.clone()
-    reference.nullspace_project_(want_w, index, want_d, basis, base, scale=0.37)
-    # poison: rows outside the ensemble keep their values, so mark them and check them below
+    project_float64(want_w, index, want_d, basis, base, scale=0.37)
     got_w, got_d = weight.clone(), delta.clone()
     kne_kernels.nullspace_project_(got_w, index, got_d, basis, base, scale=0.37, backend=backend)
     tol = 8 * (n + r) * EPS32  # relative to the input delta's magnitude (the result may be ~0: r = n)
@@ -80,27 +63,25 @@ def test_against_float64_reference(backend, device, dtype, shape, gen):
             f"{backend}: the projected delta keeps a component of {inside:.2e} inside span(basis)"
     rows = got_w[index].double()
     diff = (rows - want_w[index].double()).abs()
-    bound = ULP[dtype] * want_w[index].double().abs().clamp_min(1.0) + tol * float(delta.abs().max())
-    assert bool((diff <= bound).all()), f"{backend}: written rows off by {float(diff.max()):.3g}; {worst(rows, want_w[index])}"
+    bound = TOL[dtype]["rows"] * want_w[index].double().abs().clamp_min(1.0) + tol * float(delta.abs().max())
+    assert bool((diff <= bound).all()), f"{backend}: rows off by {float(diff.max()):.3g}; {worst(rows, want_w[index])}"
     others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     others[index] = False
     assert torch.equal(got_w[others], weight[others]), f"{backend} wrote rows outside the ensemble"
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_nan_poisoned_rows_are_overwritten(backend, device, gen):
+def test_nan_poisoned_rows_are_overwritten(backend, dev, gen):
     """The ensemble rows of the weight start as NaN: every element must be written."""
-    weight, index, delta, basis, base = _case(5, 67, 11, torch.float32, device, gen)
+    weight, index, delta, basis, base = _case(5, 67, 11, torch.float32, dev, gen)
     weight[index] = float("nan")
     kne_kernels.nullspace_project_(weight, index, delta, basis, base, scale=1.0, backend=backend)
     assert not weight.isnan().any(), f"{backend} left rows of the ensemble unwritten"
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_projection_is_idempotent_and_keeps_orthogonal_part(backend, device, gen):
+def test_projection_is_idempotent_and_keeps_orthogonal_part(backend, dev, gen):
     """A delta already orthogonal to the basis is unchanged (to rounding); projecting twice equals
     projecting once."""
-    weight, index, delta, basis, base = _case(4, 96, 30, torch.float32, device, gen)
+    weight, index, delta, basis, base = _case(4, 96, 30, torch.float32, dev, gen)
     ortho = (delta.double() - (delta.double() @ basis.double()) @ basis.double().t()).float()
     d = ortho.clone()
     kne_kernels.nullspace_project_(weight, index, d, basis, base, scale=1.0, backend=backend)
@@ -108,6 +89,18 @@ def test_projection_is_idempotent_and_keeps_orthogonal_part(backend, device, gen
     once = d.clone()
     kne_kernels.nullspace_project_(weight, index, d, basis, base, scale=1.0, backend=backend)
     assert rel_err(d, once) <= 64 * EPS32
+
+
+def test_duplicate_indices_and_aliases_are_refused(backend, dev, gen):
+    """The same rules as ensemble_adamw_step_: a row index once, no in-place argument aliased."""
+    w, idx, d, basis, base = _case(3, 16, 4, torch.float32, dev, gen)
+    with pytest.raises(ValueError, match="more than once"):
+        kne_kernels.nullspace_project_(w, torch.tensor([1, 1, 2], device=dev), d, basis, base, scale=1.0,
+                                       backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        kne_kernels.nullspace_project_(w, idx, w[:3], basis, base, scale=1.0, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        kne_kernels.nullspace_project_(w, idx, d, basis, d, scale=1.0, backend=backend)
 
 
 def test_bad_inputs_name_the_argument():
@@ -118,6 +111,8 @@ def test_bad_inputs_name_the_argument():
         kne_kernels.nullspace_project_(w, idx, d[:1], basis, base, scale=1.0)
     with pytest.raises(TypeError, match="basis has dtype"):
         kne_kernels.nullspace_project_(w, idx, d, basis.double(), base, scale=1.0)
+    with pytest.raises(TypeError, match="base has dtype"):
+        kne_kernels.nullspace_project_(w, idx, d, basis, base.half(), scale=1.0)
     with pytest.raises(ValueError, match="index values"):
         kne_kernels.nullspace_project_(w, torch.tensor([0, 99]), d, basis, base, scale=1.0)
     with pytest.raises(ValueError, match="not contiguous"):
@@ -126,20 +121,23 @@ def test_bad_inputs_name_the_argument():
         kne_kernels.nullspace_project_(w, idx, d, basis, base, scale=float("nan"))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_duplicate_indices_and_aliases_are_refused_on_every_backend(backend, device, gen):
-    """The same rules as ensemble_adamw_step_: a row index once, no in-place argument aliased."""
-    w, idx, d, basis, base = _case(3, 16, 4, torch.float32, device, gen)
-    with pytest.raises(ValueError, match="more than once"):
-        kne_kernels.nullspace_project_(w, torch.tensor([1, 1, 2], device=device), d, basis, base, scale=1.0,
-                                       backend=backend)
-    with pytest.raises(ValueError, match="share memory"):
-        kne_kernels.nullspace_project_(w, idx, w[:3], basis, base, scale=1.0, backend=backend)
-    with pytest.raises(ValueError, match="share memory"):
-        kne_kernels.nullspace_project_(w, idx, d, basis, d, scale=1.0, backend=backend)
-
-
+@pytest.mark.cpu_backend
 def test_cpu_kernel_refuses_aliases_itself(gen):
+    require("cpu")
     w, idx, d, basis, base = _case(3, 16, 4, torch.float32, "cpu", gen)
     with pytest.raises(RuntimeError, match="share memory"):
-        torch.ops.kne.nullspace_project_(w, idx, d, basis, d, 1.0)
+        kernel(OP, "cpu")(w, idx, d, basis, d, 1.0)
+
+
+def test_opcheck(backend, dev, gen):
+    wd = {"torch": torch.float32, "cpu": torch.float16, "triton": torch.float32, "cuda": torch.bfloat16}[backend]
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    opcheck(OP, backend, (r(9, 6).to(wd).to(dev), torch.tensor([2, 7], device=dev), r(2, 6).to(dev),
+                          torch.linalg.qr(r(6, 2)).Q.contiguous().to(dev), r(2, 6).to(wd).to(dev), 0.5))
+
+
+def test_selfcheck_case_passes(backend, dev):
+    (d,) = OPS
+    ok, why = d.selfcheck(kernel(OP, backend), d.torch, dev)
+    assert ok, why
+

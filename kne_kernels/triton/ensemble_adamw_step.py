@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES
+from ._common import DTYPES, round_to
 
 # (dim, shape class) -> config; the launcher picks only these (aot.py compiles each).
 CONFIGS: Dict[str, dict] = {
@@ -43,7 +43,7 @@ def pick_config(dim: int, cols: int) -> str:
 
 
 @triton.jit
-def _ensemble_adamw_kernel(weight_ptr, index_ptr, grad_ptr, delta_ptr, exp_avg_ptr, exp_avg_sq_ptr, base_ptr,
+def _ensemble_adamw_step_kernel(weight_ptr, index_ptr, grad_ptr, delta_ptr, exp_avg_ptr, exp_avg_sq_ptr, base_ptr,
                            rows, cols, in_features,
                            decay, lerp_weight, one_minus_lerp, small_lerp, beta2, one_minus_beta2, addcmul_unit,
                            inv_bc2_sqrt, eps, neg_step_size, scale,
@@ -79,20 +79,7 @@ def _ensemble_adamw_kernel(weight_ptr, index_ptr, grad_ptr, delta_ptr, exp_avg_p
     else:
         idx = tl.load(index_ptr + c, mask=cmask, other=0)
         woffs = r[:, None] * in_features + idx[None, :]
-    tl.store(weight_ptr + woffs, _round_to(w, weight_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 -> ``dtype``, round to nearest even. bf16 is rounded with integer ops (as c10::BFloat16
-    does; the GPU's cvt.rn gives the same bits, but Triton's interpreter truncates), NaN -> 0x7FC0."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # noqa: PLR0124 (x is NaN)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
+    tl.store(weight_ptr + woffs, round_to(w, weight_ptr.dtype.element_ty), mask=m2)
 
 
 def _scalars(step: int, lr: float, scale: float, beta1: float, beta2: float, eps: float,
@@ -122,17 +109,17 @@ def _scalars(step: int, lr: float, scale: float, beta1: float, beta2: float, eps
     )
 
 
-def ensemble_adamw_step_(weight: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor,
-                         exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, base: torch.Tensor, step: int,
-                         lr: float, scale: float, dim: int, beta1: float, beta2: float, eps: float,
-                         weight_decay: float) -> None:
+def ensemble_adamw_step_triton(weight: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor,
+                                exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, base: torch.Tensor, step: int,
+                                lr: float, scale: float, dim: int, beta1: float, beta2: float, eps: float,
+                                weight_decay: float) -> None:
     rows, cols = delta.shape
     if rows == 0 or cols == 0:
         return
     cfg = CONFIGS[pick_config(dim, cols)]
     s = _scalars(step, lr, scale, beta1, beta2, eps, weight_decay)
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
-    _ensemble_adamw_kernel[grid](
+    _ensemble_adamw_step_kernel[grid](
         weight, index, grad, delta, exp_avg, exp_avg_sq, base, rows, cols, weight.shape[1],
         s["decay"], s["lerp_weight"], s["one_minus_lerp"], s["small_lerp"], s["beta2"], s["one_minus_beta2"],
         s["addcmul_unit"], s["inv_bc2_sqrt"], s["eps"], s["neg_step_size"], s["scale"],
@@ -150,7 +137,7 @@ def aot_specs() -> List[dict]:
                    "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "base_ptr": f"*{dname}",
                    "rows": "i32", "cols": "i32", "in_features": "i32"}
             sig.update({k: ("i32" if k in ("small_lerp", "addcmul_unit") else "fp32") for k in scalars})
-            specs.append(dict(kernel=_ensemble_adamw_kernel, tag=f"{dname} {cname}", signature=sig,
+            specs.append(dict(kernel=_ensemble_adamw_step_kernel, tag=f"{dname} {cname}", signature=sig,
                               constexprs={"DIM": cfg["DIM"], "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]},
                               options={"num_warps": cfg["num_warps"], **LAUNCH_OPTIONS}))
     return specs
