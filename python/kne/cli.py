@@ -220,13 +220,17 @@ def cmd_demo(args) -> int:
           f"{100 * st['param_fraction']:.3f}% of the model, {100 * st['target_param_fraction']:.2f}% of the target modules")
     if "neighbours" in st:
         nb = st["neighbours"]
-        how = ("projected off their keys" if cfg.project else "") + (
-            " and held by the KL" if cfg.preserve_weight > 0 else "")
+        held = len(st.get("kl_neighbours") or ()) if cfg.preserve_weight > 0 else 0
+        if cfg.project and held and held < len(nb):
+            how = f"{len(nb) - held} projected off their keys, {held} held by the KL"
+        else:
+            how = ("projected off their keys" if cfg.project else "") + (" and held by the KL" if held else "")
         print(f"kept      {len(nb)} neighbour prompts ({how.strip()}), e.g. " + "; ".join(repr(p) for p in nb[:4]))
         if st.get("neighbours_dropped"):
             print(f"          left out as the edited relation itself: "
                   + "; ".join(repr(p) for p in st["neighbours_dropped"][:3]))
-    print(f"edit      {st['steps']} steps, loss {st['losses'][0]:.3f} -> {st['losses'][-1]:.4f}")
+    el = st.get("edit_losses") or st["losses"]  # the edit's own NLL (without the KL and L2 terms)
+    print(f"edit      {st['steps']} steps, edit loss {el[0]:.3f} -> {el[-1]:.4f}")
     print(f"time      locate {st['locate_seconds']:.2f} s + edit {st['edit_seconds']:.2f} s = {st['total_seconds']:.2f} s")
     print(f"metrics   edit success {_pct(s['edit_succ'])}%, rephrase {_pct(s['rephrase'])}%, "
           f"locality {_pct(s['locality'])}% (the kept facts' answer tokens unchanged)")
