@@ -79,7 +79,8 @@ class KNEConfig:
     as their trainer tokenises. Both tokenisation switches apply to the edit's own text, which
     attribution scores and the edit trains.
 
-    Preservation (``kne.preservation``; all off by default, on in ``preset("local")``):
+    Preservation (``kne.preservation``; all off by default; ``preset("local")`` turns on the
+    projection and the argmax stop, not the KL):
     ``preserve_weight`` -- weight of the mean ``KL(p_before || p_after)`` over the next-token
     distributions of neighbour prompts (0: off); ``preserve_count`` -- relation templates filled with
     the request's subject (plus a few generic continuations); ``preserve_prompt_positions`` -- also
@@ -217,8 +218,11 @@ class KNEConfig:
           neighbour prompts (``project=True``: the edited modules' outputs on those prompts do not
           change at all), dropout 0, ``lr=0.1``, stop as soon as every answer token is the argmax
           (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
-          Quality). Needs the request's ``subject`` (else its neighbours come from elsewhere, with a
-          warning).
+          Local edits). Needs the request's ``subject`` (else its neighbours come from elsewhere,
+          with a warning). Other subjects asked the edited relation ("The capital of Germany is")
+          are not kept by it; ``preset("local", preserve_others=4, preserve_weight=30)`` holds them
+          with the neighbour KL (with ``project`` on, the KL holds those and the projection the
+          subject's neighbours), at about four times the steps and some portability.
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
