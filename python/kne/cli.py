@@ -238,7 +238,7 @@ def cmd_demo(args) -> int:
     if moved and not (cfg.preserve_others and cfg.preserve_weight > 0):
         print(f"note      {len(moved)} other subject(s) asked the edited relation moved (e.g. {moved[0]!r}): "
               "--preserve-others 4 --preserve-weight 30 holds them with the KL, at about 4x the steps "
-              "(README, Quality)")
+              "(README, Local edits)")
     if args.restore:
         res.restore()
         print("restored  the model is back to its original weights")
@@ -293,11 +293,7 @@ def cmd_eval(args) -> int:
     from kne.datasets import data_files
     from kne.runs import distributed, format_table, merge_runs, run_edits
 
-    files = data_files(args.data, args.all)
-    if args.skip < 0:
-        raise ValueError(f"--skip must be >= 0, got {args.skip}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    files = data_files(args.data, args.all)  # --skip and --limit were checked by _check_args
     data = []  # every file's records, read (and checked) before the model loads
     for f in files:
         records = kne.load_knowedit(f)
