@@ -401,6 +401,7 @@ def kept_keys(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], seqs: Se
     parts: List[List[torch.Tensor]] = [[] for _ in sites]
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    seqs = sorted(seqs, key=lambda x: len(x[0]))  # batches of like lengths: little padding to run
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
         T = max(len(x) for x, _, _ in chunk)
