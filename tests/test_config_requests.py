@@ -103,6 +103,10 @@ INVALID = [
     ("project", "yes"),
     ("project_corpus", None),
     ("project_threshold", -1e-2),
+    ("keep_positions", "prompt"),
+    ("keep_positions", None),
+    ("keep_rtol", -1e-5),
+    ("keep_rtol", float("nan")),
 ]
 
 

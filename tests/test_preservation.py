@@ -337,6 +337,108 @@ def test_projection_leaves_the_module_output_on_every_neighbour_token_unchanged(
     assert_state_equal(model, orig)
 
 
+# A short earlier edit for keep=: its prompt + answer and its neighbour leave most of the tiny
+# models' 48 key directions free for the next edit.
+EARLIER = {"prompt": "Tin is", "target_new": "red", "subject": "Tin"}
+
+
+def _earlier(model, tok, **kw):
+    return kne.fast_edit(model, tok, EARLIER, preserve_prompts=["Rome,"], **kw)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fast_matches_reference_keeping_an_earlier_edit(backend, tiny_model, tok, seed):
+    model = tiny_model("llama", seed=seed % 10_000)
+    kw = dict(EDIT_KW, project=True, project_corpus=False, backend=backend)
+    first = _earlier(model, tok, **kw)
+    ref_model = copy.deepcopy(model)
+    orig = snapshot(model)
+    fast = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+    ref = kne.reference.edit(ref_model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+    assert fast.stats["kept_sequences"] == ref.stats["kept_sequences"] == 2
+    _check(model, ref_model, fast, ref, orig)
+    plain = copy.deepcopy(ref_model)  # the same edit without keep moves other weights
+    fast.restore()
+    assert_state_equal(model, orig)
+    without = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, **kw)
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    without.restore()
+    first.restore()
+
+
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_keep_leaves_the_earlier_edit_and_its_neighbours_alone(positions, tiny_model, tok, seed):
+    """A later edit given keep=[earlier] changes no edited module's output on the earlier edit's
+    answer positions (or, keep_positions="all", every position of its prompt and answer) or on the
+    last token of the neighbours it kept (keys read after the earlier edit)."""
+    model = tiny_model("llama", seed=seed % 10_000)
+    kw = dict(EDIT_KW, project=True, project_corpus=False, lr=1e-2, keep_positions=positions, keep_rtol=1e-6)
+    first = _earlier(model, tok, **kw)
+    seqs = nullspace.kept_texts([first], tok, first.config)
+    n_prompt, n_answer, n_nb = (len(tok(t, add_special_tokens=False)["input_ids"]) for t in ("Tin is", " red", "Rome,"))
+    # the positions predicting the answer ("Tin is| re|d") or all of "Tin is re|d", then the neighbour's last token
+    n = n_prompt + n_answer - 1
+    assert [(len(i), a, b) for i, a, b in seqs] == [(n, n_prompt - 1 if positions == "answer" else 0, n),
+                                                    (n_nb, n_nb - 1, n_nb)]
+    after_first = snapshot(model)
+    loc = kne.locate(model, tok, REQ, kne.KNEConfig(**kw))
+    sites = [s for s, _ in loc.sites(model)]
+    keys = nullspace.kept_keys(model, tok, sites, seqs)
+    assert all(k.shape[0] == sum(b - a for _, a, b in seqs) for k in keys)
+    second = kne.fast_edit(model, tok, REQ, ensemble=loc, preserve_prompts=SHORT, keep=[first], **kw)
+    assert second.stats["losses"][-1] < second.stats["losses"][0]
+    for site, k in zip(sites, keys):
+        d = site.weight().detach().double() - after_first[site.path + ".weight"].double()
+        assert d.abs().max() > 0
+        change = d @ k.double().t()
+        assert float(change.abs().max()) <= 1e-4 * float(d.abs().max()) * float(k.abs().max()) * k.shape[1], site.path
+    second.restore()
+    # without keep the same edit does move those outputs
+    third = kne.fast_edit(model, tok, REQ, ensemble=loc, preserve_prompts=SHORT, **kw)
+    worst_change = max(float(((s.weight().detach().double() - after_first[s.path + ".weight"].double())
+                              @ k.double().t()).abs().max()) for s, k in zip(sites, keys))
+    assert worst_change > 1e-3
+    third.restore()
+    first.restore()
+
+
+def test_keep_errors(tiny_model, tok, seed):
+    model = tiny_model("llama", seed=seed % 10_000)
+    orig = snapshot(model)
+    kw = dict(EDIT_KW, project=True, project_corpus=False)
+    first = _earlier(model, tok, **kw)
+    with pytest.raises(ValueError, match="keep= needs the null-space projection"):
+        kne.fast_edit(model, tok, REQ, keep=[first], **dict(kw, project=False))
+    for bad, msg in [(first, "must be a list"), ("Tin is", "must be a list"), ([3], "keep holds a int"),
+                     ([""], "empty prompt"), (7, "must be a list")]:
+        for edit in (kne.fast_edit, kne.reference.edit):
+            with pytest.raises(ValueError, match=msg):
+                edit(model, tok, REQ, preserve_prompts=SHORT, keep=bad, **kw)
+    first.restore()
+    assert_state_equal(model, orig)
+    with pytest.raises(ValueError, match="which was restored"):
+        kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+    # a failure while reading the earlier edits' keys leaves the model as the earlier edit left it
+    first = _earlier(model, tok, **kw)
+    after_first = snapshot(model)
+
+    def broken(*a, **k):
+        raise RuntimeError("injected")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kne.editing, "kept_keys", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+    assert_state_equal(model, after_first)
+    first.restore()
+    assert_state_equal(model, orig)
+    # strings are kept too (their last token)
+    res = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=["Tin is red"], **kw)
+    assert res.stats["kept_sequences"] == 1
+    res.restore()
+    assert_state_equal(model, orig)
+
+
 def test_projection_needs_rows():
     with pytest.raises(ValueError, match="null space is empty"):
         kne.KNEConfig(project=True, neuron_axis="in")

@@ -34,9 +34,10 @@ def test_sequential_keeps_earlier_edits_until_the_end(tiny_model, tok, monkeypat
     seen = []
     real = runs.edit_with
 
-    def spy(method, m, t, rq, cfg, ensemble=None):
+    def spy(method, m, t, rq, cfg, ensemble=None, keep=None):
         seen.append(all(v.equal(snap[k]) for k, v in m.state_dict().items()))
-        return real(method, m, t, rq, cfg, ensemble)
+        assert keep is None  # project is off: nothing to keep
+        return real(method, m, t, rq, cfg, ensemble, keep)
 
     monkeypatch.setattr(runs, "edit_with", spy)
     runs.run_edits(model, tok, reqs(2), "kne", kne.KNEConfig(percentile=90.0, steps=3), protocol="sequential",
@@ -45,14 +46,43 @@ def test_sequential_keeps_earlier_edits_until_the_end(tiny_model, tok, monkeypat
     assert_state_equal(model, snap)
 
 
+@pytest.mark.filterwarnings("ignore:request .* has no subject")
+@pytest.mark.parametrize("method", ["kne", "reference"])
+def test_sequential_projected_edits_keep_the_earlier_ones(method, tiny_model, tok, monkeypatch):
+    """With the projection on, each sequential edit is given every earlier edit still applied
+    (keep=), and independent edits none."""
+    model = tiny_model("llama")
+    snap = snapshot(model)
+    kept = []
+    real = runs.edit_with
+
+    def spy(method, m, t, rq, cfg, ensemble=None, keep=None):
+        kept.append(None if keep is None else [r.requests[0].prompt for r in keep])
+        res = real(method, m, t, rq, cfg, ensemble, keep)
+        if keep is not None:  # each earlier edit's prompt + answer, and its neighbours (duplicates once)
+            most = len(keep) + sum(len(r.stats["neighbours"]) for r in keep)
+            assert len(keep) <= res.stats["kept_sequences"] <= most
+        return res
+
+    monkeypatch.setattr(runs, "edit_with", spy)
+    cfg = kne.KNEConfig(percentile=90.0, steps=3, project=True, project_corpus=False, preserve_count=1)
+    for protocol in ("sequential", "independent"):
+        runs.run_edits(model, tok, reqs(3), method, cfg, protocol=protocol, progress=False)
+        assert_state_equal(model, snap)
+    runs.run_edits(model, tok, reqs(2), method, cfg, protocol="sequential", progress=False, keep_earlier=False)
+    assert_state_equal(model, snap)
+    p = [f[0] for f in FACTS[:3]]
+    assert kept == [[], p[:1], p[:2], None, None, None, None, None]
+
+
 def test_failed_edits_are_listed_not_dropped(tiny_model, tok, monkeypatch):
     model = tiny_model("opt")
     real = runs.edit_with
 
-    def flaky(method, m, t, rq, cfg, ensemble=None):
+    def flaky(method, m, t, rq, cfg, ensemble=None, keep=None):
         if rq[0].prompt == FACTS[1][0]:
             raise kne.EditError("boom")
-        return real(method, m, t, rq, cfg, ensemble)
+        return real(method, m, t, rq, cfg, ensemble, keep)
 
     monkeypatch.setattr(runs, "edit_with", flaky)
     for protocol in ("independent", "sequential"):

@@ -324,7 +324,7 @@ def cmd_eval(args) -> int:
                           + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
                 res = run_edits(model, tok, [requests[i] for i in mine], method, cfg, protocol=protocol,
                                 fluency=args.fluency, progress=not args.no_progress and rank == 0,
-                                indices=[args.skip + i for i in mine])
+                                indices=[args.skip + i for i in mine], keep_earlier=args.keep_earlier)
                 if world > 1:
                     import torch.distributed as dist
 
@@ -346,6 +346,7 @@ def cmd_eval(args) -> int:
         print(f"wrote {args.table}")
     if args.out:
         payload = {"model": args.model, "limit": args.limit, "skip": args.skip, "config": cfg.to_dict(),
+                   "keep_earlier": args.keep_earlier,
                    "processes": world,
                    "runs": runs}
         if len(runs) == 1:
@@ -438,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more methods (default kne); ft-m+kl is FT-M with kne's neighbour KL (needs "
                         "--preserve-weight)")
     v.add_argument("--protocol", choices=("independent", "sequential", "both"), default="independent")
+    v.add_argument("--no-keep-earlier", dest="keep_earlier", action="store_false",
+                   help="sequential edits with the projection on (--preset local): do not keep the earlier edits "
+                        "(by default each edit is kept off their prompts' and neighbours' keys, fast_edit's keep=)")
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
     v.add_argument("--out", default=None, help="write the results JSON here (its folder must exist)")
     v.add_argument("--table", default=None, help="write the markdown table here (its folder must exist)")

@@ -23,6 +23,7 @@ _CHOICES = {
     "backend": ("auto", "torch", "cpu", "triton", "cuda"),
     "stop_rule": ("loss", "argmax", "min_prob"),
     "loss_reduction": ("request", "token"),
+    "keep_positions": ("all", "answer"),
 }
 
 
@@ -90,7 +91,10 @@ class KNEConfig:
     the weight change ``s * dW``. ``project`` -- keep the row delta in the null space of preserved
     keys (``kne.nullspace``, ``neuron_axis="out"`` only): the neighbours' keys and, with
     ``project_corpus``, the directions of a cached corpus key covariance whose eigenvalue is above
-    ``project_threshold`` times the largest.
+    ``project_threshold`` times the largest. ``keep_positions`` / ``keep_rtol`` -- with
+    ``fast_edit(..., keep=[earlier edits])`` (sequential editing), the earlier edits' positions
+    whose keys the projection keeps too (``"all"`` of each prompt + answer, or only the
+    ``"answer"``-predicting ones) and the relative singular-value cut of those keys.
 
     ``add_special_tokens`` is passed to the tokenizer for every prompt; ``backend`` picks the
     kernels of the fast path (``kne_kernels``): ``"auto"`` (the C++ extension on CPU, Triton or
@@ -143,6 +147,10 @@ class KNEConfig:
     project_corpus: bool = _f(True, "with project: also the cached corpus key covariance (built on first use)")
     project_threshold: float = _f(1e-2, "with project_corpus: keep corpus directions whose eigenvalue is above "
                                         "this times the largest")
+    keep_positions: str = _f("all", "with keep= (sequential edits): an earlier edit's positions kept, every "
+                                    "position of its prompt and answer (all) or those that predict its answer (answer)")
+    keep_rtol: float = _f(1e-5, "with keep=: keep the earlier edits' key directions whose singular value is above "
+                                "this times the largest")
     add_special_tokens: bool = _f(False, "passed to the tokenizer for every prompt (True: BOS where the tokenizer "
                                          "adds one, as the authors' trainer)")
     backend: str = _f("auto", "kernels of the fast path: auto, torch, cpu, triton or cuda")
@@ -194,6 +202,7 @@ class KNEConfig:
         _num(self, "stop_prob", lo=0.0, lo_open=True, hi=1.0, fix="a probability in (0, 1]")
         _num(self, "delta_l2", lo=0.0, fix="a non-negative weight (0 turns the penalty off)")
         _num(self, "project_threshold", lo=0.0, fix="a non-negative eigenvalue threshold such as 1e-2")
+        _num(self, "keep_rtol", lo=0.0, fix="a non-negative relative singular-value cut such as 1e-5")
         for name in ("positive_only", "rs_scaling", "add_special_tokens", "preserve_prompt_positions", "project",
                      "project_corpus", "stop_after_step", "always_space"):
             v = getattr(self, name)

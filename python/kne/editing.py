@@ -34,7 +34,7 @@ from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .attribution import locate
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble, _match_suffix
-from .nullspace import edit_bases
+from .nullspace import edit_bases, kept_keys, kept_texts
 from .objective import EditObjective, edit_loss
 from .requests import EditRequest, as_requests
 
@@ -120,7 +120,8 @@ class EditResult:
     steps taken), ``losses`` (the loss before each step, and the one that stopped the loop; with
     ``stop_after_step`` the loop ends after the step that loss took, so one per step),
     ``stopped_early``, ``neurons``, ``params_edited``, ``params_total`` (all model parameters),
-    ``param_fraction`` and ``target_param_fraction`` (share of the target modules' parameters).
+    ``param_fraction`` and ``target_param_fraction`` (share of the target modules' parameters);
+    with ``keep=`` also ``kept_sequences`` (token sequences whose keys the projection kept).
 
     Every result is numbered in the order it was made (``number``; :meth:`describe` names it) and,
     until restored, kept in a per-process registry of weak references, so :meth:`restore` can name
@@ -304,9 +305,21 @@ def check_call(model: nn.Module, tokenizer, requests, cfg: KNEConfig, ensemble, 
     return reqs
 
 
+def check_keep(keep, tokenizer, cfg: KNEConfig) -> List[Tuple[List[int], int]]:
+    """``keep`` of an edit call, checked before any work: ``[]`` for ``None``, else the token
+    sequences whose keys the projection keeps (:func:`kne.nullspace.kept_texts`); needs
+    ``project``."""
+    if keep is None:
+        return []
+    if not cfg.project:
+        raise ValueError("keep= needs the null-space projection: set KNEConfig.project=True (KNEConfig.preset('local')) "
+                         "or drop keep")
+    return kept_texts(keep, tokenizer, cfg)
+
+
 def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
-              preserve_prompts: Optional[List[str]] = None, **overrides: Any) -> EditResult:
+              preserve_prompts: Optional[List[str]] = None, keep=None, **overrides: Any) -> EditResult:
     """Edit ``model`` in place with KNE; returns an :class:`EditResult`.
 
     Without ``ensemble`` the ensemble is located from ``requests`` (:func:`kne.locate`); with one
@@ -326,11 +339,19 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     model's next-token distributions on neighbour prompts: ``preserve_prompts`` names them, else
     they are made from each request's ``subject`` (:mod:`kne.preservation`).
 
+    ``keep`` (with ``project``; sequential editing): earlier edits (:class:`EditResult`) and
+    prompt strings whose keys the projection keeps too -- an earlier edit's ``prompt + answer`` at
+    ``config.keep_positions`` and the last token of each neighbour it kept, read from the model as
+    it is now, cut at ``config.keep_rtol`` -- so this edit disturbs them as little as the key
+    space allows (AlphaEdit's rule for sequential edits; ``kne.runs`` passes every earlier edit of
+    a sequential run).
+
     >>> res = kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": "Rome"})
     >>> res.stats["steps"], res.restore()
     """
     cfg = resolve_config(config, overrides)
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
+    held = check_keep(keep, tokenizer, cfg)
     total = Timer()
     if ensemble is None:
         ensemble = locate(model, tokenizer, reqs, cfg)
@@ -419,7 +440,9 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                     keys = objective.capture(lambda *sel: logits_at(model, *sel, gather=True),
                                              [s.site for s in slots] if cfg.project else ())
                 if cfg.project:
-                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg)
+                    # earlier edits' keys (keep=), from the model as it is now
+                    more = kept_keys(model, tokenizer, [s.site for s in slots], held) if held else None
+                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=more)
             handles = [s.site.module.register_forward_hook(make_hook(s)) for s in slots]
             losses, steps, stopped = _train(forward, deltas, cfg, step_fn, on_step)
         for h in handles:
@@ -441,6 +464,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
             "target_param_fraction": edited / max(1, target_params),
             **objective.stats(),
         }
+        if keep is not None:
+            stats["kept_sequences"] = len(held)
         with torch.no_grad():
             for s in slots:  # the merge, the only write: W[idx] = base + s * delta, in place
                 w = s.site.weight()

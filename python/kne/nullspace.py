@@ -21,6 +21,13 @@ per model under ``$KNE_CACHE/nullspace/<key>/`` (the key hashes the model's conf
 of the parameters an FFN edit never writes, and the corpus settings); :func:`load` reads only the
 layers an ensemble touches.
 
+Sequential edits (``fast_edit(..., keep=[earlier results])``, which :func:`kne.runs.run_edits`
+passes in its sequential protocol): the keys of the earlier edits -- their ``prompt + answer`` at
+the positions ``KNEConfig.keep_positions`` names, and the last token of each neighbour they kept
+(:func:`kept_texts`), read from the model as it is now (:func:`kept_keys`) -- join the basis,
+cut at ``KNEConfig.keep_rtol``, so a later edit changes no edited module's output there
+(AlphaEdit's rule for sequential editing: the earlier edits' keys join the preserved ones).
+
 Columns (``neuron_axis="in"``) are not projected: a column delta ``[out, K]`` sees only the ``K``
 ensemble coordinates of a key, and the ``K x K`` second moment of tens of thousands of preserved
 keys is full rank, so its null space is empty: projecting would erase the edit.
@@ -45,7 +52,8 @@ from ._utils import as_int, frozen, input_device, max_positions, new_folder
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .models import cache_dir
 
-__all__ = ["KeyStatistics", "KeyCapture", "build", "load", "model_key", "preserved_basis", "edit_bases"]
+__all__ = ["KeyStatistics", "KeyCapture", "build", "load", "model_key", "preserved_basis", "edit_bases", "kept_texts",
+           "kept_keys"]
 
 _FORMAT = "kne.nullspace/1"
 _VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -325,18 +333,110 @@ def preserved_basis(keys: Optional[torch.Tensor], corpus: Optional[torch.Tensor]
     return torch.cat(parts, 1).contiguous()
 
 
+def kept_texts(keep, tokenizer, config) -> List[Tuple[List[int], int, int]]:
+    """The token sequences whose keys ``keep`` asks to keep, as ``(ids, start, end)``: the keys of
+    tokens ``start..end-1`` of ``ids`` are kept.
+
+    ``keep`` holds earlier edits (:class:`kne.EditResult`, not restored) and prompt strings. An
+    edit contributes each of its requests' ``prompt + answer``: with ``config.keep_positions ==
+    "all"`` (the default) at every position but the last, with ``"answer"`` only at the positions
+    that predict its answer (the prompt's last token to the answer's last but one: its subject's
+    tokens are then left free, and later edits wear it away); and the neighbour prompts it kept
+    (``stats["neighbours"]``) at their last token (the position whose prediction locality reads).
+    A string is a prompt whose next-token prediction is kept: its last token. Not every token of
+    the neighbours: that fills the key space within ten edits, and later edits no longer land
+    (README, Local edits)."""
+    from ._text import encode
+    from .editing import EditResult
+
+    if isinstance(keep, (str, EditResult)) or not hasattr(keep, "__iter__"):
+        raise ValueError("keep must be a list of earlier edits (kne.EditResult) and/or prompt strings, got "
+                         f"{type(keep).__name__}")
+    add = config.add_special_tokens
+    out: List[Tuple[List[int], int, int]] = []
+    seen = set()
+
+    def add_seq(ids: List[int], start: int, end: int) -> None:
+        key = (tuple(ids[:end]), start)
+        if 0 <= start < end and key not in seen:
+            seen.add(key)
+            out.append((ids[:end], start, end))
+
+    def prompt(p: str) -> None:
+        ids = list(tokenizer(p, add_special_tokens=add)["input_ids"])
+        add_seq(ids, len(ids) - 1, len(ids))
+
+    for item in keep:
+        if isinstance(item, str):
+            if not item.strip():
+                raise ValueError("keep holds an empty prompt string: give prompts with text")
+            prompt(item)
+        elif isinstance(item, EditResult):
+            if item.restored:
+                raise ValueError(f"keep holds {item.describe()}, which was restored: keep only edits still applied")
+            reqs = item.requests
+            if reqs:
+                b = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs], add_special_tokens=add,
+                           always_space=config.always_space)
+                for i in range(b.size):
+                    cols = b.cols[b.rows == i]
+                    start = 0 if config.keep_positions == "all" else int(cols.min()) - 1
+                    add_seq(b.input_ids[i, : int(b.attention_mask[i].sum())].tolist(), start, int(cols.max()))
+            for p in item.stats.get("neighbours") or []:
+                prompt(p)
+        else:
+            raise ValueError(f"keep holds a {type(item).__name__}: give earlier edits (kne.EditResult) and/or prompt "
+                             "strings")
+    return out
+
+
+@torch.no_grad()
+def kept_keys(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], seqs: Sequence[Tuple[List[int], int, int]],
+              batch_size: int = 64) -> List[torch.Tensor]:
+    """The inputs of each of ``sites`` (``[tokens, in]`` float32) at the kept positions of ``seqs``
+    (:func:`kept_texts`), from the model as it is now (earlier edits applied)."""
+    from ._utils import logits_at
+
+    sites = list(sites)
+    parts: List[List[torch.Tensor]] = [[] for _ in sites]
+    device = input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    seqs = sorted(seqs, key=lambda x: len(x[0]))  # batches of like lengths: little padding to run
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        T = max(len(x) for x, _, _ in chunk)
+        ids = torch.full((len(chunk), T), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        held = torch.zeros((len(chunk), T), dtype=torch.long)
+        for b, (x, start, end) in enumerate(chunk):
+            ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[b, :len(x)] = 1
+            held[b, start:end] = 1
+        rows = torch.arange(len(chunk))
+        with KeyCapture(sites, rows, held) as kc:
+            logits_at(model, ids.to(device), mask.to(device), rows[:1].to(device), torch.zeros(1, dtype=torch.long,
+                                                                                                device=device))
+        for j, k in enumerate(kc.keys()):
+            parts[j].append(k)
+    return [torch.cat(p) if p else torch.zeros(0, s.in_features) for p, s in zip(parts, sites)]
+
+
 def edit_bases(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], keys: Sequence[torch.Tensor], config,
-               progress: bool = True) -> List[Optional[torch.Tensor]]:
+               progress: bool = True, kept: Optional[Sequence[torch.Tensor]] = None) -> List[Optional[torch.Tensor]]:
     """The preserved-key basis of each edited module instance: the cached corpus statistics
     (built on first use, :func:`build`) above ``config.project_threshold`` when
-    ``config.project_corpus``, joined with the neighbours' ``keys``."""
+    ``config.project_corpus``, joined with the neighbours' ``keys``, then with the ``kept`` keys
+    of earlier edits (:func:`kept_keys`, cut at ``config.keep_rtol``)."""
     stats = None
     if config.project_corpus:
         suffixes = sorted({s.suffix for s in sites})
         stats = build(model, tokenizer, target_modules=suffixes, add_special_tokens=config.add_special_tokens,
                       progress=progress)
     out = []
-    for site, k in zip(sites, keys):
+    for j, (site, k) in enumerate(zip(sites, keys)):
         corpus = stats.basis(site.suffix, site.layer, config.project_threshold).to(k.device) if stats else None
-        out.append(preserved_basis(k, corpus))
+        basis = preserved_basis(k, corpus)
+        if kept is not None and kept[j].numel():
+            basis = preserved_basis(kept[j].to(k.device), basis, rtol=config.keep_rtol)
+        out.append(basis)
     return out

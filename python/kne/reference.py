@@ -28,8 +28,8 @@ from ._utils import EditDropout, Timer, forward_logits, input_device, max_positi
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
-from .editing import EditError, EditResult, check_call, delta_scale, initial_delta, merged_rows
-from .nullspace import edit_bases
+from .editing import EditError, EditResult, check_call, check_keep, delta_scale, initial_delta, merged_rows
+from .nullspace import edit_bases, kept_keys
 from .objective import EditObjective
 from .ensemble import Ensemble
 from .requests import as_requests
@@ -131,12 +131,13 @@ def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = 
 
 
 def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
-         ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None,
+         ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None, keep=None,
          **overrides: Any) -> EditResult:
     """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``; the preservation KL
     from the full output logits, by plain autograd."""
     cfg = resolve_config(config, overrides)
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
+    held = check_keep(keep, tokenizer, cfg)
     total = Timer()
     locate_seconds = 0.0
     if ensemble is None:
@@ -198,7 +199,8 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             with torch.no_grad():
                 keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
             if cfg.project:  # I - B B^T per edited module instance, formed explicitly
-                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg):
+                more = kept_keys(model, tokenizer, [e["site"] for e in edits], held) if held else None  # keep=
+                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg, kept=more):
                     n = edits[0]["D"].shape[1]
                     B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
                     projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
@@ -238,6 +240,8 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         stats = {"steps": steps, "losses": losses, "stopped_early": stopped, "neurons": len(ensemble),
                  "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total,
                  **objective.stats()}
+        if keep is not None:
+            stats["kept_sequences"] = len(held)
         with torch.no_grad():
             for e in edits:  # W[idx] += s * D[idx]
                 W = e["site"].weight()

@@ -20,17 +20,18 @@ METHODS = ("kne", "reference", "ft-m", "ft-m+kl")
 
 
 def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditRequest], config: KNEConfig,
-              ensemble=None) -> EditResult:
+              ensemble=None, keep=None) -> EditResult:
     """One edit with ``method``: ``kne`` (kne.fast_edit), ``reference`` (kne.reference.edit),
     ``ft-m`` (kne.baselines.ft_m with EasyEdit's settings) or ``ft-m+kl`` (FT-M with kne's neighbour
-    KL at ``config.preserve_weight`` and ``config.preserve_count``)."""
+    KL at ``config.preserve_weight`` and ``config.preserve_count``). ``keep``: earlier edits the
+    projection keeps (kne and reference with ``config.project``; see :func:`kne.fast_edit`)."""
     from . import baselines, reference
     from .editing import fast_edit
 
     if method == "kne":
-        return fast_edit(model, tokenizer, requests, config, ensemble=ensemble)
+        return fast_edit(model, tokenizer, requests, config, ensemble=ensemble, keep=keep)
     if method == "reference":
-        return reference.edit(model, tokenizer, requests, config, ensemble=ensemble)
+        return reference.edit(model, tokenizer, requests, config, ensemble=ensemble, keep=keep)
     if method in ("ft-m", "ft-m+kl"):
         if ensemble is not None:
             raise ValueError(f"{method} does not use an ensemble: drop --ensemble for it")
@@ -52,14 +53,15 @@ def pct(x: Optional[float], digits: int = 2) -> str:
 def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], method: str, config: KNEConfig, *,
               protocol: str = "independent", fluency: bool = False, progress: bool = True,
               desc: Optional[str] = None, ensemble=None, indices: Optional[Sequence[int]] = None,
-              evaluation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              evaluation: Optional[Dict[str, Any]] = None, keep_earlier: bool = True) -> Dict[str, Any]:
     """Edit every request with ``method`` and evaluate with EasyEdit's metrics.
 
     ``independent``: for each request evaluate, edit, evaluate again, restore (the model is never
     edited twice). ``sequential``: evaluate every request on the unedited model, apply every edit in
     turn without restoring, evaluate every request at the end (earlier edits must survive later
     ones), then restore them all (newest first; a Ctrl-C waits for the restores, so the model is left as
-    it was whatever happens). A request whose edit fails (``EditError``) is left out of the means
+    it was whatever happens). With ``config.project`` (kne, reference) and ``keep_earlier`` each
+    sequential edit keeps the earlier ones (``keep=``, :func:`kne.fast_edit`). A request whose edit fails (``EditError``) is left out of the means
     and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
     used for every edit instead of locating one per request. ``indices`` name the requests in the
     records (default ``0..n-1``; a data-parallel shard passes its global indices). ``evaluation``:
@@ -76,6 +78,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     indices = list(range(len(requests))) if indices is None else list(indices)
     ev = dict(evaluation or {})
+    keep_earlier = keep_earlier and protocol == "sequential" and method in ("kne", "reference") and config.project
     if len(indices) != len(requests):
         raise ValueError(f"{len(indices)} indices for {len(requests)} requests")
     records: List[Dict[str, Any]] = []
@@ -92,10 +95,10 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             rec.update(steps=res.stats["steps"], seconds=res.stats["total_seconds"], final_loss=res.stats["losses"][-1])
         return rec
 
-    def attempt(i: int, req: EditRequest) -> Optional[EditResult]:
+    def attempt(i: int, req: EditRequest, keep=None) -> Optional[EditResult]:
         """The edit, or ``None`` with the failure listed (the model is left as it was)."""
         try:
-            return edit_with(method, model, tokenizer, [req], config, ensemble)
+            return edit_with(method, model, tokenizer, [req], config, ensemble, keep)
         except EditError as e:
             failures.append({"index": indices[i], "error": str(e)})
             bar.update(1)
@@ -122,7 +125,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
         results: Dict[int, EditResult] = {}  # request position -> its edit, in the order applied
         try:
             for i, req in enumerate(requests):
-                res = attempt(i, req)
+                res = attempt(i, req, list(results.values()) if keep_earlier else None)
                 if res is None:
                     continue
                 results[i] = res
