@@ -426,7 +426,7 @@ def test_keep_errors(tiny_model, tok, seed):
         raise RuntimeError("injected")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kne.editing, "kept_keys", broken)
+        mp.setattr(nullspace, "kept_keys", broken)
         with pytest.raises(RuntimeError, match="injected"):
             kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
     assert_state_equal(model, after_first)

@@ -34,7 +34,7 @@ from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .attribution import locate
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble, _match_suffix
-from .nullspace import edit_bases, kept_keys, kept_texts
+from .nullspace import edit_bases, kept_texts
 from .objective import EditObjective, edit_loss
 from .requests import EditRequest, as_requests
 
@@ -305,7 +305,7 @@ def check_call(model: nn.Module, tokenizer, requests, cfg: KNEConfig, ensemble, 
     return reqs
 
 
-def check_keep(keep, tokenizer, cfg: KNEConfig) -> List[Tuple[List[int], int]]:
+def check_keep(keep, tokenizer, cfg: KNEConfig) -> List[Tuple[List[int], int, int]]:
     """``keep`` of an edit call, checked before any work: ``[]`` for ``None``, else the token
     sequences whose keys the projection keeps (:func:`kne.nullspace.kept_texts`); needs
     ``project``."""
@@ -439,10 +439,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                 with torch.no_grad():
                     keys = objective.capture(lambda *sel: logits_at(model, *sel, gather=True),
                                              [s.site for s in slots] if cfg.project else ())
-                if cfg.project:
-                    # earlier edits' keys (keep=), from the model as it is now
-                    more = kept_keys(model, tokenizer, [s.site for s in slots], held) if held else None
-                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=more)
+                if cfg.project:  # with the earlier edits' keys (keep=), read from the model as it is now
+                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=held)
             handles = [s.site.module.register_forward_hook(make_hook(s)) for s in slots]
             losses, steps, stopped = _train(forward, deltas, cfg, step_fn, on_step)
         for h in handles:

@@ -422,11 +422,13 @@ def kept_keys(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], seqs: Se
 
 
 def edit_bases(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], keys: Sequence[torch.Tensor], config,
-               progress: bool = True, kept: Optional[Sequence[torch.Tensor]] = None) -> List[Optional[torch.Tensor]]:
+               progress: bool = True, kept: Sequence[Tuple[List[int], int, int]] = ()) -> List[Optional[torch.Tensor]]:
     """The preserved-key basis of each edited module instance: the cached corpus statistics
     (built on first use, :func:`build`) above ``config.project_threshold`` when
-    ``config.project_corpus``, joined with the neighbours' ``keys``, then with the ``kept`` keys
-    of earlier edits (:func:`kept_keys`, cut at ``config.keep_rtol``)."""
+    ``config.project_corpus``, joined with the neighbours' ``keys``, then with the keys of the
+    earlier edits' sequences ``kept`` (:func:`kept_texts`; read now by :func:`kept_keys`, cut at
+    ``config.keep_rtol``)."""
+    more = kept_keys(model, tokenizer, sites, kept) if kept else None
     stats = None
     if config.project_corpus:
         suffixes = sorted({s.suffix for s in sites})
@@ -436,7 +438,7 @@ def edit_bases(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], keys: S
     for j, (site, k) in enumerate(zip(sites, keys)):
         corpus = stats.basis(site.suffix, site.layer, config.project_threshold).to(k.device) if stats else None
         basis = preserved_basis(k, corpus)
-        if kept is not None and kept[j].numel():
-            basis = preserved_basis(kept[j].to(k.device), basis, rtol=config.keep_rtol)
+        if more is not None and more[j].numel():
+            basis = preserved_basis(more[j].to(k.device), basis, rtol=config.keep_rtol)
         out.append(basis)
     return out

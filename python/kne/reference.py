@@ -29,7 +29,7 @@ from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, resolve_config
 from .editing import EditError, EditResult, check_call, check_keep, delta_scale, initial_delta, merged_rows
-from .nullspace import edit_bases, kept_keys
+from .nullspace import edit_bases
 from .objective import EditObjective
 from .ensemble import Ensemble
 from .requests import as_requests
@@ -199,8 +199,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             with torch.no_grad():
                 keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
             if cfg.project:  # I - B B^T per edited module instance, formed explicitly
-                more = kept_keys(model, tokenizer, [e["site"] for e in edits], held) if held else None  # keep=
-                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg, kept=more):
+                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg, kept=held):
                     n = edits[0]["D"].shape[1]
                     B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
                     projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())

@@ -61,8 +61,8 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     turn without restoring, evaluate every request at the end (earlier edits must survive later
     ones), then restore them all (newest first; a Ctrl-C waits for the restores, so the model is left as
     it was whatever happens). With ``config.project`` (kne, reference) and ``keep_earlier`` each
-    sequential edit keeps the earlier ones (``keep=``, :func:`kne.fast_edit`). A request whose edit fails (``EditError``) is left out of the means
-    and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
+    sequential edit keeps the earlier ones (``keep=``, :func:`kne.fast_edit`). A request whose
+    edit fails (``EditError``) is left out of the means and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
     used for every edit instead of locating one per request. ``indices`` name the requests in the
     records (default ``0..n-1``; a data-parallel shard passes its global indices). ``evaluation``:
     keyword options for every :func:`kne.evaluate` call (default EasyEdit's tokenisation, whatever
