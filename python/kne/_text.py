@@ -102,6 +102,27 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its EOS, else 0 (padded
+    positions are masked out; the id only has to be a valid one)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``[len(seqs), longest]`` int64, of token lists padded
+    with ``pad`` on the right (on the left with ``left=True``, as generation needs)."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, x in enumerate(seqs):
+        at = slice(T - len(x), T) if left else slice(0, len(x))
+        ids[b, at] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, at] = 1
+    return ids, mask
+
+
 def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], *, add_special_tokens: bool = False,
            always_space: bool = False, device=None) -> Batch:
     """Tokenise ``join(prompt, answer, always_space=always_space)`` for each pair, passing
@@ -120,16 +141,9 @@ def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], *, add_spe
             raise ValueError(f"answer {a!r} adds no tokens after prompt {p!r}: give a non-empty answer")
         seqs.append(full)
         starts.append(n_prompt)
-    T = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids = torch.full((len(seqs), T), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    ids, mask = pad_batch(seqs, pad_id(tokenizer))
     rows, cols, lengths = [], [], []
     for b, (s, st) in enumerate(zip(seqs, starts)):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = 1
         rows += [b] * (len(s) - st)
         cols += list(range(st, len(s)))
         lengths.append(len(s) - st)

@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._text import check_lengths, check_tokenizer
+from ._text import check_lengths, check_tokenizer, pad_batch, pad_id
 from ._utils import as_int, frozen, input_device, max_positions, new_folder
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .models import cache_dir
@@ -143,17 +143,13 @@ def _continuations(model: nn.Module, tokenizer, prompts: Sequence[str], new_toke
                    add_special_tokens: bool, bar) -> List[List[int]]:
     """Each prompt's tokens followed by the model's greedy continuation (stopped at EOS)."""
     device = input_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     out: List[List[int]] = []
     for i in range(0, len(prompts), batch_size):
         ids = [list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts[i:i + batch_size]]
-        T = max(len(x) for x in ids)
-        inp = torch.full((len(ids), T), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, x in enumerate(ids):  # left padding: generation appends on the right
-            inp[b, T - len(x):] = torch.tensor(x)
-            mask[b, T - len(x):] = 1
+        inp, mask = pad_batch(ids, pad, left=True)  # left padding: generation appends on the right
+        T = inp.shape[1]
         gen = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=int(pad), eos_token_id=eos)
         for b, x in enumerate(ids):
@@ -238,7 +234,7 @@ def build(model: nn.Module, tokenizer, *, target_modules: Sequence[str] = ("ffn_
 @torch.no_grad()
 def _accumulate(model, tokenizer, seqs, sites, accs, batch_size, bar) -> None:
     device = input_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     state = {}
 
     def grab(i):
@@ -252,12 +248,7 @@ def _accumulate(model, tokenizer, seqs, sites, accs, batch_size, bar) -> None:
     try:
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
-            T = max(len(x) for x in chunk)
-            ids = torch.full((len(chunk), T), int(pad), dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for b, x in enumerate(chunk):
-                ids[b, :len(x)] = torch.tensor(x)
-                mask[b, :len(x)] = 1
+            ids, mask = pad_batch(chunk, pad)
             state["keep"] = mask.reshape(-1).bool()
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
             bar.update(len(chunk))
@@ -400,17 +391,13 @@ def kept_keys(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], seqs: Se
     sites = list(sites)
     parts: List[List[torch.Tensor]] = [[] for _ in sites]
     device = input_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     seqs = sorted(seqs, key=lambda x: len(x[0]))  # batches of like lengths: little padding to run
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
-        T = max(len(x) for x, _, _ in chunk)
-        ids = torch.full((len(chunk), T), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        held = torch.zeros((len(chunk), T), dtype=torch.long)
-        for b, (x, start, end) in enumerate(chunk):
-            ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[b, :len(x)] = 1
+        ids, mask = pad_batch([x for x, _, _ in chunk], pad)
+        held = torch.zeros_like(mask)
+        for b, (_, start, end) in enumerate(chunk):
             held[b, start:end] = 1
         rows = torch.arange(len(chunk))
         with KeyCapture(sites, rows, held) as kc:

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._text import Batch, encode, join
+from ._text import Batch, encode, join, pad_batch, pad_id
 
 __all__ = ["templates", "training_prompts", "neighbour_prompts", "same_relation", "Preservation",
            "build_preservation", "GENERIC_TEMPLATES"]
@@ -288,24 +288,12 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
             start = int(edit.cols[edit.rows == b].min())  # first answer token: the prompt is 0..start-1
             rows += [b] * (start - 1)  # positions 0..start-2 predict prompt tokens 1..start-1
             pos += list(range(start - 1))
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), _pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = 1
+    ids, mask = pad_batch(seqs, pad_id(tokenizer))
     return Preservation(input_ids=ids.to(device), attention_mask=mask.to(device),
                         edit=Batch(ids, mask, edit.rows, edit.cols, edit.lengths).to(device),
                         rows=torch.tensor(rows, dtype=torch.long, device=device),
                         pos=torch.tensor(pos, dtype=torch.long, device=device),
                         prompts=prompts, dropped=dropped, old_answer_tokens=olds, other_subject=other)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return int(pad)
 
 
 def _first_answer_token(tokenizer, request, add_special_tokens: bool) -> Optional[int]:
