@@ -523,12 +523,14 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
 
 # ---------------------------------------------------------------------------------------------- the embedded model
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4, "preserve_weight": 30.0}], ids=["local", "local+others"])
+@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4}, {"preserve_others": 4, "preserve_weight": 30.0}],
+                         ids=["local", "local+others", "local+others-kl"])
 def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded, extra):
     """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
     of facts the unedited model gets right stay: two more about France and Japan's capital. With
-    other subjects asked the edited relation held by the KL (``preserve_others``), Germany's and
-    Spain's capitals stay too (the plain preset moves them to Rome)."""
+    other subjects asked the edited relation among the neighbours (``preserve_others``: projected,
+    or held by the KL with ``preserve_weight``), Germany's and Spain's capitals stay too (the plain
+    preset moves them to Rome)."""
     from kne.cli import greedy
 
     model, tok = embedded

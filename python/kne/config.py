@@ -233,9 +233,10 @@ class KNEConfig:
           (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
           Local edits). Needs the request's ``subject`` (else its neighbours come from elsewhere,
           with a warning). Other subjects asked the edited relation ("The capital of Germany is")
-          are not kept by it; ``preset("local", preserve_others=4, preserve_weight=30)`` holds them
-          with the neighbour KL (with ``project`` on, the KL holds those and the projection the
-          subject's neighbours), at about four times the steps and some portability.
+          are not kept by it; ``preset("local", preserve_others=4)`` keeps them (four such
+          prompts projected too: on the embedded model 15 of 16 other capitals stay, against 5
+          with the plain preset), at a cost in portability on KnowEdit (README, Local edits);
+          with ``preserve_weight`` on as well, the KL holds those prompts instead.
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
