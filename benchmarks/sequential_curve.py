@@ -31,15 +31,19 @@ def run(method, data, skip, limit, preset, progress):
     cfg = kne.KNEConfig.preset(preset)
     pre = kne.evaluate(model, tok, reqs)
     results, rows = [], []
-    for i, r in enumerate(reqs):
-        t = time.perf_counter()
-        keep = list(results) if method == "kne" and cfg.project else None
-        results.append(edit_with(method, model, tok, [r], cfg, keep=keep))
-        s = kne.evaluate(model, tok, reqs, pre=pre).summary()
-        rows.append({"edits": i + 1, "steps": results[-1].stats.get("steps"), "seconds": time.perf_counter() - t,
-                     **{k: s.get(k) for k in ("edit_succ", "rephrase", "portability", "locality")}})
-        if progress:
-            print(method, json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    try:
+        for i, r in enumerate(reqs):
+            t = time.perf_counter()
+            keep = list(results) if method == "kne" and cfg.project else None
+            results.append(edit_with(method, model, tok, [r], cfg, keep=keep))
+            s = kne.evaluate(model, tok, reqs, pre=pre).summary()
+            rows.append({"edits": i + 1, "steps": results[-1].stats.get("steps"), "seconds": time.perf_counter() - t,
+                         **{k: s.get(k) for k in ("edit_succ", "rephrase", "portability", "locality")}})
+            if progress:
+                print(method, json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        for res in reversed(results):  # the model as it was loaded, for the next method
+            res.restore()
     return rows
 
 
