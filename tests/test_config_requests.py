@@ -96,6 +96,7 @@ INVALID = [
     ("preserve_count", 2.5),
     ("preserve_others", -2),
     ("preserve_prompt_positions", 1),
+    ("preserve_answer_end", "yes"),
     ("stop_rule", "margin"),
     ("stop_prob", 0.0),
     ("stop_prob", 1.5),

@@ -85,7 +85,8 @@ def _check(fast_model, ref_model, fast, ref, orig):
     dict(preserve_weight=2.0, neuron_axis="in", delta_init="kaiming"),
     dict(project=True, project_corpus=False, preserve_prompts=SHORT),
     dict(project=True, project_corpus=False, preserve_weight=3.0, weight_decay=0.01, preserve_prompts=SHORT),
-], ids=["kl", "kl+prompt+l2", "kl-columns-kaiming", "project", "project+kl"])
+    dict(project=True, project_corpus=False, preserve_weight=4.0, preserve_answer_end=True, preserve_prompts=SHORT),
+], ids=["kl", "kl+prompt+l2", "kl-columns-kaiming", "project", "project+kl", "project+answer-end"])
 def test_fast_matches_reference_with_preservation(case, backend, tiny_model, tok, seed):
     live, why = kne_kernels.status(backend, "cpu")
     assert live, why
@@ -311,6 +312,40 @@ def test_kl_keeps_neighbours_closer(tiny_model, tok, seed):
     assert kls[1] < kls[0]
 
 
+def test_answer_end_keeps_what_follows_the_answer(tiny_model, tok, seed):
+    """preserve_answer_end: the KL reads each edit sequence's last answer token (once, after the
+    neighbours), its p_before is the unedited model's prediction there, and a heavy weight keeps
+    that prediction closer than a negligible one."""
+    from kne._text import encode
+    from kne.objective import EditObjective
+
+    model = tiny_model("llama", seed=seed % 10_000)
+    cfg = kne.KNEConfig(**dict(EDIT_KW, preserve_weight=1.0, preserve_answer_end=True))
+    req = EditRequest.from_dict(REQ)
+    obj = EditObjective(tok, [req], cfg, torch.device("cpu"), preserve_prompts=SHORT)
+    pres = obj.preservation
+    batch = encode(tok, [req.prompt], [req.target_new])
+    end = int(batch.attention_mask[0].sum()) - 1  # the answer's last token
+    assert (int(pres.rows[-1]), int(pres.pos[-1])) == (0, end)
+    assert pres.rows.numel() == pres.num_neighbours + 1
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0, end]
+        obj.capture(lambda ids, mask, rows, pos: model(input_ids=ids, attention_mask=mask).logits[rows, pos])
+    torch.testing.assert_close(obj.preservation.logp_before[-1], torch.log_softmax(logits.float(), -1))
+
+    def after(w):
+        m = tiny_model("llama", seed=seed % 10_000)
+        res = kne.fast_edit(m, tok, REQ, **dict(EDIT_KW, preserve_weight=w, preserve_answer_end=True,
+                                               preserve_prompts=["Gold is"], steps=15, lr=1e-2))
+        with torch.no_grad():
+            lp = torch.log_softmax(m(input_ids=batch.input_ids).logits[0, end].float(), -1)
+        res.restore()
+        return float(torch.sum(torch.exp(lp0) * (lp0 - lp)))
+
+    lp0 = torch.log_softmax(logits.float(), -1)
+    assert after(50.0) < after(1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- projection
 def test_projection_leaves_the_module_output_on_every_neighbour_token_unchanged(tiny_model, tok, seed):
     model = tiny_model("llama", seed=seed % 10_000)
@@ -488,12 +523,14 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
 
 # ---------------------------------------------------------------------------------------------- the embedded model
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4, "preserve_weight": 30.0}], ids=["local", "local+others"])
+@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4}, {"preserve_others": 4, "preserve_weight": 30.0}],
+                         ids=["local", "local+others", "local+others-kl"])
 def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded, extra):
     """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
     of facts the unedited model gets right stay: two more about France and Japan's capital. With
-    other subjects asked the edited relation held by the KL (``preserve_others``), Germany's and
-    Spain's capitals stay too (the plain preset moves them to Rome)."""
+    other subjects asked the edited relation among the neighbours (``preserve_others``: projected,
+    or held by the KL with ``preserve_weight``), Germany's and Spain's capitals stay too (the plain
+    preset moves them to Rome)."""
     from kne.cli import greedy
 
     model, tok = embedded

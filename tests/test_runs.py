@@ -98,3 +98,32 @@ def test_bad_protocol_and_method(tiny_model, tok):
         runs.run_edits(model, tok, reqs(1), "kne", kne.KNEConfig(), protocol="parallel")
     with pytest.raises(ValueError, match="unknown method"):
         runs.run_edits(model, tok, reqs(1), "rome", kne.KNEConfig())
+
+
+@pytest.mark.slow
+def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
+    """benchmarks/sequential_curve.py: one row per edit and method, the metrics after that many
+    edits (kne's first edit equals an independent one's success on its own record), and the model
+    restored at the end."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sequential_curve.py"
+    spec = importlib.util.spec_from_file_location("sequential_curve", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, tok = embedded
+    orig = snapshot(model)
+    monkeypatch.setattr(kne, "load_model", lambda *a, **k: (model, tok))
+    out = tmp_path / "curve.json"
+    assert mod.main(["--data", "zsre", "--limit", "2", "--method", "kne", "ft-m", "--out", str(out), "--quiet"]) == 0
+    assert_state_equal(model, orig)
+    res = json.loads(out.read_text())
+    assert set(res["curves"]) == {"kne", "ft-m"}
+    for rows in res["curves"].values():
+        assert [r["edits"] for r in rows] == [1, 2]
+        for r in rows:
+            assert 0.0 <= r["locality"] <= 1.0 and 0.0 <= r["edit_succ"] <= 1.0
+        assert rows[1]["edit_succ"] > rows[0]["edit_succ"]  # the second edit lands on its own record too
+    assert "locality %" in capsys.readouterr().out

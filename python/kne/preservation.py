@@ -7,7 +7,8 @@ on the projection and the argmax stop (the KL, on top, holds ``preserve_others``
 
 * **neighbour KL** (``preserve_weight``): the loss adds ``preserve_weight * mean KL(p_before ||
   p_after)`` over the next-token distributions of neighbour prompts at their last position (and,
-  with ``preserve_prompt_positions``, at every position of the edit prompt before the answer).
+  with ``preserve_prompt_positions``, at every position of the edit prompt before the answer, and
+  with ``preserve_answer_end`` at the answer's last token: what follows the new answer).
   ``p_before`` is the unedited model's own prediction, so no labels are needed. Neighbours run in
   the same batch as the edit, through the same delta hooks.
 * **stopping and size** (``stop_rule``, ``stop_prob``, ``delta_l2``): stop as soon as the answer is
@@ -153,7 +154,8 @@ class Preservation:
     rows ``0..B-1``, as :func:`kne._text.encode` makes them) then the ``N`` neighbour prompts, right
     padded. ``edit`` is the edit :class:`Batch` (its rows index the same tensor). ``rows``/``pos``
     locate every preserved next-token distribution: the neighbours' last positions (``N``, first),
-    then, with ``preserve_prompt_positions``, the edit prompts' positions before the answer.
+    then, with ``preserve_prompt_positions``, the edit prompts' positions before the answer, then
+    with ``preserve_answer_end`` each edit sequence's last answer token.
     ``logp_before`` (``[P, V]`` float32) is set by :meth:`capture`.
     """
 
@@ -288,6 +290,10 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
             start = int(edit.cols[edit.rows == b].min())  # first answer token: the prompt is 0..start-1
             rows += [b] * (start - 1)  # positions 0..start-2 predict prompt tokens 1..start-1
             pos += list(range(start - 1))
+    if config.preserve_answer_end:
+        for b in range(edit.size):
+            rows.append(b)  # the answer's last token predicts what follows the answer
+            pos.append(int(edit.cols[edit.rows == b].max()))
     ids, mask = pad_batch(seqs, pad_id(tokenizer))
     return Preservation(input_ids=ids.to(device), attention_mask=mask.to(device),
                         edit=Batch(ids, mask, edit.rows, edit.cols, edit.lengths).to(device),
