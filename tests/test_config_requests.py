@@ -97,6 +97,8 @@ INVALID = [
     ("preserve_others", -2),
     ("preserve_prompt_positions", 1),
     ("preserve_answer_end", "yes"),
+    ("preserve_answer_end", True),  # without preserve_weight: nothing would read that position
+    ("preserve_prompt_positions", True),
     ("stop_rule", "margin"),
     ("stop_prob", 0.0),
     ("stop_prob", 1.5),

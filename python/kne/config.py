@@ -87,8 +87,9 @@ class KNEConfig:
     the request's subject (plus a few generic continuations); ``preserve_prompt_positions`` -- also
     keep the edit prompt's own positions before the answer; ``preserve_answer_end`` -- also keep
     the prediction after the answer (at its last token: what the model says next, given the new
-    answer, stays the unedited model's, so the edit does not repeat its last token). ``stop_rule`` -- ``"loss"`` (the edit NLL
-    below ``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every
+    answer, stays the unedited model's, so the edit does not repeat its last token); both are read
+    by the KL, so they need ``preserve_weight > 0``. ``stop_rule`` -- ``"loss"`` (the edit NLL below
+    ``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every
     answer token's probability at least ``stop_prob``); ``delta_l2`` -- weight of the squared norm of
     the weight change ``s * dW``. ``project`` -- keep the row delta in the null space of preserved
     keys (``kne.nullspace``, ``neuron_axis="out"`` only): the neighbours' keys and, with
@@ -215,6 +216,10 @@ class KNEConfig:
                 setattr(self, name, v)
             if not isinstance(v, bool):
                 _bad(name, v, "True or False")
+        for name in ("preserve_prompt_positions", "preserve_answer_end"):  # positions only the KL reads
+            if getattr(self, name) and not self.preserve_weight > 0:
+                _bad(name, True, "it with preserve_weight > 0 (the neighbour KL is what keeps those positions; "
+                     "--preserve-weight), or False")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "KNEConfig":
