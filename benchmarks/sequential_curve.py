@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def run(method, data, skip, limit, preset, progress):
     import kne
-    from kne.runs import edit_with
+    from kne.runs import edit_with, keeps_earlier
 
     model, tok = kne.load_model()
     reqs = kne.datasets.knowedit(data)[skip:skip + limit]
@@ -34,7 +34,7 @@ def run(method, data, skip, limit, preset, progress):
     try:
         for i, r in enumerate(reqs):
             t = time.perf_counter()
-            keep = list(results) if method == "kne" and cfg.project else None
+            keep = list(results) if keeps_earlier(method, cfg) else None
             results.append(edit_with(method, model, tok, [r], cfg, keep=keep))
             s = kne.evaluate(model, tok, reqs, pre=pre).summary()
             rows.append({"edits": i + 1, "steps": results[-1].stats.get("steps"), "seconds": time.perf_counter() - t,

@@ -75,6 +75,15 @@ def test_sequential_projected_edits_keep_the_earlier_ones(method, tiny_model, to
     assert kept == [[], p[:1], p[:2], None, None, None, None, None]
 
 
+def test_which_methods_keep_the_earlier_edits():
+    """One rule, read by run_edits and benchmarks/sequential_curve.py: kne and the reference with
+    the projection on; FT-M never; nothing without the projection."""
+    local = kne.KNEConfig.preset("local")
+    assert runs.keeps_earlier("kne", local) and runs.keeps_earlier("reference", local)
+    assert not any(runs.keeps_earlier(m, local) for m in ("ft-m", "ft-m+kl"))
+    assert not any(runs.keeps_earlier(m, kne.KNEConfig.preset("tuned")) for m in runs.METHODS)
+
+
 def test_failed_edits_are_listed_not_dropped(tiny_model, tok, monkeypatch):
     model = tiny_model("opt")
     real = runs.edit_with

@@ -14,9 +14,15 @@ from .editing import EditError, EditResult
 from .evaluation import EvalResult, evaluate
 from .requests import EditRequest
 
-__all__ = ["METHODS", "distributed", "edit_with", "format_table", "merge_runs", "pct", "run_edits"]
+__all__ = ["METHODS", "distributed", "edit_with", "format_table", "keeps_earlier", "merge_runs", "pct", "run_edits"]
 
 METHODS = ("kne", "reference", "ft-m", "ft-m+kl")
+
+
+def keeps_earlier(method: str, config: KNEConfig) -> bool:
+    """Whether a sequential edit with ``method`` can keep the earlier edits (``keep=``): kne and
+    the reference, with the null-space projection on (``config.project``, the ``local`` preset)."""
+    return method in ("kne", "reference") and bool(config.project)
 
 
 def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditRequest], config: KNEConfig,
@@ -78,7 +84,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     indices = list(range(len(requests))) if indices is None else list(indices)
     ev = dict(evaluation or {})
-    keep_earlier = keep_earlier and protocol == "sequential" and method in ("kne", "reference") and config.project
+    keep_earlier = keep_earlier and protocol == "sequential" and keeps_earlier(method, config)
     if len(indices) != len(requests):
         raise ValueError(f"{len(indices)} indices for {len(requests)} requests")
     records: List[Dict[str, Any]] = []
