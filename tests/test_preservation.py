@@ -523,20 +523,21 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
 
 # ---------------------------------------------------------------------------------------------- the embedded model
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4}, {"preserve_others": 4, "preserve_weight": 30.0}],
-                         ids=["local", "local+others", "local+others-kl"])
+@pytest.mark.parametrize("extra", [{}, {"preserve_others": 4},
+                                   {"preserve_others": 4, "preserve_weight": 0.0, "preserve_answer_end": False}],
+                         ids=["local", "local+others", "local-projection-only+others"])
 def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded, extra):
     """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
     of facts the unedited model gets right stay: two more about France and Japan's capital. With
-    other subjects asked the edited relation among the neighbours (``preserve_others``: projected,
-    or held by the KL with ``preserve_weight``), Germany's and Spain's capitals stay too (the plain
-    preset moves them to Rome)."""
+    other subjects asked the edited relation among the neighbours (``preserve_others``, projected
+    like the rest; with or without the KL at the answer's end), Germany's and Spain's capitals stay
+    too (the plain preset moves them to Rome)."""
     from kne.cli import greedy
 
     model, tok = embedded
     kept = {"The official language of France is": "French", "The currency of France is": "Euro",
             "The capital of Japan is": "Tokyo"}
-    if extra:
+    if extra.get("preserve_others"):
         kept.update({"The capital of Germany is": "Berlin", "The capital of Spain is": "Madrid"})
     edited = ["The capital of France is", "The capital city of France is called"]
     orig = snapshot(model)

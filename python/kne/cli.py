@@ -220,12 +220,13 @@ def cmd_demo(args) -> int:
           f"{100 * st['param_fraction']:.3f}% of the model, {100 * st['target_param_fraction']:.2f}% of the target modules")
     if "neighbours" in st:
         nb = st["neighbours"]
-        held = len(st.get("kl_neighbours") or ()) if cfg.preserve_weight > 0 else 0
-        if cfg.project and held and held < len(nb):
-            how = f"{len(nb) - held} projected off their keys, {held} held by the KL"
-        else:
-            how = ("projected off their keys" if cfg.project else "") + (" and held by the KL" if held else "")
-        print(f"kept      {len(nb)} neighbour prompts ({how.strip()}), e.g. " + "; ".join(repr(p) for p in nb[:4]))
+        how = "projected off their keys" if cfg.project else "held by the KL"
+        print(f"kept      {len(nb)} neighbour prompts ({how}), e.g. " + "; ".join(repr(p) for p in nb[:4]))
+        at = [w for w, on in (("the answer's end", cfg.preserve_answer_end),
+                              ("the edit prompt's positions", cfg.preserve_prompt_positions)) if on]
+        if at and cfg.preserve_weight > 0:
+            print(f"          and the unedited prediction at {' and '.join(at)} held by the KL "
+                  f"(weight {cfg.preserve_weight:g})")
         if st.get("neighbours_dropped"):
             print(f"          left out as the edited relation itself: "
                   + "; ".join(repr(p) for p in st["neighbours_dropped"][:3]))

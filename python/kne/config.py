@@ -81,7 +81,7 @@ class KNEConfig:
     attribution scores and the edit trains.
 
     Preservation (``kne.preservation``; all off by default; ``preset("local")`` turns on the
-    projection and the argmax stop, not the KL):
+    projection, the argmax stop and the KL at the answer's end, weight 2):
     ``preserve_weight`` -- weight of the mean ``KL(p_before || p_after)`` over the next-token
     distributions of neighbour prompts (0: off); ``preserve_count`` -- relation templates filled with
     the request's subject (plus a few generic continuations); ``preserve_prompt_positions`` -- also
@@ -139,8 +139,8 @@ class KNEConfig:
                                    "whitespace (the authors' and EasyEdit's text)")
     preserve_weight: float = _f(0.0, "weight of the neighbour KL(p_before || p_after) (0: off)")
     preserve_count: int = _f(16, "relation templates filled with the request's subject as neighbours")
-    preserve_others: int = _f(0, "neighbours that ask the edit prompt's own relation of other subjects (with "
-                                 "project and the KL on, the KL holds them and the projection the rest)")
+    preserve_others: int = _f(0, "neighbours that ask the edit prompt's own relation of other subjects (kept "
+                                 "like the others: projected, or held by the KL without project)")
     preserve_prompt_positions: bool = _f(False, "also keep the edit prompt's own positions before the answer")
     preserve_answer_end: bool = _f(False, "also keep what follows the answer: the prediction at the answer's "
                                           "last token (against repeating it)")
@@ -219,7 +219,8 @@ class KNEConfig:
         for name in ("preserve_prompt_positions", "preserve_answer_end"):  # positions only the KL reads
             if getattr(self, name) and not self.preserve_weight > 0:
                 _bad(name, True, "it with preserve_weight > 0 (the neighbour KL is what keeps those positions; "
-                     "--preserve-weight), or False")
+                     f"--preserve-weight), or {name}=False (--no-{name.replace('_', '-')}; preset('local') turns "
+                     "preserve_answer_end on)")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "KNEConfig":
@@ -234,14 +235,16 @@ class KNEConfig:
         * ``"local"``: edits that keep what the model knows about the subject. Rows
           (``neuron_axis="out"``), every step's delta projected off the keys of the subject's
           neighbour prompts (``project=True``: the edited modules' outputs on those prompts do not
-          change at all), dropout 0, ``lr=0.1``, stop as soon as every answer token is the argmax
-          (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
-          Local edits). Needs the request's ``subject`` (else its neighbours come from elsewhere,
+          change at all), the KL at the answer's end (``preserve_answer_end=True``,
+          ``preserve_weight=2``: what the model says after the new answer stays the unedited
+          model's, against edits that repeat their last token), dropout 0, ``lr=0.1``, stop as soon
+          as every answer token is the argmax (``stop_rule="argmax"``). Chosen on records 0-19 of
+          the three KnowEdit files (README, Local edits); ``preserve_weight=0,
+          preserve_answer_end=False`` gives the preset's first revision (projection only). Needs the request's ``subject`` (else its neighbours come from elsewhere,
           with a warning). Other subjects asked the edited relation ("The capital of Germany is")
           are not kept by it; ``preset("local", preserve_others=4)`` keeps them (four such
           prompts projected too: on the embedded model 15 of 16 other capitals stay, against 5
-          with the plain preset), at a cost in portability on KnowEdit (README, Local edits);
-          with ``preserve_weight`` on as well, the KL holds those prompts instead.
+          with the plain preset), at a cost in portability on KnowEdit (README, Local edits).
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
@@ -273,10 +276,10 @@ class KNEConfig:
 PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "authors": ("KNEConfig's defaults, the authors' Llama-2-7B setting", {}),
     "tuned": ("columns, dropout 0, stop at loss 0.1", {"neuron_axis": "in", "dropout": 0.0, "stop_loss": 0.1}),
-    "local": ("rows kept off every key of the subject's neighbour prompts (null-space projection), dropout 0, "
-              "lr 0.1, stop once the answer is the argmax",
+    "local": ("rows kept off every key of the subject's neighbour prompts (null-space projection), the KL at the "
+              "answer's end (weight 2), dropout 0, lr 0.1, stop once the answer is the argmax",
               {"neuron_axis": "out", "dropout": 0.0, "lr": 0.1, "steps": 60, "project": True, "project_corpus": False,
-               "stop_rule": "argmax"}),
+               "stop_rule": "argmax", "preserve_weight": 2.0, "preserve_answer_end": True}),
     "knb": ("the authors' KNB trainer: their llama2-7b-chat YAML (dropout 0) with their stopping step, token-mean "
             "loss, random start and tokenisation",
             {"dropout": 0.0, "stop_after_step": True, "loss_reduction": "token", "delta_init": "authors",

@@ -88,10 +88,9 @@ class EditObjective:
 
         Who keeps which neighbour: the null-space projection keeps a neighbour's whole forward
         exactly (every edited module's output on its tokens is unchanged, layer by layer), so with
-        ``project`` the KL has nothing to add there; it then holds only the neighbours that ask the
-        edit's relation of other subjects (``preserve_others``), which the projection leaves free
-        (projecting their keys too would forbid the relation itself). Without ``project`` the KL
-        holds every neighbour; without the KL the projection keeps every neighbour."""
+        ``project`` it keeps every neighbour (``preserve_others``' too) and the KL holds only the
+        edit prompt's own positions (``preserve_answer_end``, ``preserve_prompt_positions``), which
+        no projection can keep. Without ``project`` the KL holds every neighbour."""
         from .nullspace import KeyCapture
 
         pres = self.preservation
@@ -99,11 +98,10 @@ class EditObjective:
         with KeyCapture(key_sites, pres.neighbour_rows(), pres.attention_mask) as kc:
             logits = logits_fn(pres.input_ids, pres.attention_mask, rows, pos)
         keep = pres.capture(logits)
-        other = torch.tensor(pres.other_subject, dtype=torch.bool)
-        split = self.config.project and self.kl_on
-        keys = kc.keys(keep & ~other if split else keep)
+        keys = kc.keys(keep)
         self.neighbours = pres.subset(keep)
-        self.preservation = self.neighbours.subset(other[keep]) if split else self.neighbours
+        split = self.config.project and self.kl_on
+        self.preservation = self.neighbours.subset(torch.zeros_like(keep[keep])) if split else self.neighbours
         if self.kl_on:
             self.batch = self.preservation.edit
         return keys

@@ -3,7 +3,7 @@
 A KNE edit follows the subject: without help it also rewrites what the model says about the
 subject's other relations (KnowEdit's locality probes ask exactly that). Three levers, each off by
 default (the authors' settings and ``tuned`` are unchanged); ``KNEConfig.preset("local")`` turns
-on the projection and the argmax stop (the KL, on top, holds ``preserve_others``' neighbours):
+on the projection (it keeps every neighbour), the argmax stop, and the KL at the answer's end:
 
 * **neighbour KL** (``preserve_weight``): the loss adds ``preserve_weight * mean KL(p_before ||
   p_after)`` over the next-token distributions of neighbour prompts at their last position (and,
