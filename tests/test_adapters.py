@@ -179,6 +179,28 @@ def test_bad_layer_indices_are_clear_errors(tiny_model, tok, layers):
         kne.attribute(model, tok, {"prompt": "a b", "target_new": "c"}, layers=layers)
 
 
+def test_exclude_edge_layers_leaves_out_the_first_and_last(tiny_model, tok):
+    model = tiny_model("llama")
+    layers = lambda **kw: [s.layer for s in resolve_sites(model, ["ffn_out"], **kw)["ffn_out"]]
+    assert layers(exclude_edge=1) == list(range(1, LAYERS - 1))
+    assert layers(layers=[0, 1, -1], exclude_edge=1) == [1]  # the given layers, less the edges
+    assert layers(exclude_edge=0) == list(range(LAYERS))
+    for edge, given in ((LAYERS // 2 + 1, None), (1, [0, LAYERS - 1])):
+        with pytest.raises(ValueError, match="exclude_edge_layers.*smaller number"):
+            resolve_sites(model, ["ffn_out"], given, edge)
+    att = kne.attribute(model, tok, {"prompt": "a b", "target_new": "c"}, exclude_edge_layers=1)
+    assert att.layers == tuple(range(1, LAYERS - 1))
+    res = kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, percentile=0.0, positive_only=False,
+                        steps=1, exclude_edge_layers=1)
+    try:
+        (per,) = res.ensemble.indices.values()
+        assert sorted(per) == list(range(1, LAYERS - 1))  # every inner layer has neurons, no edge layer
+        w = resolve_sites(model, ["ffn_out"])["ffn_out"][0].module.weight.numel()
+        assert res.stats["params_edited"] / res.stats["target_param_fraction"] == pytest.approx(w * (LAYERS - 2))
+    finally:
+        res.restore()
+
+
 def test_same_layer_twice_through_negative_index_is_rejected(tiny_model):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="twice"):

@@ -43,6 +43,9 @@ INVALID = [
     ("layers", (True,)),
     ("layers", ("0",)),
     ("layers", 1.5),
+    ("exclude_edge_layers", -1),
+    ("exclude_edge_layers", 1.5),
+    ("exclude_edge_layers", None),
     ("ig_steps", 0),
     ("ig_steps", -2),
     ("ig_steps", 2.0),
@@ -577,3 +580,14 @@ def test_presets():
         kne.KNEConfig.preset("fastest")
     with pytest.raises(ValueError, match="KNEConfig.dropout"):
         kne.KNEConfig.preset("tuned", dropout=2.0)
+
+
+def test_every_config_field_is_in_the_readme_settings_table():
+    """The README's Settings table names every KNEConfig field (docs that match the code)."""
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Settings (`kne.KNEConfig`)")[1].split("\n\n")[1]
+    missing = [f.name for f in dataclasses.fields(KNEConfig) if f"`{f.name}`" not in table]
+    assert not missing, f"README Settings lacks {missing}"

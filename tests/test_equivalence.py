@@ -76,6 +76,10 @@ def test_attribute_logprob_objective_and_layer_subset(model_type, tiny_model, to
         assert fast.layers == ref.layers == (0, 2)
         assert fast.scores["ffn_in"].shape[:2] == (3, 2)
         assert rel_err(fast.scores["ffn_in"], ref.scores["ffn_in"]) < TOL
+        edge = dict(kw, layers=None, exclude_edge_layers=1)  # every layer but the first and the last
+        fast_e, ref_e = kne.attribute(model, tok, reqs, **edge), kne.reference.attribute(model, tok, reqs, **edge)
+        assert fast_e.layers == ref_e.layers == tuple(range(1, LAYERS - 1))
+        assert rel_err(fast_e.scores["ffn_in"], ref_e.scores["ffn_in"]) < TOL
         # the logprob objective is a different function from prob: scores must differ
         prob = kne.reference.attribute(model, tok, reqs, **dict(kw, objective="prob"))
         assert rel_err(prob.scores["ffn_in"], ref.scores["ffn_in"]) > 1e-2

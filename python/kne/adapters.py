@@ -245,8 +245,10 @@ def require_resident(sites, what: str) -> None:
 
 
 def resolve_sites(model: nn.Module, target_modules: Sequence[str],
-                  layers: Optional[Sequence[int]] = None) -> Dict[str, List[ModuleSite]]:
-    """``{name: [ModuleSite per layer]}`` for every target module name, layers ascending."""
+                  layers: Optional[Sequence[int]] = None, exclude_edge: int = 0) -> Dict[str, List[ModuleSite]]:
+    """``{name: [ModuleSite per layer]}`` for every target module name, layers ascending: the
+    ``layers`` given (``None``: all) less the first and the last ``exclude_edge`` decoder layers
+    (``KNEConfig.exclude_edge_layers``)."""
     arch = get_architecture(model)
     layer_list = _layer_list(model, arch)
     n = len(layer_list)
@@ -260,6 +262,12 @@ def resolve_sites(model: nn.Module, target_modules: Sequence[str],
         idx = sorted({l % n for l in layers})
         if len(idx) != len(layers):
             raise ValueError(f"KNEConfig.layers={tuple(layers)} names a layer twice")
+    if exclude_edge:
+        idx = [l for l in idx if exclude_edge <= l < n - exclude_edge]
+        if not idx:
+            raise ValueError(f"KNEConfig.exclude_edge_layers={exclude_edge} leaves none of the "
+                             f"{'model' if layers is None else 'given'} layers of this {n}-layer model: use a "
+                             f"smaller number (at most {max(0, (n - 1) // 2)}) or other layers")
     out: Dict[str, List[ModuleSite]] = {}
     for name in target_modules:
         suffix = arch.suffix(name) or name

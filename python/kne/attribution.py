@@ -216,7 +216,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     reqs = as_requests(requests)
     batch_size = as_int(batch_size, "batch_size", 1)
     timer = Timer()
-    sites = resolve_sites(model, cfg.target_modules, cfg.layers)
+    sites = resolve_sites(model, cfg.target_modules, cfg.layers, cfg.exclude_edge_layers)
     require_backend(cfg, [s.device for ss in sites.values() for s in ss])
     check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), cfg.add_special_tokens)
     layers = tuple(s.layer for s in next(iter(sites.values())))

@@ -47,6 +47,9 @@ class KNEConfig:
     * ``neuron_axis``: ``"out"`` -- neuron ``i`` is row ``W[i, :]`` (the authors' ``this_layer``);
       ``"in"`` -- neuron ``j`` is column ``W[:, j]`` (``last_layer``).
     * ``layers``: decoder layer indices to score (``None``: all).
+    * ``exclude_edge_layers``: leave the first and the last ``N`` decoder layers out of the scored
+      ones (``0``: none). Layer 0's FFN writes into every token's stream and the last layer's
+      straight into the logits; edits there wear unrelated text away (README, Local edits).
     * ``ig_steps``: Riemann steps ``m`` of the integrated-gradient path, ``a_k = k/m``; ``1`` is
       gradient-times-weight at the model's own weights (the authors' "gas").
     * ``ig_path``: ``"layerwise"`` scales one module instance at a time along the path (default,
@@ -116,6 +119,7 @@ class KNEConfig:
     neuron_axis: str = _f("out", "out: neuron i is row W[i,:] (the authors' this_layer); in: column W[:,j] "
                                  "(last_layer)")
     layers: Optional[Tuple[int, ...]] = _f(None, "decoder layers to score (default: all)")
+    exclude_edge_layers: int = _f(0, "leave the first and the last N decoder layers out of the scored ones")
     ig_steps: int = _f(1, "Riemann steps m of the integrated gradient, a_k = k/m; 1 = gradient x weight")
     ig_path: str = _f("layerwise", "scale one module instance at a time along the IG path, or all (joint)")
     objective: str = _f("prob", "attribution objective: sum of P (prob) or of log P (logprob) of the answer tokens")
@@ -187,6 +191,7 @@ class KNEConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 _bad(name, getattr(self, name), "one of " + ", ".join(repr(c) for c in choices))
+        _int(self, "exclude_edge_layers", 0)
         _int(self, "ig_steps", 1)
         _int(self, "steps", 0)
         _int(self, "seed", SEED_MIN, hi=SEED_MAX, fix="an integer in [-2**63, 2**64) (what torch.manual_seed takes)")

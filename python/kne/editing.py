@@ -502,5 +502,6 @@ def _target_params(model: nn.Module, ensemble: Ensemble) -> int:
         use = layers if (layers is not None or ensemble.n_layers.get(suffix)) else sorted(per)
         if use is not None and not use:
             continue
-        total += sum(site.module.weight.numel() for site in resolve_sites(model, [name], use)[name])
+        edge = ensemble.config.get("exclude_edge_layers", 0) if isinstance(ensemble.config, dict) else 0
+        total += sum(site.module.weight.numel() for site in resolve_sites(model, [name], use, int(edge or 0))[name])
     return total

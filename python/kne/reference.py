@@ -48,7 +48,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     check_tokenizer(tokenizer)
     reqs = as_requests(requests)
     timer = Timer()
-    sites = resolve_sites(model, cfg.target_modules, cfg.layers)
+    sites = resolve_sites(model, cfg.target_modules, cfg.layers, cfg.exclude_edge_layers)
     check_lengths(tokenizer, [(r.prompt, r.target_new) for r in reqs], max_positions(model), cfg.add_special_tokens)
     layers = tuple(s.layer for s in next(iter(sites.values())))
     m = cfg.ig_steps
