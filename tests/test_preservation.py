@@ -96,6 +96,12 @@ def test_fast_matches_reference_with_preservation(case, backend, tiny_model, tok
         assert fast.stats["preserve_kl"] == pytest.approx(ref.stats["preserve_kl"], rel=1e-3, abs=1e-7)
         assert fast.stats["neighbor_flips"] == ref.stats["neighbor_flips"]
         assert len(fast.stats["preserve_kls"]) == len(fast.stats["losses"])
+        if case.get("project"):  # the projection keeps every neighbour; the KL holds none of them
+            assert fast.stats["kl_neighbours"] == [] and fast.stats["neighbor_flips"] is None
+            assert fast.stats["neighbours"]
+        else:
+            assert fast.stats["kl_neighbours"] == fast.stats["neighbours"]
+            assert 0.0 <= fast.stats["neighbor_flips"] <= 1.0
     fast.restore()
     assert_state_equal(fm, orig, "fast model after restore()")
 

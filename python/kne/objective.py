@@ -133,8 +133,10 @@ class EditObjective:
 
     def stats(self) -> dict:
         """``edit_losses`` and, with preservation, ``preserve_kl`` (the final mean KL),
-        ``neighbor_flips`` (share of neighbours whose top token changed), ``neighbours`` (the
-        prompts kept) and ``neighbours_dropped`` (same-relation prompts left out)."""
+        ``neighbor_flips`` (share of the neighbours the KL holds whose top token changed; ``None``
+        when it holds none, as with the projection on), ``kl_neighbours`` (those neighbours),
+        ``neighbours`` (every prompt kept) and ``neighbours_dropped`` (same-relation prompts left
+        out)."""
         out = {"edit_losses": list(self.edit_losses)}
         p = self.neighbours
         if p is not None:

@@ -229,11 +229,12 @@ class Preservation:
         la = torch.log_softmax(logits[self.num_edit_positions:].float(), dim=-1)
         return (lb.exp() * (lb - la)).sum(-1)
 
-    def flips(self, logits: torch.Tensor) -> float:
-        """Share of neighbours whose top token differs from the unedited model's."""
+    def flips(self, logits: torch.Tensor) -> Optional[float]:
+        """Share of neighbours whose top token differs from the unedited model's (``None`` without
+        neighbours: with the projection on the KL holds none, and the projected ones do not move)."""
         n = self.num_neighbours
         if n == 0:
-            return 0.0
+            return None
         after = logits[self.num_edit_positions:self.num_edit_positions + n].argmax(-1)
         before = self.logp_before[:n].argmax(-1).to(after.device)
         return float((after != before).float().mean())
