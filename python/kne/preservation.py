@@ -166,9 +166,7 @@ class Preservation:
     pos: torch.Tensor
     prompts: List[str]
     dropped: List[str] = field(default_factory=list)
-    old_answer_tokens: List[Optional[int]] = field(default_factory=list)  # per neighbour: its request's
-    #: per neighbour: it asks the edit's own relation of another subject (``preserve_others``)
-    other_subject: List[bool] = field(default_factory=list)
+    old_answer_tokens: List[Optional[int]] = field(default_factory=list)  # per neighbour: its request's old first answer token
     logp_before: Optional[torch.Tensor] = None
 
     @property
@@ -219,8 +217,7 @@ class Preservation:
                             edit=Batch(ids, mask, self.edit.rows, self.edit.cols, self.edit.lengths),
                             rows=rows, pos=self.pos[torch.tensor(sel, dtype=torch.long, device=self.pos.device)], prompts=[self.prompts[j] for j in kept],
                             dropped=self.dropped + [self.prompts[j] for j in range(N) if not keep[j]],
-                            old_answer_tokens=[self.old_answer_tokens[j] for j in kept],
-                            other_subject=[self.other_subject[j] for j in kept], logp_before=lp)
+                            old_answer_tokens=[self.old_answer_tokens[j] for j in kept], logp_before=lp)
 
     def kl(self, logits: torch.Tensor) -> torch.Tensor:
         """``KL(p_before || p_after)`` per preserved position (``[P]``, float32) from the logits at
@@ -253,13 +250,11 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
     prompts: List[str] = []
     dropped: List[str] = []
     olds: List[Optional[int]] = []
-    other: List[bool] = []
     if preserve_prompts is not None:
         if isinstance(preserve_prompts, str) or not all(isinstance(p, str) and p.strip() for p in preserve_prompts):
             raise ValueError("preserve_prompts must be a list of non-empty prompt strings")
         prompts = _unique(list(preserve_prompts))
         olds = [None] * len(prompts)
-        other = [False] * len(prompts)
     else:
         with_subject = [r for r in requests if r.subject]
         found = {id(r): neighbour_prompts(r, config.preserve_count, other_count=config.preserve_others)
@@ -268,13 +263,10 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
         for r in requests:
             kept, drop = found[id(r)] if r.subject else neighbour_prompts(r, config.preserve_count, others=theirs)
             old = _first_answer_token(tokenizer, r, add)
-            asks = {r.prompt.replace(r.subject, o) for o in other_subjects(r, config.preserve_others)} \
-                if r.subject and r.subject in r.prompt else set()
             for p in kept:
                 if p not in prompts and p not in own:  # never preserve a prompt the call edits
                     prompts.append(p)
                     olds.append(old)
-                    other.append(p in asks)
             dropped += drop
     seqs = [edit.input_ids[b, : int(edit.attention_mask[b].sum())].tolist() for b in range(edit.size)]
     rows: List[int] = []
@@ -300,7 +292,7 @@ def build_preservation(tokenizer, requests, config, device, preserve_prompts: Op
                         edit=Batch(ids, mask, edit.rows, edit.cols, edit.lengths).to(device),
                         rows=torch.tensor(rows, dtype=torch.long, device=device),
                         pos=torch.tensor(pos, dtype=torch.long, device=device),
-                        prompts=prompts, dropped=dropped, old_answer_tokens=olds, other_subject=other)
+                        prompts=prompts, dropped=dropped, old_answer_tokens=olds)
 
 
 def _first_answer_token(tokenizer, request, add_special_tokens: bool) -> Optional[int]:
