@@ -486,6 +486,7 @@ def _target_params(model: nn.Module, ensemble: Ensemble) -> int:
     this model lacks was made for another model: ``ValueError``."""
     arch = get_architecture(model)
     layers = ensemble.config.get("layers") if isinstance(ensemble.config, dict) else None
+    edge = int(ensemble.config.get("exclude_edge_layers") or 0) if isinstance(ensemble.config, dict) else 0
     if layers is not None:
         n = num_layers(model)
         try:
@@ -502,6 +503,5 @@ def _target_params(model: nn.Module, ensemble: Ensemble) -> int:
         use = layers if (layers is not None or ensemble.n_layers.get(suffix)) else sorted(per)
         if use is not None and not use:
             continue
-        edge = ensemble.config.get("exclude_edge_layers", 0) if isinstance(ensemble.config, dict) else 0
-        total += sum(site.module.weight.numel() for site in resolve_sites(model, [name], use, int(edge or 0))[name])
+        total += sum(site.module.weight.numel() for site in resolve_sites(model, [name], use, edge)[name])
     return total

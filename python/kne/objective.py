@@ -100,8 +100,10 @@ class EditObjective:
         keep = pres.capture(logits)
         keys = kc.keys(keep)
         self.neighbours = pres.subset(keep)
-        split = self.config.project and self.kl_on
-        self.preservation = self.neighbours.subset(torch.zeros_like(keep[keep])) if split else self.neighbours
+        if self.config.project and self.kl_on:  # the projection keeps the neighbours; the KL none of them
+            self.preservation = self.neighbours.subset(torch.zeros(self.neighbours.num_neighbours, dtype=torch.bool))
+        else:
+            self.preservation = self.neighbours
         if self.kl_on:
             self.batch = self.preservation.edit
         return keys
