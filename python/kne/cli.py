@@ -377,6 +377,36 @@ def cmd_info(args) -> int:
     return info_main()
 
 
+def cmd_compare(args) -> int:
+    """Paired differences of two kne eval results (kne.compare)."""
+    from kne.compare import compare_runs, format_comparison, load_runs, pair_runs
+
+    a_runs = load_runs(args.a)
+    b_runs = load_runs(args.b) if args.b else a_runs
+    if args.b is None and (args.a_method is None or args.b_method is None):
+        raise ValueError("with one results file, name both methods: --a-method M --b-method M "
+                         f"(it holds {', '.join(sorted({str(r['method']) for r in a_runs}))})")
+    if args.boots < 1:
+        raise ValueError(f"--boots must be >= 1, got {args.boots}")
+    if not 0 < args.level < 1:
+        raise ValueError(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {args.level}")
+    results = [(a, b, compare_runs(a, b, boots=args.boots, seed=args.seed, level=args.level))
+               for a, b in pair_runs(a_runs, b_runs, args.a_method, args.b_method)]
+    table = format_comparison(results, level=args.level)
+    print(table)
+    print(f"\npaired bootstrap over records, {args.boots} resamples, seed {args.seed}; * : the interval leaves out 0")
+    if args.table:
+        _write_text(args, args.table, table + "\n")
+        print(f"wrote {args.table}")
+    if args.out:
+        rows = [{"data": a["data"], "protocol": a["protocol"], "a_method": a["method"], "b_method": b["method"], **r}
+                for a, b, rs in results for r in rs]
+        _write_text(args, args.out, json.dumps({"boots": args.boots, "seed": args.seed, "level": args.level,
+                                                "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from kne.plots import plot_file
 
@@ -458,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", default=None, help="PNG path (default: the input with .png)")
     pl.set_defaults(func=cmd_plot)
 
+    c = sub.add_parser("compare", help="paired differences of two kne eval results, with bootstrap intervals",
+                       description="Pair two kne eval --out results record by record (same data file, protocol and "
+                                   "record indices) and print each metric's means, their difference (A - B) and a "
+                                   "paired bootstrap interval of it: is a difference more than the choice of "
+                                   "records? Metrics in points, as kne eval prints them; fluency as is.")
+    c.add_argument("a", help="results JSON (kne eval --out) of method A")
+    c.add_argument("b", nargs="?", default=None,
+                   help="results JSON of method B (default: the same file, with --a-method and --b-method)")
+    c.add_argument("--a-method", default=None, help="only A's runs of this method (as the results name it)")
+    c.add_argument("--b-method", default=None, help="B's run of this method (needed when B holds several)")
+    c.add_argument("--boots", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    c.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    c.add_argument("--out", default=None, help="write the rows as JSON here (its folder must exist)")
+    c.add_argument("--table", default=None, help="write the markdown table here (its folder must exist)")
+    c.set_defaults(func=cmd_compare)
+
     i = sub.add_parser("info", help="versions, kernel backends, threads, devices, cache location")
     i.set_defaults(func=cmd_info)
 
@@ -488,7 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.phase, args.wrote, args.writing = "start-up", [], None
     try:
         _check_args(args)
-        if args.command not in ("info", "plot"):  # these set (or report) threads and devices themselves
+        if args.command not in ("info", "plot", "compare"):  # these set (or report) threads and devices themselves
             _setup(args)
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError, MissingDependency) as e:

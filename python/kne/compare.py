@@ -1,0 +1,166 @@
+"""Is one editor's number really above another's? Paired differences of ``kne eval`` results.
+
+A KnowEdit mean over 20-50 records moves by several points from one set of records to the next,
+so "3 points above FT-M" says little on its own. :func:`compare_runs` pairs two runs record by
+record (the same records, matched by their ``index``), and gives for every metric the mean of
+each, the mean difference, and a paired bootstrap confidence interval of that difference
+(records resampled with replacement, the same resample for both runs).
+
+Per-record values are reduced exactly as :meth:`kne.evaluation.EvalResult.summary` reduces them
+(portability and locality: the mean over a record's kinds), so over all records two runs' means
+are the ``kne eval`` table's. Records only one run has (an edit that failed, a run on other
+records) are left out of the pairing and counted (``unpaired``); runs with no record in common
+are an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["METRICS", "load_runs", "record_values", "paired_difference", "compare_runs", "pair_runs",
+           "format_comparison"]
+
+#: (summary key, table name, per-record field)
+METRICS: Tuple[Tuple[str, str, str], ...] = (
+    ("edit_succ", "Edit Succ.", "rewrite_acc"),
+    ("rephrase", "Rephrase", "rephrase_acc"),
+    ("portability", "Portability", "portability"),
+    ("locality", "Locality", "locality"),
+    ("fluency", "Fluency", "fluency"),
+)
+
+
+def load_runs(path) -> List[Dict[str, Any]]:
+    """The runs of a ``kne eval --out`` JSON (or of a merged results file with the same ``runs``
+    list), each with its ``method``, ``data``, ``protocol`` and ``records``."""
+    p = Path(path)
+    try:
+        payload = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{p}: no such file (give a results JSON written by kne eval --out)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not JSON ({e.msg} at line {e.lineno}); give a results JSON written by "
+                         "kne eval --out") from None
+    runs = payload.get("runs") if isinstance(payload, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise ValueError(f"{p}: holds no 'runs' list; give a results JSON written by kne eval --out")
+    for r in runs:
+        missing = [k for k in ("method", "data", "protocol", "records") if k not in r]
+        if missing:
+            raise ValueError(f"{p}: a run lacks {', '.join(missing)}; give a results JSON written by kne eval --out")
+    return runs
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def record_values(record: Dict[str, Any], field: str) -> Optional[float]:
+    """A record's value of one metric, reduced as the summary reduces it (``None`` if absent)."""
+    v = record.get(field)
+    if isinstance(v, dict):
+        return _mean(list(v.values())) if v else None
+    return None if v is None else float(v)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, boots: int = 10000, seed: int = 0,
+                      level: float = 0.95) -> Dict[str, float]:
+    """Mean of ``a``, of ``b``, of ``a - b``, and the paired bootstrap ``level`` interval of the
+    mean difference (percentile method; ``boots`` resamples of the pairs, seeded)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} against {len(b)}")
+    n = len(a)
+    if n == 0:
+        raise ValueError("no paired values to compare")
+    if boots < 1:
+        raise ValueError(f"boots must be >= 1, got {boots}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = np.sort(d[np.random.default_rng(seed).integers(0, n, size=(boots, n))].mean(axis=1))
+    lo_i = int((1 - level) / 2 * boots)
+    hi_i = min(boots - 1, int((1 + level) / 2 * boots))
+    return {"n": n, "a": float(np.mean(a)), "b": float(np.mean(b)), "diff": float(d.mean()),
+            "low": float(means[lo_i]), "high": float(means[hi_i])}
+
+
+def _label(run: Dict[str, Any]) -> str:
+    return str(run["method"])
+
+
+def pair_runs(a_runs: Sequence[Dict[str, Any]], b_runs: Sequence[Dict[str, Any]], a_method: Optional[str] = None,
+              b_method: Optional[str] = None) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """Each run of ``a_runs`` (of ``a_method`` when given) with the one run of ``b_runs`` (of
+    ``b_method`` when given) on the same data file and protocol. A run without a partner, or with
+    more than one, is an error that names the candidates."""
+    picked = [r for r in a_runs if a_method is None or _label(r) == a_method]
+    if not picked:
+        raise ValueError(f"no run of method {a_method!r} in the first results; they hold "
+                         f"{sorted({_label(r) for r in a_runs})}")
+    pairs = []
+    for a in picked:
+        cands = [b for b in b_runs if b["data"] == a["data"] and b["protocol"] == a["protocol"] and b is not a
+                 and (b_method is None or _label(b) == b_method)]
+        if b_method is None:
+            cands = [b for b in cands if _label(b) != _label(a)] or cands
+        if len(cands) != 1:
+            held = sorted(f"{_label(b)} ({b['data']}, {b['protocol']})" for b in b_runs)
+            what = "no run" if not cands else f"{len(cands)} runs ({', '.join(sorted(_label(b) for b in cands))})"
+            raise ValueError(f"{what} to compare {_label(a)} on {a['data']} ({a['protocol']}) with"
+                             f"{'' if b_method is None else ' of method ' + repr(b_method)}; the other results "
+                             f"hold: {', '.join(held)}. Name the methods with --a-method / --b-method")
+        pairs.append((a, cands[0]))
+    return pairs
+
+
+def compare_runs(a: Dict[str, Any], b: Dict[str, Any], *, boots: int = 10000, seed: int = 0,
+                 level: float = 0.95) -> List[Dict[str, Any]]:
+    """One row per metric both runs have: ``metric``, ``n`` (paired records), ``unpaired``
+    (records only one run has), the means ``a``/``b``, ``diff`` and its interval ``low``/``high``."""
+    a_by = {int(r["index"]): r for r in a["records"]}
+    b_by = {int(r["index"]): r for r in b["records"]}
+    common = sorted(set(a_by) & set(b_by))
+    if not common:
+        raise ValueError(f"{_label(a)} and {_label(b)} on {a['data']} share no record (indices "
+                         f"{_span(a_by)} against {_span(b_by)}): compare runs on the same records")
+    unpaired = len(set(a_by) ^ set(b_by))
+    rows = []
+    for key, name, field in METRICS:
+        xs, ys = [], []
+        for i in common:
+            x, y = record_values(a_by[i], field), record_values(b_by[i], field)
+            if x is not None and y is not None:
+                xs.append(x)
+                ys.append(y)
+        if not xs:
+            continue
+        row = paired_difference(xs, ys, boots=boots, seed=seed, level=level)
+        rows.append({"metric": key, "name": name, "unpaired": unpaired, **row})
+    return rows
+
+
+def _span(by: Dict[int, Any]) -> str:
+    return f"{min(by)}-{max(by)}" if by else "none"
+
+
+def format_comparison(results: Sequence[Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]],
+                      level: float = 0.95) -> str:
+    """A markdown table: metrics in points (x100) except fluency (as EasyEdit's tables print it);
+    an interval that leaves out 0 is marked ``*``."""
+    pct = f"{round(level * 100)}%"
+    lines = [f"| data | protocol | metric | A | B | n | A | B | A - B | {pct} interval |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    for a, b, rows in results:
+        for r in rows:
+            s = 1.0 if r["metric"] == "fluency" else 100.0
+            mark = " *" if r["low"] > 0 or r["high"] < 0 else ""
+            n = f"{r['n']}" + (f" ({r['unpaired']} unpaired)" if r["unpaired"] else "")
+            lines.append(f"| {a['data']} | {a['protocol']} | {r['name']} | {_label(a)} | {_label(b)} | {n} | "
+                         f"{r['a'] * s:.2f} | {r['b'] * s:.2f} | {r['diff'] * s:+.2f}{mark} | "
+                         f"[{r['low'] * s:+.2f}, {r['high'] * s:+.2f}] |")
+    return "\n".join(lines)
