@@ -136,3 +136,41 @@ def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
             assert 0.0 <= r["locality"] <= 1.0 and 0.0 <= r["edit_succ"] <= 1.0
         assert rows[1]["edit_succ"] > rows[0]["edit_succ"]  # the second edit lands on its own record too
     assert "locality %" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
+    """benchmarks/spillover.py: for each record edited alone, ``own`` is its own locality and
+    ``others`` the other records' (same numbers as editing and evaluating by hand), the model
+    restored after every edit."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "spillover.py"
+    spec = importlib.util.spec_from_file_location("spillover", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, tok = embedded
+    orig = snapshot(model)
+    monkeypatch.setattr(kne, "load_model", lambda *a, **k: (model, tok))
+    out = tmp_path / "spill.json"
+    assert mod.main(["--data", "zsre", "--skip", "3", "--limit", "2", "--method", "kne", "--out", str(out),
+                     "--quiet"]) == 0
+    assert_state_equal(model, orig)
+    res = json.loads(out.read_text())
+    rows = res["methods"]["kne"]["rows"]
+    assert [r["index"] for r in rows] == [3, 4]
+    reqs = kne.datasets.knowedit("zsre")[3:5]
+    pre = kne.evaluate(model, tok, reqs)
+    for i, row in enumerate(rows):  # by hand: edit record i, score both records, restore
+        edit = kne.fast_edit(model, tok, [reqs[i]], kne.KNEConfig.preset("local"))
+        ev = kne.evaluate(model, tok, reqs, pre=pre).records
+        edit.restore()
+        loc = [sum(r["locality"].values()) / len(r["locality"]) for r in ev]
+        assert row["own"] == pytest.approx(loc[i]) and row["others"] == pytest.approx(loc[1 - i])
+        assert row["edit_succ"] == pytest.approx(ev[i]["rewrite_acc"])
+    assert_state_equal(model, orig)
+    assert "other subjects' locality" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="needs two or more"):
+        mod.main(["--data", "zsre", "--limit", "1", "--method", "kne", "--quiet"])
