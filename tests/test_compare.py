@@ -89,6 +89,11 @@ def test_compare_runs_counts_unpaired_records_and_refuses_disjoint_ones():
     rows = compare_runs(a, b, boots=100)
     assert all(r["n"] == 7 and r["unpaired"] == 6 for r in rows)
     assert "(6 unpaired)" in format_comparison([(a, b, rows)])
+    few = compare_runs(_run("kne", a["records"][:9]), _run("ft-m", [dict(r, rewrite_acc=0.0) for r in a["records"][:9]]),
+                       boots=100)
+    assert few[0]["n"] == 9 and few[0]["low"] > 0  # an interval away from 0, over 9 records: not a finding
+    line = next(l for l in format_comparison([(a, b, few)]).splitlines() if "Edit Succ." in l)
+    assert "(few)" in line and " *" not in line
     c = _run("ft-m", [_record(i, rng) for i in range(20, 30)])
     with pytest.raises(ValueError, match=r"share no record \(indices 0-9 against 20-29\)"):
         compare_runs(a, c)

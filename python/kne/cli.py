@@ -379,7 +379,7 @@ def cmd_info(args) -> int:
 
 def cmd_compare(args) -> int:
     """Paired differences of two kne eval results (kne.compare)."""
-    from kne.compare import compare_runs, format_comparison, load_runs, pair_runs
+    from kne.compare import FEW, compare_runs, format_comparison, load_runs, pair_runs
 
     a_runs = load_runs(args.a)
     b_runs = load_runs(args.b) if args.b else a_runs
@@ -394,7 +394,8 @@ def cmd_compare(args) -> int:
                for a, b in pair_runs(a_runs, b_runs, args.a_method, args.b_method)]
     table = format_comparison(results, level=args.level)
     print(table)
-    print(f"\npaired bootstrap over records, {args.boots} resamples, seed {args.seed}; * : the interval leaves out 0")
+    print(f"\npaired bootstrap over records, {args.boots} resamples, seed {args.seed}; * : the interval leaves out 0; "
+          f"(few): fewer than {FEW} paired records, not a finding either way")
     if args.table:
         _write_text(args, args.table, table + "\n")
         print(f"wrote {args.table}")

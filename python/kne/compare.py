@@ -21,8 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["METRICS", "load_runs", "record_values", "paired_difference", "compare_runs", "pair_runs",
+__all__ = ["FEW", "METRICS", "load_runs", "record_values", "paired_difference", "compare_runs", "pair_runs",
            "format_comparison"]
+
+#: fewer paired records than this: the interval is printed but not read as a finding
+FEW = 10
 
 #: (summary key, table name, per-record field)
 METRICS: Tuple[Tuple[str, str, str], ...] = (
@@ -151,14 +154,18 @@ def _span(by: Dict[int, Any]) -> str:
 def format_comparison(results: Sequence[Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]],
                       level: float = 0.95) -> str:
     """A markdown table: metrics in points (x100) except fluency (as EasyEdit's tables print it);
-    an interval that leaves out 0 is marked ``*``."""
+    an interval that leaves out 0 is marked ``*``; a difference over fewer than :data:`FEW` paired
+    records is marked ``(few)`` instead: a bootstrap of a handful of records says little."""
     pct = f"{round(level * 100)}%"
     lines = [f"| data | protocol | metric | A | B | n | A | B | A - B | {pct} interval |",
              "|---|---|---|---|---|---:|---:|---:|---:|---|"]
     for a, b, rows in results:
         for r in rows:
             s = 1.0 if r["metric"] == "fluency" else 100.0
-            mark = " *" if r["low"] > 0 or r["high"] < 0 else ""
+            if r["n"] < FEW:
+                mark = " (few)"
+            else:
+                mark = " *" if r["low"] > 0 or r["high"] < 0 else ""
             n = f"{r['n']}" + (f" ({r['unpaired']} unpaired)" if r["unpaired"] else "")
             lines.append(f"| {a['data']} | {a['protocol']} | {r['name']} | {_label(a)} | {_label(b)} | {n} | "
                          f"{r['a'] * s:.2f} | {r['b'] * s:.2f} | {r['diff'] * s:+.2f}{mark} | "
