@@ -49,8 +49,9 @@ class KNEConfig:
     * ``layers``: decoder layer indices to score (``None``: all).
     * ``exclude_edge_layers``: leave the first and the last ``N`` decoder layers out of the scored
       ones (``0``: none). Layer 0's FFN writes into every token's stream and the last layer's
-      straight into the logits: in a sequence of edits, edits there wear unrelated text away,
-      while the last layer is also where an edit stays with its own subject (README, Local edits).
+      straight into the logits: in a sequence of edits, edits there wear away what the model says
+      about the other edits' subjects, while the last layer is also where an edit stays with its
+      own subject (README, Local edits).
     * ``ig_steps``: Riemann steps ``m`` of the integrated-gradient path, ``a_k = k/m``; ``1`` is
       gradient-times-weight at the model's own weights (the authors' "gas").
     * ``ig_path``: ``"layerwise"`` scales one module instance at a time along the path (default,
@@ -252,8 +253,9 @@ class KNEConfig:
           ``preset("local", preserve_others=4)`` keeps them (four such prompts projected too: on
           the embedded model 15 of 16 other capitals stay, against 5 with the plain preset and
           none with FT-M), at a cost in portability on KnowEdit (README, Local edits). For long
-          sequences of edits ``exclude_edge_layers=1`` keeps more of unrelated text (ZsRE's
-          locality) and generalises the edit to other subjects more (README, Local edits).
+          sequences of edits ``exclude_edge_layers=1`` keeps more of the other edits' subjects
+          (ZsRE's locality in sequence) and generalises the edit to other subjects asked the
+          edited relation more (README, Local edits).
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
