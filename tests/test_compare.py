@@ -140,6 +140,19 @@ def test_load_runs_errors(tmp_path):
     bad.write_text(json.dumps({"runs": [{"method": "kne"}]}))
     with pytest.raises(ValueError, match="lacks data, protocol, records"):
         load_runs(bad)
+    bad.write_text(json.dumps({"runs": [_run("kne", [{"rewrite_acc": 1.0}])]}))
+    with pytest.raises(ValueError, match="records without an integer 'index'"):
+        load_runs(bad)
+
+
+def test_bootstrap_draws_in_chunks_give_the_same_interval_shape():
+    """Many records: the resamples are drawn in chunks (bounded memory); the interval still holds
+    the mean and is seeded."""
+    rng = random.Random(9)
+    a = [rng.random() for _ in range(5000)]
+    r = paired_difference(a, [0.5] * 5000, boots=1000, seed=1)
+    assert r["low"] <= r["diff"] <= r["high"] and r["high"] - r["low"] < 0.05
+    assert paired_difference(a, [0.5] * 5000, boots=1000, seed=1) == r
 
 
 def test_cli_compare_on_the_shipped_results(tmp_path, capsys):

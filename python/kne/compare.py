@@ -55,6 +55,10 @@ def load_runs(path) -> List[Dict[str, Any]]:
         missing = [k for k in ("method", "data", "protocol", "records") if k not in r]
         if missing:
             raise ValueError(f"{p}: a run lacks {', '.join(missing)}; give a results JSON written by kne eval --out")
+        if not isinstance(r["records"], list) or not all(isinstance(x, dict) and isinstance(x.get("index"), int)
+                                                         for x in r["records"]):
+            raise ValueError(f"{p}: run {r['method']} on {r['data']} has records without an integer 'index' (the "
+                             "record's position in its file, which pairs it); give a results JSON written by kne eval --out")
     return runs
 
 
@@ -85,7 +89,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, boots: int = 10
     if not 0 < level < 1:
         raise ValueError(f"level must be between 0 and 1, got {level}")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    means = np.sort(d[np.random.default_rng(seed).integers(0, n, size=(boots, n))].mean(axis=1))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)  # resamples per draw: at most ~16 MB of indices at a time
+    means = np.sort(np.concatenate([d[rng.integers(0, n, size=(min(chunk, boots - i), n))].mean(axis=1)
+                                    for i in range(0, boots, chunk)]))
     lo_i = int((1 - level) / 2 * boots)
     hi_i = min(boots - 1, int((1 + level) / 2 * boots))
     return {"n": n, "a": float(np.mean(a)), "b": float(np.mean(b)), "diff": float(d.mean()),
