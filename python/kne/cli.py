@@ -536,7 +536,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.phase, args.wrote, args.writing = "start-up", [], None
     try:
         _check_args(args)
-        if args.command not in ("info", "plot", "compare"):  # these set (or report) threads and devices themselves
+        # info and plot set (or report) threads and devices themselves; compare needs neither
+        if args.command not in ("info", "plot", "compare"):
             _setup(args)
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError, MissingDependency) as e:
