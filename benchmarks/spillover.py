@@ -25,13 +25,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def run(method, data, skip, limit, cfg, progress):
     import kne
+    from kne.evaluation import mean_present, record_value
     from kne.runs import edit_with
 
     model, tok = kne.load_model()
@@ -47,14 +43,14 @@ def run(method, data, skip, limit, cfg, progress):
             ev = kne.evaluate(model, tok, reqs, pre=pre)
         finally:
             res.restore()
-        loc = [_mean(list(rec["locality"].values())) if rec["locality"] else None for rec in ev.records]
+        loc = [record_value(rec, "locality") for rec in ev.records]
         rows.append({"index": skip + i, "edit_succ": ev.records[i]["rewrite_acc"], "own": loc[i],
-                     "others": _mean([v for j, v in enumerate(loc) if j != i]), "steps": res.stats.get("steps"),
+                     "others": mean_present([v for j, v in enumerate(loc) if j != i]), "steps": res.stats.get("steps"),
                      "seconds": time.perf_counter() - t})
         if progress:
             print(method, json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return {"edit_succ": _mean([r["edit_succ"] for r in rows]), "own": _mean([r["own"] for r in rows]),
-            "others": _mean([r["others"] for r in rows]), "rows": rows}
+    return {"edit_succ": mean_present([r["edit_succ"] for r in rows]), "own": mean_present([r["own"] for r in rows]),
+            "others": mean_present([r["others"] for r in rows]), "rows": rows}
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kne.cli import main
-from kne.compare import compare_runs, format_comparison, load_runs, pair_runs, paired_difference, record_values
-from kne.evaluation import EvalResult
+from kne.compare import compare_runs, format_comparison, load_runs, pair_runs, paired_difference
+from kne.evaluation import EvalResult, record_value
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_independent.json"
 
@@ -99,11 +99,11 @@ def test_compare_runs_counts_unpaired_records_and_refuses_disjoint_ones():
         compare_runs(a, c)
 
 
-def test_record_values_reduce_as_the_summary():
-    assert record_values({"locality": {"x": 0.5, "y": 1.0}}, "locality") == 0.75
-    assert record_values({"portability": {}}, "portability") is None
-    assert record_values({"rephrase_acc": None}, "rephrase_acc") is None
-    assert record_values({"rewrite_acc": 1}, "rewrite_acc") == 1.0
+def test_record_value_reduces_as_the_summary():
+    assert record_value({"locality": {"x": 0.5, "y": 1.0}}, "locality") == 0.75
+    assert record_value({"portability": {}}, "portability") is None
+    assert record_value({"rephrase_acc": None}, "rephrase_acc") is None
+    assert record_value({"rewrite_acc": 1}, "rewrite_acc") == 1.0
 
 
 def test_pair_runs_by_file_and_protocol_with_clear_errors():

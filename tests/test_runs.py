@@ -109,19 +109,26 @@ def test_bad_protocol_and_method(tiny_model, tok):
         runs.run_edits(model, tok, reqs(1), "rome", kne.KNEConfig())
 
 
+def _benchmark(name):
+    """A script of benchmarks/ (not a package) loaded as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.slow
 def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
     """benchmarks/sequential_curve.py: one row per edit and method, the metrics after that many
     edits (kne's first edit equals an independent one's success on its own record), and the model
     restored at the end."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sequential_curve.py"
-    spec = importlib.util.spec_from_file_location("sequential_curve", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("sequential_curve")
     model, tok = embedded
     orig = snapshot(model)
     monkeypatch.setattr(kne, "load_model", lambda *a, **k: (model, tok))
@@ -143,14 +150,9 @@ def test_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
     """benchmarks/spillover.py: for each record edited alone, ``own`` is its own locality and
     ``others`` the other records' (same numbers as editing and evaluating by hand), the model
     restored after every edit."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "spillover.py"
-    spec = importlib.util.spec_from_file_location("spillover", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("spillover")
     model, tok = embedded
     orig = snapshot(model)
     monkeypatch.setattr(kne, "load_model", lambda *a, **k: (model, tok))

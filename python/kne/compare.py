@@ -6,9 +6,9 @@ record (the same records, matched by their ``index``), and gives for every metri
 each, the mean difference, and a paired bootstrap confidence interval of that difference
 (records resampled with replacement, the same resample for both runs).
 
-Per-record values are reduced exactly as :meth:`kne.evaluation.EvalResult.summary` reduces them
-(portability and locality: the mean over a record's kinds), so over all records two runs' means
-are the ``kne eval`` table's. Records only one run has (an edit that failed, a run on other
+Per-record values are :func:`kne.evaluation.record_value`, what
+:meth:`kne.evaluation.EvalResult.summary` averages (portability and locality: the mean over a
+record's kinds), so over all records two runs' means are the ``kne eval`` table's. Records only one run has (an edit that failed, a run on other
 records) are left out of the pairing and counted (``unpaired``); runs with no record in common
 are an error.
 """
@@ -21,21 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["FEW", "METRICS", "load_runs", "record_values", "paired_difference", "compare_runs", "pair_runs",
-           "format_comparison"]
+from ._metrics import METRICS, record_value
+
+__all__ = ["FEW", "load_runs", "paired_difference", "compare_runs", "pair_runs", "format_comparison"]
 
 #: fewer paired records than this: the interval is printed but not read as a finding
 FEW = 10
-
-#: (summary key, table name, per-record field)
-METRICS: Tuple[Tuple[str, str, str], ...] = (
-    ("edit_succ", "Edit Succ.", "rewrite_acc"),
-    ("rephrase", "Rephrase", "rephrase_acc"),
-    ("portability", "Portability", "portability"),
-    ("locality", "Locality", "locality"),
-    ("fluency", "Fluency", "fluency"),
-)
-
 
 def load_runs(path) -> List[Dict[str, Any]]:
     """The runs of a ``kne eval --out`` JSON (or of a merged results file with the same ``runs``
@@ -60,19 +51,6 @@ def load_runs(path) -> List[Dict[str, Any]]:
             raise ValueError(f"{p}: run {r['method']} on {r['data']} has records without an integer 'index' (the "
                              "record's position in its file, which pairs it); give a results JSON written by kne eval --out")
     return runs
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def record_values(record: Dict[str, Any], field: str) -> Optional[float]:
-    """A record's value of one metric, reduced as the summary reduces it (``None`` if absent)."""
-    v = record.get(field)
-    if isinstance(v, dict):
-        return _mean(list(v.values())) if v else None
-    return None if v is None else float(v)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], *, boots: int = 10000, seed: int = 0,
@@ -143,7 +121,7 @@ def compare_runs(a: Dict[str, Any], b: Dict[str, Any], *, boots: int = 10000, se
     for key, name, field in METRICS:
         xs, ys = [], []
         for i in common:
-            x, y = record_values(a_by[i], field), record_values(b_by[i], field)
+            x, y = record_value(a_by[i], field), record_value(b_by[i], field)
             if x is not None and y is not None:
                 xs.append(x)
                 ys.append(y)

@@ -39,11 +39,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._metrics import METRICS, mean_present, record_value
 from ._text import answer_predictions, check_lengths, check_tokenizer, encode
 from ._utils import answer_logits, as_int, input_device, max_positions, restore_training, training_flags
 from .requests import as_requests
 
-__all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk"]
+__all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk", "METRICS", "mean_present", "record_value"]
 
 
 @dataclass
@@ -60,21 +61,8 @@ class EvalResult:
     def summary(self) -> Dict[str, Optional[float]]:
         """``edit_succ``, ``rephrase``, ``portability``, ``locality``, ``fluency`` (means over the
         records that have the value; ``None`` when none has) and ``n``."""
-        def mean(xs):
-            xs = [x for x in xs if x is not None]
-            return sum(xs) / len(xs) if xs else None
-
-        def per_record(key):
-            return [mean(list(r[key].values())) if r[key] else None for r in self.records]
-
-        return {
-            "n": len(self.records),
-            "edit_succ": mean([r["rewrite_acc"] for r in self.records]),
-            "rephrase": mean([r["rephrase_acc"] for r in self.records]),
-            "portability": mean(per_record("portability")),
-            "locality": mean(per_record("locality")),
-            "fluency": mean([r["fluency"] for r in self.records]),
-        }
+        return {"n": len(self.records),
+                **{key: mean_present([record_value(r, field) for r in self.records]) for key, _, field in METRICS}}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"summary": self.summary(), "records": self.records}

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from ._metrics import METRICS
+
 __all__ = ["plot_ensemble", "plot_results", "plot_file"]
 
 
@@ -59,15 +61,13 @@ def plot_ensemble(ensemble, out: Union[str, Path], *, n_layers: Optional[int] = 
     return out
 
 
-_METRICS = (("edit_succ", "Edit Succ."), ("rephrase", "Rephrase"), ("portability", "Portability"),
-            ("locality", "Locality"), ("fluency", "Fluency"))
 
 
 def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Optional[str] = None) -> Path:
     """Grouped bars: one group per metric, one bar per (data, method, protocol) run; percentages
     (fluency as EasyEdit's entropy x 100, as the KnowEdit tables print it)."""
     plt = _plt()
-    metrics = [(k, name) for k, name in _METRICS if any(r["summary"].get(k) is not None for r in runs)]
+    metrics = [(k, name) for k, name, _ in METRICS if any(r["summary"].get(k) is not None for r in runs)]
     if not metrics:
         raise ValueError("the results hold no metric to plot (no run has a summary)")
     fig, ax = plt.subplots(figsize=(1.6 * len(metrics) * max(1, len(runs)) ** 0.5 + 3, 4))
