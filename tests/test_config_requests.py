@@ -113,7 +113,19 @@ INVALID = [
     ("keep_positions", None),
     ("keep_rtol", -1e-5),
     ("keep_rtol", float("nan")),
+    ("optimizer", "sgd"),
+    ("optimizer", None),
+    ("ngd_momentum", 1.0),
+    ("ngd_momentum", -0.1),
+    ("ngd_momentum", 0.5),  # with adamw: AdamW does not read it
 ]
+
+
+def test_ngd_refuses_weight_decay_and_names_the_fix():
+    with pytest.raises(ValueError, match=r"KNEConfig.weight_decay.*optimizer='ngd'"):
+        KNEConfig(optimizer="ngd", weight_decay=0.01)
+    c = KNEConfig(optimizer="ngd", ngd_momentum=0.0, lr=5.0)
+    assert (c.optimizer, c.ngd_momentum, c.lr) == ("ngd", 0.0, 5.0)
 
 
 @pytest.mark.parametrize("field, value", INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])

@@ -283,6 +283,9 @@ def _points(kind):
                 ("null-space basis", editing, "edit_bases", None), ("optimizer step", kne_kernels, "ensemble_adamw_step_",
                                                                     "per-step"),
                 ("target-parameter count", editing, "_target_params", None)] + common
+    if kind == "fast_edit/ngd":  # the ngd step is plain torch in kne.editing, not a kernel op
+        return [("optimizer step", editing, "ngd_update_", None), ("forward+loss", objective.EditObjective, "__call__",
+                                                                    None)]
     if kind == "reference.edit":
         return [("locate", reference, "locate", None), ("preservation capture", objective.EditObjective, "capture", None),
                 ("null-space basis", reference, "edit_bases", None),
@@ -294,6 +297,8 @@ def _points(kind):
 def _run(kind, model, tok, **extra):
     if kind == "fast_edit":
         return kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW, **extra)
+    if kind == "fast_edit/ngd":
+        return kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW, optimizer="ngd", **extra)
     if kind == "reference.edit":
         return kne.reference.edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW)
     return kne.baselines.ft_m(model, tok, REQ, steps=3, stop_loss=0.0, lr=1e-2)
@@ -302,7 +307,7 @@ def _run(kind, model, tok, **extra):
 import kne_kernels  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["fast_edit", "reference.edit", "ft_m"])
+@pytest.mark.parametrize("kind", ["fast_edit", "fast_edit/ngd", "reference.edit", "ft_m"])
 def test_edit_fault_at_every_step_boundary(kind, tiny_model, tok):
     """An exception and a KeyboardInterrupt before and after each step of an edit: the model is bit
     for bit as before the call; and a clean call after all of them edits exactly as one on a fresh
@@ -336,7 +341,7 @@ def test_edit_fault_at_every_step_boundary(kind, tiny_model, tok):
                         assert all(not m._forward_hooks for m in model.modules()), f"{kind}: {label}: a hook is left"
                         n_faults += 1
             calls.disarm()
-    assert n_faults >= {"fast_edit": 76, "reference.edit": 68, "ft_m": 28}[kind], n_faults  # what a clean run has
+    assert n_faults >= {"fast_edit": 76, "fast_edit/ngd": 28, "reference.edit": 68, "ft_m": 28}[kind], n_faults  # what a clean run has
     res = _run(kind, model, tok)
     assert_state_bits(model, edited, f"{kind}: clean run after {n_faults} faults")
     res.restore()

@@ -86,7 +86,11 @@ def _check(fast_model, ref_model, fast, ref, orig):
     dict(project=True, project_corpus=False, preserve_prompts=SHORT),
     dict(project=True, project_corpus=False, preserve_weight=3.0, weight_decay=0.01, preserve_prompts=SHORT),
     dict(project=True, project_corpus=False, preserve_weight=4.0, preserve_answer_end=True, preserve_prompts=SHORT),
-], ids=["kl", "kl+prompt+l2", "kl-columns-kaiming", "project", "project+kl", "project+answer-end"])
+    dict(optimizer="ngd", lr=0.05, preserve_weight=2.0, neuron_axis="in"),
+    dict(optimizer="ngd", lr=0.05, ngd_momentum=0.5, project=True, project_corpus=False, preserve_weight=4.0,
+         preserve_answer_end=True, preserve_prompts=SHORT),
+], ids=["kl", "kl+prompt+l2", "kl-columns-kaiming", "project", "project+kl", "project+answer-end", "ngd-columns-kl",
+        "ngd+project+answer-end"])
 def test_fast_matches_reference_with_preservation(case, backend, tiny_model, tok, seed):
     live, why = kne_kernels.status(backend, "cpu")
     assert live, why
@@ -534,17 +538,16 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
                          ids=["local", "local+others", "local-projection-only+others"])
 def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded, extra):
     """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
-    of facts the unedited model gets right stay: two more about France and Japan's capital. With
-    other subjects asked the edited relation among the neighbours (``preserve_others``, projected
-    like the rest; with or without the KL at the answer's end), Germany's and Spain's capitals stay
-    too (the plain preset moves them to Rome)."""
+    of facts the unedited model gets right stay: two more about France, and Japan's, Germany's and
+    Spain's capitals (the preset's AdamW revision moved Germany's and Spain's to Rome). With other
+    subjects asked the edited relation among the neighbours too (``preserve_others``, projected like
+    the rest; with or without the KL at the answer's end) they stay as well."""
     from kne.cli import greedy
 
     model, tok = embedded
     kept = {"The official language of France is": "French", "The currency of France is": "Euro",
-            "The capital of Japan is": "Tokyo"}
-    if extra.get("preserve_others"):
-        kept.update({"The capital of Germany is": "Berlin", "The capital of Spain is": "Madrid"})
+            "The capital of Japan is": "Tokyo", "The capital of Germany is": "Berlin",
+            "The capital of Spain is": "Madrid"}
     edited = ["The capital of France is", "The capital city of France is called"]
     orig = snapshot(model)
     for p in edited:
@@ -562,3 +565,66 @@ def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded
     finally:
         res.restore()
     assert_state_equal(model, orig)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer "ngd"
+def test_ngd_update_steps_by_exactly_lr_along_the_momentum_of_the_normalised_gradients(seed):
+    """Every step of ``optimizer="ngd"`` moves the deltas by ``lr`` in their joint norm: along the
+    gradient's direction at the first step, along ``m = mu m + g/|g|`` after; zero gradients move
+    nothing at the first step; the step is the same whatever the gradient's scale."""
+    from kne.editing import ngd_update_
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 7), (5, 7), (1, 2)]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    deltas = [torch.randn(s, generator=gen) for s in shapes]
+    bufs = [torch.zeros(s) for s in shapes]
+    start = [d.clone() for d in deltas]
+    m_want = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for k, gs in enumerate(grads):
+        before = [d.clone() for d in deltas]
+        ngd_update_(deltas, [g * 10.0 ** (3 * k - 3) for g in gs], bufs, lr=0.7, momentum=0.6)  # scale-free
+        gn = torch.cat([g.double().flatten() for g in gs]).norm()
+        m_want = [0.6 * m + g.double() / gn for m, g in zip(m_want, gs)]
+        mn = torch.cat([m.flatten() for m in m_want]).norm()
+        moved = torch.cat([(d - b).double().flatten() for d, b in zip(deltas, before)])
+        assert moved.norm().item() == pytest.approx(0.7, rel=1e-5)
+        for d, b, m in zip(deltas, before, m_want):
+            assert torch.allclose((d - b).double(), -0.7 * m / mn, atol=1e-6)
+    zero = [torch.zeros(s) for s in shapes]
+    fresh = [d.clone() for d in start]
+    ngd_update_(fresh, zero, [torch.zeros(s) for s in shapes], lr=20.0, momentum=0.9)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, start))
+
+
+@pytest.mark.slow
+def test_local_preset_ngd_keeps_other_subjects_in_a_sequence_better_than_adamw(embedded):
+    """The reason the local preset steps with ngd: on the embedded model, after France -> Rome,
+    Germany -> Paris and Japan -> Madrid kept in sequence (each edit keeping the earlier ones), the
+    greedy answers about capitals nobody edited move less than with the preset's AdamW revision."""
+    from kne.cli import greedy
+
+    model, tok = embedded
+    orig = snapshot(model)
+    edits = [("The capital of France is", "Rome", "France", "Paris"), ("The capital of Germany is", "Paris", "Germany",
+                                                                       "Berlin"),
+             ("The capital of Japan is", "Madrid", "Japan", "Tokyo")]
+    others = {"Spain": "Madrid", "Russia": "Moscow", "China": "Beijing", "Egypt": "Cairo", "Greece": "Athens",
+              "Austria": "Vienna", "Ireland": "Dublin", "Sweden": "Stockholm", "Thailand": "Bangkok", "Cuba": "Havana"}
+    others = {c: a for c, a in others.items() if a in greedy(model, tok, f"The capital of {c} is")}
+    assert len(others) >= 6
+    kept = {}
+    for name, cfg in (("ngd", kne.KNEConfig.preset("local")),
+                      ("adamw", kne.KNEConfig.preset("local", optimizer="adamw", lr=0.1, steps=60))):
+        done = []
+        try:
+            for p, new, subj, old in edits:
+                done.append(kne.fast_edit(model, tok, {"prompt": p, "target_new": new, "subject": subj,
+                                                       "ground_truth": old}, cfg, keep=list(done)))
+                assert greedy(model, tok, p).strip().startswith(new), (name, p)
+            kept[name] = sum(a in greedy(model, tok, f"The capital of {c} is") for c, a in others.items())
+        finally:
+            for r in reversed(done):
+                r.restore()
+        assert_state_equal(model, orig)
+    assert kept["ngd"] > kept["adamw"], kept

@@ -24,6 +24,7 @@ _CHOICES = {
     "stop_rule": ("loss", "argmax", "min_prob"),
     "loss_reduction": ("request", "token"),
     "keep_positions": ("all", "answer"),
+    "optimizer": ("adamw", "ngd"),
 }
 
 
@@ -63,8 +64,11 @@ class KNEConfig:
       requests with ``max`` or ``mean``, is above the global ``numpy.percentile`` of all layers of a
       module (strict ``>``), and above 0 when ``positive_only``.
 
-    Edit (``kne.fast_edit``): AdamW on a compact delta of the ensemble rows/columns with ``lr``,
-    ``weight_decay``; at most ``steps`` optimizer steps, stopping as soon as the loss is below
+    Edit (``kne.fast_edit``): ``optimizer`` ``"adamw"`` (AdamW on a compact delta of the ensemble
+    rows/columns with ``lr``, ``weight_decay``) or ``"ngd"`` (normalised gradient descent with
+    momentum ``ngd_momentum``: the momentum of the gradients, each divided by the norm of the whole
+    gradient of every edited module instance together, and every step moves the delta by exactly
+    ``lr`` in that joint Frobenius norm along it; no weight decay); at most ``steps`` optimizer steps, stopping as soon as the loss is below
     ``stop_loss``; the delta path ``y += s * dropout(x) @ dW^T`` with ``s = alpha / sqrt(K)``
     (``rs_scaling``) or ``alpha / K``, ``K`` the ensemble size of that module instance;
     ``delta_init`` ``"zeros"`` (the model is unchanged before the first step), ``"kaiming"``
@@ -128,7 +132,10 @@ class KNEConfig:
     percentile: float = _f(99.0, "one global numpy.percentile threshold over all layers of a module (strict >)")
     aggregate: str = _f("max", "aggregate scores over requests: max or mean")
     positive_only: bool = _f(True, "keep only neurons whose score is > 0")
-    lr: float = _f(5e-3, "AdamW learning rate")
+    optimizer: str = _f("adamw", "adamw (per-coordinate steps) or ngd (normalised gradient descent with momentum: "
+                                 "steps of length lr along the gradient's direction)")
+    lr: float = _f(5e-3, "AdamW learning rate; with optimizer ngd the length of every step")
+    ngd_momentum: float = _f(0.9, "with optimizer ngd: momentum of the normalised gradients")
     steps: int = _f(30, "maximum optimizer steps")
     alpha: float = _f(1.0, "delta scale s = alpha/sqrt(K) (alpha/K without rs_scaling)")
     rs_scaling: bool = _f(True, "s = alpha/sqrt(K) rather than alpha/K")
@@ -205,6 +212,13 @@ class KNEConfig:
         _num(self, "alpha", lo=0.0, lo_open=True, fix="a positive scale such as 1.0")
         _num(self, "dropout", lo=0.0, hi=1.0, hi_open=True, fix="a probability in [0, 1)")
         _num(self, "weight_decay", lo=0.0, fix="a non-negative number such as 0.0")
+        _num(self, "ngd_momentum", lo=0.0, hi=1.0, hi_open=True, fix="a momentum in [0, 1) such as 0.9")
+        if self.optimizer == "ngd" and self.weight_decay:
+            _bad("weight_decay", self.weight_decay, "0 with optimizer='ngd' (its steps have a fixed length; "
+                 "weight decay belongs to AdamW), or optimizer='adamw'")
+        if self.optimizer != "ngd" and self.ngd_momentum != 0.9:
+            _bad("ngd_momentum", self.ngd_momentum, "its default 0.9 with optimizer='adamw' (AdamW's own betas are "
+                 "0.9, 0.999), or optimizer='ngd'")
         _num(self, "stop_loss", lo=0.0, fix="a non-negative loss (0 disables early stopping)")
         if self.project and self.neuron_axis != "out":
             _bad("project", self.project, "False with neuron_axis='in': the null-space projection applies to row "
@@ -239,23 +253,24 @@ class KNEConfig:
           own run scripts stop at ``t_loss=1e-1`` and their released YAML sets ``knb_dropout: 0``.
           On SmolLM2-135M (20 counterfact records, see the README) it reaches 100% edit success
           in about 12 steps where the defaults reach 93% in 22-28, with higher portability.
-        * ``"local"``: edits that keep what the model knows about the subject. Rows
-          (``neuron_axis="out"``), every step's delta projected off the keys of the subject's
-          neighbour prompts (``project=True``: the edited modules' outputs on those prompts do not
-          change at all), the KL at the answer's end (``preserve_answer_end=True``,
+        * ``"local"``: edits that keep what the model knows, about the subject and about other
+          subjects. Rows (``neuron_axis="out"``), every step's delta projected off the keys of the
+          subject's neighbour prompts (``project=True``: the edited modules' outputs on those
+          prompts do not change at all), the KL at the answer's end (``preserve_answer_end=True``,
           ``preserve_weight=2``: what the model says after the new answer stays the unedited
-          model's, against edits that repeat their last token), dropout 0, ``lr=0.1``, stop as
-          soon as every answer token is the argmax (``stop_rule="argmax"``). Chosen on records
-          0-19 of the three KnowEdit files (README, Local edits); ``preserve_weight=0,
-          preserve_answer_end=False`` gives the preset's first revision. Needs the request's
-          ``subject`` (else its neighbours come from elsewhere, with a warning). Other subjects
-          asked the edited relation ("The capital of Germany is") are not kept by it;
-          ``preset("local", preserve_others=4)`` keeps them (four such prompts projected too: on
-          the embedded model 15 of 16 other capitals stay, against 5 with the plain preset and
-          none with FT-M), at a cost in portability on KnowEdit (README, Local edits). For long
-          sequences of edits ``exclude_edge_layers=1`` keeps more of the other edits' subjects
-          (ZsRE's locality in sequence) and generalises the edit to other subjects asked the
-          edited relation more (README, Local edits).
+          model's, against edits that repeat their last token), normalised gradient descent
+          (``optimizer="ngd"``, steps of length ``lr=20``, at most 150: the change goes where the
+          gradient puts it, where AdamW's per-coordinate steps move every ensemble coordinate about
+          as far, which spills into other subjects and, over a sequence of edits, wears their
+          facts away), dropout 0, stop as soon as every answer token is the argmax
+          (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
+          Local edits); ``optimizer="adamw", lr=0.1, steps=60`` gives the preset's second
+          revision, and with ``preserve_weight=0, preserve_answer_end=False`` as well its first.
+          Needs the request's ``subject`` (else its neighbours come from elsewhere, with a
+          warning). On the embedded model "The capital of France is" -> "Rome" leaves 14 of 16
+          other capitals the model knows where they were (the second revision 5, FT-M none);
+          ``preset("local", preserve_others=4)`` also projects off four prompts that ask other
+          subjects the edited relation (README, Local edits).
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
@@ -288,9 +303,10 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "authors": ("KNEConfig's defaults, the authors' Llama-2-7B setting", {}),
     "tuned": ("columns, dropout 0, stop at loss 0.1", {"neuron_axis": "in", "dropout": 0.0, "stop_loss": 0.1}),
     "local": ("rows kept off every key of the subject's neighbour prompts (null-space projection), the KL at the "
-              "answer's end (weight 2), dropout 0, lr 0.1, stop once the answer is the argmax",
-              {"neuron_axis": "out", "dropout": 0.0, "lr": 0.1, "steps": 60, "project": True, "project_corpus": False,
-               "stop_rule": "argmax", "preserve_weight": 2.0, "preserve_answer_end": True}),
+              "answer's end (weight 2), normalised gradient descent (steps of length 20), dropout 0, stop once the "
+              "answer is the argmax",
+              {"neuron_axis": "out", "dropout": 0.0, "optimizer": "ngd", "lr": 20.0, "steps": 150, "project": True,
+               "project_corpus": False, "stop_rule": "argmax", "preserve_weight": 2.0, "preserve_answer_end": True}),
     "knb": ("the authors' KNB trainer: their llama2-7b-chat YAML (dropout 0) with their stopping step, token-mean "
             "loss, random start and tokenisation",
             {"dropout": 0.0, "stop_after_step": True, "loss_reduction": "token", "delta_init": "authors",

@@ -5,7 +5,8 @@ Per ensemble module instance with ``K`` neurons, a trainable float32 delta ``dW`
 as ``y[..., idx] += s * dropout(x) @ dW^T`` (rows) or ``y += s * dropout(x)[..., idx] @ dW^T``
 (columns), ``s = alpha / sqrt(K)`` (``rs_scaling``) or ``alpha / K``. No parameter of the model
 requires a gradient: backward only forms ``s * dY[:, idx]^T x``, a GEMM the size of the
-ensemble, and the AdamW moments are compact too. At the end ``W[idx] = W[idx] + s * dW`` in place;
+ensemble, and the optimizer state (AdamW's moments, or the momentum of ``optimizer="ngd"``) is
+compact too. At the end ``W[idx] = W[idx] + s * dW`` in place;
 the original rows are kept so :meth:`EditResult.restore` is bit-exact.
 """
 
@@ -250,6 +251,36 @@ class EditResult:
                 f"total_seconds={s.get('total_seconds', 0):.3f}, restored={self.restored})")
 
 
+def ngd_update_(deltas: List[torch.Tensor], grads: List[torch.Tensor], bufs: List[torch.Tensor], *, lr: float,
+                momentum: float) -> None:
+    """One step of normalised gradient descent with momentum (``KNEConfig.optimizer="ngd"``) on
+    several tensors together, in place: ``m = momentum * m + g / ||g||``, then ``delta -= lr * m /
+    ||m||``, both norms the Frobenius norm over every tensor of the list (each tensor's norm taken
+    in float64). Every step moves the deltas by exactly ``lr`` along the momentum of the gradient's
+    direction: a change spread over the ensemble as the gradient spreads it (AdamW's
+    per-coordinate steps move coordinates with a tiny gradient as far as the others). A zero
+    gradient adds nothing to the momentum (norms are clamped at float32's smallest normal number,
+    so no step waits on the host to test them); a zero momentum moves nothing.
+
+    >>> d, g, m = [torch.zeros(2)], [torch.tensor([3.0, 4.0])], [torch.zeros(2)]
+    >>> ngd_update_(d, g, m, lr=0.5, momentum=0.9)
+    >>> d[0]
+    tensor([-0.3000, -0.4000])
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    home = deltas[0].device
+
+    def joint_norm(ts: List[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64).to(home) for t in ts]).norm().clamp_min(tiny)
+
+    gn = joint_norm(grads)
+    for b, g in zip(bufs, grads):
+        b.mul_(momentum).add_(g / gn.to(g.device, b.dtype))
+    mn = joint_norm(bufs)
+    for d, b in zip(deltas, bufs):
+        d.sub_(b / mn.to(b.device, b.dtype), alpha=lr)  # |b| <= mn: no overflow when both are 0
+
+
 def _train(objective: Callable[[], Tuple[torch.Tensor, bool]], params: List[torch.Tensor], config: KNEConfig,
            step_fn: Callable[[int, List[torch.Tensor]], None], on_step: Optional[Callable] = None):
     """The edit loop: loss (recorded), non-finite check, stop test, gradient of ``params``, step.
@@ -404,9 +435,17 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
 
     def step_fn(step: int, grads: List[torch.Tensor]) -> None:
         # One fused AdamW step per module instance (kne_kernels.ensemble_adamw_step_): updates the
-        # compact delta and moments, and rewrites the compact merged rows base + s * delta.
+        # compact delta and moments, and rewrites the compact merged rows base + s * delta. With
+        # optimizer "ngd" the step (ngd_update_) is plain torch on the compact deltas, then the same rewrite.
         with torch.no_grad():
+            if cfg.optimizer == "ngd":  # the step needs the norm over every slot: plain torch ops, then the merge
+                ngd_update_([s.delta for s in slots], grads, [s.exp_avg for s in slots], lr=cfg.lr,
+                            momentum=cfg.ngd_momentum)
+                for slot in slots:
+                    slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
             for slot, g, backend in zip(slots, grads, backends):
+                if cfg.optimizer == "ngd":
+                    break
                 if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
                     kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
                                                      slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr,

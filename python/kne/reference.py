@@ -8,7 +8,8 @@ implemented the direct way:
 * ``locate``: aggregate over requests, then ``numpy.percentile`` (linear) over all layers of a
   module, strict ``>`` and ``> 0``;
 * ``edit``: a dense ``[out, in]`` float32 delta per edited module, masked to the ensemble rows (or
-  columns), trained with ``torch.optim.AdamW``, merged into ``W`` at the end.
+  columns), trained with ``torch.optim.AdamW`` (or normalised gradient descent, ``optimizer="ngd"``),
+  merged into ``W`` at the end.
 
 The fast path must agree with this module; the tests hold them to it.
 """
@@ -133,7 +134,8 @@ def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = 
 def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
          ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None, keep=None,
          **overrides: Any) -> EditResult:
-    """Reference edit: dense masked deltas trained with ``torch.optim.AdamW``; the preservation KL
+    """Reference edit: dense masked deltas trained with ``torch.optim.AdamW`` (or, with
+    ``optimizer="ngd"``, normalised gradient descent written out on them); the preservation KL
     from the full output logits, by plain autograd."""
     cfg = resolve_config(config, overrides)
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
@@ -184,6 +186,17 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         return hook
 
     opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    momenta = [torch.zeros_like(e["D"]) for e in edits]
+
+    def ngd_step() -> None:  # optimizer "ngd" on the dense deltas (zero gradient outside the mask)
+        tiny = torch.finfo(torch.float32).tiny
+        gn = max(math.sqrt(sum(float((e["D"].grad.double() ** 2).sum()) for e in edits)), tiny)
+        for e, m in zip(edits, momenta):
+            m.copy_(cfg.ngd_momentum * m + e["D"].grad / gn)
+        mn = max(math.sqrt(sum(float((m.double() ** 2).sum()) for m in momenta)), tiny)
+        for e, m in zip(edits, momenta):
+            e["D"].sub_(m * (cfg.lr / mn))
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = training_flags(model)
     handles = []
@@ -218,7 +231,11 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                 break
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            if cfg.optimizer == "ngd":
+                with torch.no_grad():
+                    ngd_step()
+            else:
+                opt.step()
             with torch.no_grad():
                 for e, P in zip(edits, projectors):  # rows of the dense delta, off the preserved keys
                     e["D"].copy_((e["D"].double() @ P.to(e["D"].device)).float() * e["mask"])
