@@ -68,9 +68,10 @@ class KNEConfig:
     rows/columns with ``lr``, ``weight_decay``) or ``"ngd"`` (normalised gradient descent with
     momentum ``ngd_momentum``: the momentum of the gradients, each divided by the norm of the whole
     gradient of every edited module instance together, and every step moves the delta by exactly
-    ``lr`` in that joint Frobenius norm along it; no weight decay); at most ``steps`` optimizer steps, stopping as soon as the loss is below
-    ``stop_loss``; the delta path ``y += s * dropout(x) @ dW^T`` with ``s = alpha / sqrt(K)``
-    (``rs_scaling``) or ``alpha / K``, ``K`` the ensemble size of that module instance;
+    ``lr`` in that joint Frobenius norm along it; no weight decay); at most ``steps`` optimizer
+    steps, stopping as soon as the loss is below ``stop_loss``; the delta path
+    ``y += s * dropout(x) @ dW^T`` with ``s = alpha / sqrt(K)`` (``rs_scaling``) or ``alpha / K``,
+    ``K`` the ensemble size of that module instance;
     ``delta_init`` ``"zeros"`` (the model is unchanged before the first step), ``"kaiming"``
     (LoRA-style uniform noise, bound ``1/sqrt(in_features)`` on both axes) or ``"authors"`` (the
     bound of the authors' ``knb_W``, ``nn.init.kaiming_uniform_(a=sqrt(5))``: ``1/sqrt(fan_in)``,

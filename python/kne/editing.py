@@ -259,8 +259,9 @@ def ngd_update_(deltas: List[torch.Tensor], grads: List[torch.Tensor], bufs: Lis
     in float64). Every step moves the deltas by exactly ``lr`` along the momentum of the gradient's
     direction: a change spread over the ensemble as the gradient spreads it (AdamW's
     per-coordinate steps move coordinates with a tiny gradient as far as the others). A zero
-    gradient adds nothing to the momentum (norms are clamped at float32's smallest normal number,
-    so no step waits on the host to test them); a zero momentum moves nothing.
+    gradient adds nothing to the momentum (which still decays by ``momentum``): the norms are
+    clamped at float32's smallest normal number, so no step waits on the host to test them, and a
+    zero momentum moves nothing.
 
     >>> d, g, m = [torch.zeros(2)], [torch.tensor([3.0, 4.0])], [torch.zeros(2)]
     >>> ngd_update_(d, g, m, lr=0.5, momentum=0.9)
@@ -271,7 +272,8 @@ def ngd_update_(deltas: List[torch.Tensor], grads: List[torch.Tensor], bufs: Lis
     home = deltas[0].device
 
     def joint_norm(ts: List[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64).to(home) for t in ts]).norm().clamp_min(tiny)
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float64).to(home) for t in ts]
+        return torch.stack(norms).norm().clamp_min(tiny)
 
     gn = joint_norm(grads)
     for b, g in zip(bufs, grads):
@@ -444,8 +446,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                 for slot in slots:
                     slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
             for slot, g, backend in zip(slots, grads, backends):
-                if cfg.optimizer == "ngd":
-                    break
+                if cfg.optimizer == "ngd":  # stepped above
+                    continue
                 if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
                     kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
                                                      slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr,

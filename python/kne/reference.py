@@ -195,7 +195,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             m.copy_(cfg.ngd_momentum * m + e["D"].grad / gn)
         mn = max(math.sqrt(sum(float((m.double() ** 2).sum()) for m in momenta)), tiny)
         for e, m in zip(edits, momenta):
-            e["D"].sub_(m * (cfg.lr / mn))
+            e["D"].sub_((m / mn) * cfg.lr)  # |m| <= mn: no overflow when both are 0
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = training_flags(model)
