@@ -445,18 +445,17 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                             momentum=cfg.ngd_momentum)
                 for slot in slots:
                     slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
-            for slot, g, backend in zip(slots, grads, backends):
-                if cfg.optimizer == "ngd":  # stepped above
-                    continue
-                if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
-                    kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
-                                                     slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr,
-                                                     scale=slot.scale, dim=dim, weight_decay=cfg.weight_decay,
-                                                     backend=backend)
-                else:  # a float64 model: the same step in plain torch (the kernels take fp32/fp16/bf16)
-                    adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-                    slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
+            else:
+                for slot, g, backend in zip(slots, grads, backends):
+                    if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
+                        kne_kernels.ensemble_adamw_step_(slot.merged, slot.local, g, slot.delta, slot.exp_avg,
+                                                         slot.exp_avg_sq, slot.base_dev, step=step, lr=cfg.lr,
+                                                         scale=slot.scale, dim=dim, weight_decay=cfg.weight_decay,
+                                                         backend=backend)
+                    else:  # a float64 model: the same step in plain torch (the kernels take fp32/fp16/bf16)
+                        adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+                        slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
             for slot, basis, backend in zip(slots, bases, backends):
                 if basis is not None:  # keep the delta off the preserved keys (kne.nullspace)
                     if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:

@@ -186,7 +186,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         return hook
 
     opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    momenta = [torch.zeros_like(e["D"]) for e in edits]
+    momenta = [torch.zeros_like(e["D"]) for e in edits] if cfg.optimizer == "ngd" else []  # dense: only when read
 
     def ngd_step() -> None:  # optimizer "ngd" on the dense deltas (zero gradient outside the mask)
         tiny = torch.finfo(torch.float32).tiny
