@@ -102,9 +102,11 @@ INVALID = [
     ("preserve_answer_end", "yes"),
     ("preserve_answer_end", True),  # without preserve_weight: nothing would read that position
     ("preserve_prompt_positions", True),
-    ("stop_rule", "margin"),
+    ("stop_rule", "gap"),
     ("stop_prob", 0.0),
     ("stop_prob", 1.5),
+    ("stop_margin", -0.5),
+    ("stop_margin", float("nan")),
     ("delta_l2", -0.1),
     ("project", "yes"),
     ("project_corpus", None),

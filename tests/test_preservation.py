@@ -280,7 +280,10 @@ def test_stop_rules(tiny_model, tok, seed):
     from kne._text import encode
 
     batch = encode(tok, [REQ["prompt"]], [REQ["target_new"]])
-    for rule, extra in (("argmax", {}), ("min_prob", {"stop_prob": 0.005}), ("loss", {"stop_loss": 5.2})):
+    from kne.objective import answer_margins
+
+    for rule, extra in (("argmax", {}), ("min_prob", {"stop_prob": 0.005}), ("loss", {"stop_loss": 5.2}),
+                        ("margin", {"stop_margin": 0.05})):
         res = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule=rule, **extra))
         assert res.stats["stopped_early"], rule
         with torch.no_grad():
@@ -289,6 +292,8 @@ def test_stop_rules(tiny_model, tok, seed):
             assert bool((lp.argmax(-1) == batch.targets).all())
         elif rule == "min_prob":
             assert float(lp.gather(1, batch.targets[:, None]).exp().min()) >= 0.005 * (1 - 1e-4)
+        elif rule == "margin":
+            assert float(answer_margins(lp, batch).min()) >= 0.05 - 1e-4
         else:
             assert res.stats["losses"][-1] < 5.2
         res.restore()
@@ -299,6 +304,34 @@ def test_stop_rules(tiny_model, tok, seed):
     b = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="min_prob", stop_prob=0.006))
     assert steps_a <= b.stats["steps"]
     b.restore()
+    # a margin of 0 stops where the argmax rule does (ties aside, which random logits do not make)
+    c = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="margin", stop_margin=0.0))
+    steps_c = c.stats["steps"]
+    c.restore()
+    d = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="argmax"))
+    assert steps_c == d.stats["steps"]
+    d.restore()
+
+
+def test_answer_margins_against_a_sort():
+    """``answer_margins``: the answer token's logit minus the best other, full or selected logits."""
+    from kne._text import Batch
+    from kne.objective import answer_margins
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 5, 11, generator=g)
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([2, 3, 4, 1])
+    b = Batch(ids, torch.ones_like(ids), rows, cols, [2, 1, 1])
+    logits[1, 3, ids[1, 4]] = 50.0  # a clear argmax: its margin is positive
+    got = answer_margins(logits, b)
+    sel = logits[rows, cols - 1]
+    for i in range(4):
+        t = int(ids[rows[i], cols[i]])
+        others = torch.cat([sel[i, :t], sel[i, t + 1:]])
+        assert float(got[i]) == pytest.approx(float(sel[i, t] - others.max()), abs=1e-6)
+    assert float(got[2]) > 0
+    assert torch.equal(answer_margins(sel, b), got)
 
 
 def test_delta_l2_shrinks_the_change(tiny_model, tok, seed):
@@ -538,8 +571,9 @@ def test_ft_m_with_the_neighbour_kl(tiny_model, tok, seed):
                          ids=["local", "local+others", "local-projection-only+others"])
 def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded, extra):
     """France -> Rome with the local preset: the fact and a paraphrase change, and the greedy answers
-    of facts the unedited model gets right stay: two more about France, and Japan's, Germany's and
-    Spain's capitals (the preset's AdamW revision moved Germany's and Spain's to Rome). With other
+    of facts the unedited model gets right stay: two more about France, and Japan's, Germany's,
+    Spain's and Russia's capitals (the preset's AdamW revision moved Germany's and Spain's to Rome;
+    the margin stop, ``lr=15, stop_rule="margin"``, moves Germany's). With other
     subjects asked the edited relation among the neighbours too (``preserve_others``, projected like
     the rest; with or without the KL at the answer's end) they stay as well."""
     from kne.cli import greedy
@@ -547,7 +581,7 @@ def test_local_preset_edits_the_fact_and_keeps_the_subjects_other_facts(embedded
     model, tok = embedded
     kept = {"The official language of France is": "French", "The currency of France is": "Euro",
             "The capital of Japan is": "Tokyo", "The capital of Germany is": "Berlin",
-            "The capital of Spain is": "Madrid"}
+            "The capital of Spain is": "Madrid", "The capital of Russia is": "Moscow"}
     edited = ["The capital of France is", "The capital city of France is called"]
     orig = snapshot(model)
     for p in edited:
@@ -601,7 +635,8 @@ def test_ngd_update_steps_by_exactly_lr_along_the_momentum_of_the_normalised_gra
 def test_local_preset_ngd_keeps_other_subjects_in_a_sequence_better_than_adamw(embedded):
     """The reason the local preset steps with ngd: on the embedded model, after France -> Rome,
     Germany -> Paris and Japan -> Madrid kept in sequence (each edit keeping the earlier ones), the
-    greedy answers about capitals nobody edited move less than with the preset's AdamW revision."""
+    greedy answers about capitals nobody edited move less than with the preset's AdamW revision
+    (8 of 9 kept against 5; with the margin stop, ``lr=15, stop_rule="margin"``, 5 as well)."""
     from kne.cli import greedy
 
     model, tok = embedded

@@ -21,7 +21,7 @@ _CHOICES = {
     "aggregate": ("max", "mean"),
     "delta_init": ("zeros", "kaiming", "authors"),
     "backend": ("auto", "torch", "cpu", "triton", "cuda"),
-    "stop_rule": ("loss", "argmax", "min_prob"),
+    "stop_rule": ("loss", "argmax", "min_prob", "margin"),
     "loss_reduction": ("request", "token"),
     "keep_positions": ("all", "answer"),
     "optimizer": ("adamw", "ngd"),
@@ -99,8 +99,10 @@ class KNEConfig:
     the prediction after the answer (at its last token: what the model says next, given the new
     answer, stays the unedited model's, so the edit does not repeat its last token); both are read
     by the KL, so they need ``preserve_weight > 0``. ``stop_rule`` -- ``"loss"`` (the edit NLL below
-    ``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every
-    answer token's probability at least ``stop_prob``); ``delta_l2`` -- weight of the squared norm of
+    ``stop_loss``), ``"argmax"`` (every answer token is the argmax), ``"min_prob"`` (every
+    answer token's probability at least ``stop_prob``) or ``"margin"`` (every answer token's logit
+    at least ``stop_margin`` above every other token's: the argmax with a margin, ``log`` of the
+    ratio of its probability to the runner-up's); ``delta_l2`` -- weight of the squared norm of
     the weight change ``s * dW``. ``project`` -- keep the row delta in the null space of preserved
     keys (``kne.nullspace``, ``neuron_axis="out"`` only): the neighbours' keys and, with
     ``project_corpus``, the directions of a cached corpus key covariance whose eigenvalue is above
@@ -159,8 +161,11 @@ class KNEConfig:
     preserve_answer_end: bool = _f(False, "also keep what follows the answer: the prediction at the answer's "
                                           "last token (against repeating it)")
     stop_rule: str = _f("loss", "stop when the edit loss < stop_loss (loss), every answer token is the argmax "
-                                "(argmax), or has probability >= stop_prob (min_prob)")
+                                "(argmax), has probability >= stop_prob (min_prob), or a logit at least "
+                                "stop_margin above every other token's (margin)")
     stop_prob: float = _f(0.9, "answer-token probability of stop_rule min_prob")
+    stop_margin: float = _f(1.0, "stop_rule margin: how far (in logits, so log of a probability ratio) each answer "
+                                 "token must lead the runner-up")
     delta_l2: float = _f(0.0, "weight of the squared norm of the weight change s*dW")
     project: bool = _f(False, "keep the row delta off the preserved keys (null-space projection; rows only)")
     project_corpus: bool = _f(True, "with project: also the cached corpus key covariance (built on first use)")
@@ -227,6 +232,7 @@ class KNEConfig:
                  "covariance is full rank, so its null space is empty")
         _num(self, "preserve_weight", lo=0.0, fix="a non-negative weight (0 turns preservation off)")
         _num(self, "stop_prob", lo=0.0, lo_open=True, hi=1.0, fix="a probability in (0, 1]")
+        _num(self, "stop_margin", lo=0.0, fix="a non-negative logit margin such as 1.0 (0 is the argmax rule)")
         _num(self, "delta_l2", lo=0.0, fix="a non-negative weight (0 turns the penalty off)")
         _num(self, "project_threshold", lo=0.0, fix="a non-negative eigenvalue threshold such as 1e-2")
         _num(self, "keep_rtol", lo=0.0, fix="a non-negative relative singular-value cut such as 1e-5")
@@ -267,9 +273,11 @@ class KNEConfig:
           (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
           Local edits); ``optimizer="adamw", lr=0.1, steps=60`` gives the preset's second
           revision, and with ``preserve_weight=0, preserve_answer_end=False`` as well its first.
-          Needs the request's ``subject`` (else its neighbours come from elsewhere, with a
-          warning). On the embedded model "The capital of France is" -> "Rome" leaves 14 of 16
-          other capitals the model knows where they were (the second revision 5, FT-M none);
+          ``lr=15, stop_rule="margin", stop_margin=1`` trades some of what the edit keeps for
+          portability (README, Local edits: the margin stop). Needs the request's ``subject``
+          (else its neighbours come from elsewhere, with a warning). On the embedded model "The
+          capital of France is" -> "Rome" leaves 14 of 16 other capitals the model knows where
+          they were (the second revision 5, FT-M none);
           ``preset("local", preserve_others=4)`` also projects off four prompts that ask other
           subjects the edited relation (README, Local edits).
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat

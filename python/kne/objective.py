@@ -12,9 +12,10 @@
   module instance, when ``delta_l2 > 0`` (the caller computes it from its own delta).
 
 The stop test (``stop_rule``) reads the answer tokens only: ``"loss"`` (the NLL, so reduced, below
-``stop_loss``), ``"argmax"`` (every answer token is the argmax) or ``"min_prob"`` (every answer
-token's probability at least ``stop_prob``). Every part comes from the one forward the step takes
-anyway: none costs a pass.
+``stop_loss``), ``"argmax"`` (every answer token is the argmax), ``"min_prob"`` (every answer
+token's probability at least ``stop_prob``) or ``"margin"`` (every answer token's logit at least
+``stop_margin`` above the largest other logit at its position). Every part comes from the one
+forward the step takes anyway: none costs a pass.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from ._text import Batch, answer_logprobs, encode, per_sequence_mean
 from .preservation import Preservation, build_preservation
 
-__all__ = ["EditObjective", "edit_loss"]
+__all__ = ["EditObjective", "answer_margins", "edit_loss"]
 
 
 def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") -> torch.Tensor:
@@ -34,6 +35,15 @@ def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") ->
     request's answer tokens, then over requests (EasyEdit's FT-M loss); ``"token"`` -- the mean
     over every answer token of the batch (Hugging Face's loss, the authors' KNB trainer's)."""
     return _reduce(answer_logprobs(logits, batch), batch, reduction)
+
+
+def answer_margins(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per answer token (``[n]``): its logit minus the largest other logit at its position, in
+    float32 (``> 0``: it is the strict argmax; the log of its probability over the runner-up's).
+    ``logits`` full ``[B, T, V]`` or already the ``[n, V]`` logits at the answer positions."""
+    sel = (logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]).float()
+    idx = batch.targets[:, None]
+    return sel.gather(-1, idx).squeeze(-1) - sel.scatter(-1, idx, float("-inf")).amax(-1)
 
 
 def _reduce(lp: torch.Tensor, batch: Batch, reduction: str) -> torch.Tensor:
@@ -129,8 +139,10 @@ class EditObjective:
             done = nll < cfg.stop_loss
         elif cfg.stop_rule == "argmax":
             done = bool((answer.detach().argmax(-1) == b.targets).all())
-        else:  # "min_prob"
+        elif cfg.stop_rule == "min_prob":
             done = bool((lp.detach().exp() >= cfg.stop_prob).all())
+        else:  # "margin"
+            done = bool((answer_margins(answer.detach(), b) >= cfg.stop_margin).all())
         return loss, done
 
     def stats(self) -> dict:

@@ -11,8 +11,9 @@ on the projection (it keeps every neighbour), the argmax stop, and the KL at the
   with ``preserve_answer_end`` at the answer's last token: what follows the new answer).
   ``p_before`` is the unedited model's own prediction, so no labels are needed. Neighbours run in
   the same batch as the edit, through the same delta hooks.
-* **stopping and size** (``stop_rule``, ``stop_prob``, ``delta_l2``): stop as soon as the answer is
-  the argmax or has probability ``stop_prob`` rather than at a loss; an L2 penalty on the change.
+* **stopping and size** (``stop_rule``, ``stop_prob``, ``stop_margin``, ``delta_l2``): stop as soon
+  as the answer is the argmax, has probability ``stop_prob``, or leads every other token by
+  ``stop_margin`` logits, rather than at a loss (:mod:`kne.objective`); an L2 penalty on the change.
 * **null-space projection** (``project``, rows only): :mod:`kne.nullspace`.
 
 Neighbours (:func:`neighbour_prompts`): explicit ``preserve_prompts=``; otherwise the request's
