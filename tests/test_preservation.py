@@ -110,6 +110,22 @@ def test_fast_matches_reference_with_preservation(case, backend, tiny_model, tok
     assert_state_equal(fm, orig, "fast model after restore()")
 
 
+@pytest.mark.parametrize("rule, extra", [("margin", {"stop_margin": 0.05}), ("argmax", {})])
+def test_fast_and_reference_stop_at_the_same_step(rule, extra, tiny_model, tok, seed):
+    """The stop rules live in the objective both share: with the local preset's kind of edit (ngd,
+    projection, the KL at the answer's end) fast_edit and the reference stop at the same step, with
+    the same losses on the way."""
+    fm, rm, fast, ref, orig = _pair(tiny_model, tok, seed, "cpu", preserve_prompts=SHORT, steps=300, lr=5e-2,
+                                    percentile=50.0, optimizer="ngd", project=True, project_corpus=False,
+                                    preserve_weight=2.0, preserve_answer_end=True, stop_rule=rule, **extra)
+    assert fast.stats["stopped_early"] and ref.stats["stopped_early"], rule
+    assert fast.stats["steps"] == ref.stats["steps"]
+    for i, (a, b) in enumerate(zip(fast.stats["losses"], ref.stats["losses"])):
+        assert abs(a - b) <= TOL * abs(b), f"step {i}: fast loss {a} vs reference {b}"
+    fast.restore()
+    assert_state_equal(fm, orig, "fast model after restore()")
+
+
 def test_fast_matches_reference_with_corpus_projection(tiny_model, tok, seed, small_cache):
     stats = nullspace.build(tiny_model("llama", seed=seed % 10_000), tok, prompts=_corpus_prompts(), new_tokens=6,
                             progress=False)
