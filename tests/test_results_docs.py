@@ -9,6 +9,7 @@ README = (ROOT / "README.md").read_text()
 RESULTS = ROOT / "benchmarks" / "results"
 FILES = {"ZsRE-test-all.json": "ZsRE", "wiki_counterfact-train.json": "counterfact", "wiki_recent-train.json": "recent"}
 LABELS = {"kne (local)": "kne, `--preset local`", "ft-m": "FT-M",
+          "kne (local, --lr 15 --stop-rule margin)": "kne, `local` `--lr 15 --stop-rule margin`",
           "kne (local, revision 2)": "kne, `local`, revision 2",
           "kne (local, revision 2, --exclude-edge-layers 1)": "kne, `local` revision 2 `--exclude-edge-layers 1`",
           "kne (local, revision 2, --stop-rule min_prob --stop-prob 0.5 --delta-l2 0.003)":
@@ -28,7 +29,7 @@ def test_held_out_table_is_the_results_files():
             line = f"| {FILES[run['data']]}{suffix} | {LABELS[run['method']]} | {cells} |"
             assert line in README, f"README lacks the held-out row {line}"
             rows += 1
-    assert rows == 20
+    assert rows == 25
 
 
 def test_spillover_table_is_the_results_file():
@@ -38,6 +39,8 @@ def test_spillover_table_is_the_results_file():
         for m, v in r["methods"].items():
             if m == "ft-m":
                 label = "FT-M"
+            elif r.get("variant"):
+                label = f"`local` `{r['variant']}`"
             elif r.get("revision", 2) == 2:
                 label = "`local` revision 2" + (" `--exclude-edge-layers 1`" if r["overrides"] else "")
             else:
