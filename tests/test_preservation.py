@@ -296,7 +296,7 @@ def test_stop_rules(tiny_model, tok, seed):
     from kne._text import encode
 
     batch = encode(tok, [REQ["prompt"]], [REQ["target_new"]])
-    from kne.objective import answer_margins
+    from kne._text import answer_margins
 
     for rule, extra in (("argmax", {}), ("min_prob", {"stop_prob": 0.005}), ("loss", {"stop_loss": 5.2}),
                         ("margin", {"stop_margin": 0.05})):
@@ -332,7 +332,7 @@ def test_stop_rules(tiny_model, tok, seed):
 def test_answer_margins_against_a_sort():
     """``answer_margins``: the answer token's logit minus the best other, full or selected logits."""
     from kne._text import Batch
-    from kne.objective import answer_margins
+    from kne._text import answer_margins
 
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 5, 11, generator=g)

@@ -151,18 +151,33 @@ def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], *, add_spe
     return batch.to(device) if device is not None else batch
 
 
+def _at_answers(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The ``[n, V]`` logits that predict ``batch``'s answer tokens: from the model's full
+    ``[B, T, V]`` output, or ``logits`` itself when already selected (``kne._utils.answer_logits``)."""
+    return logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]
+
+
 def answer_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Float32 ``log P(answer token | prefix)`` for every answer token of ``batch`` (``[n]``).
 
     ``logits`` is the model's full ``[B, T, V]`` output, or already the ``[n, V]`` logits at the
     answer-predicting positions (``kne._utils.answer_logits``)."""
-    sel = (logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]).float()
+    sel = _at_answers(logits, batch).float()
     return torch.log_softmax(sel, dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
 
 
 def answer_predictions(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Argmax token at every answer position (``[n]``); ``logits`` full or already selected."""
-    return (logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]).argmax(-1)
+    return _at_answers(logits, batch).argmax(-1)
+
+
+def answer_margins(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per answer token (``[n]``): its logit minus the largest other logit at its position, in
+    float32 (``> 0``: it is the strict argmax; the log of its probability over the runner-up's);
+    ``logits`` full or already selected."""
+    sel = _at_answers(logits, batch).float()
+    idx = batch.targets[:, None]
+    return sel.gather(-1, idx).squeeze(-1) - sel.scatter(-1, idx, float("-inf")).amax(-1)
 
 
 def per_sequence_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:

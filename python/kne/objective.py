@@ -24,10 +24,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._text import Batch, answer_logprobs, encode, per_sequence_mean
+from ._text import Batch, answer_logprobs, answer_margins, answer_predictions, encode, per_sequence_mean
 from .preservation import Preservation, build_preservation
 
-__all__ = ["EditObjective", "answer_margins", "edit_loss"]
+__all__ = ["EditObjective", "edit_loss"]
 
 
 def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") -> torch.Tensor:
@@ -35,15 +35,6 @@ def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") ->
     request's answer tokens, then over requests (EasyEdit's FT-M loss); ``"token"`` -- the mean
     over every answer token of the batch (Hugging Face's loss, the authors' KNB trainer's)."""
     return _reduce(answer_logprobs(logits, batch), batch, reduction)
-
-
-def answer_margins(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Per answer token (``[n]``): its logit minus the largest other logit at its position, in
-    float32 (``> 0``: it is the strict argmax; the log of its probability over the runner-up's).
-    ``logits`` full ``[B, T, V]`` or already the ``[n, V]`` logits at the answer positions."""
-    sel = (logits if logits.dim() == 2 else logits[batch.rows, batch.cols - 1]).float()
-    idx = batch.targets[:, None]
-    return sel.gather(-1, idx).squeeze(-1) - sel.scatter(-1, idx, float("-inf")).amax(-1)
 
 
 def _reduce(lp: torch.Tensor, batch: Batch, reduction: str) -> torch.Tensor:
@@ -138,7 +129,7 @@ class EditObjective:
         if cfg.stop_rule == "loss":
             done = nll < cfg.stop_loss
         elif cfg.stop_rule == "argmax":
-            done = bool((answer.detach().argmax(-1) == b.targets).all())
+            done = bool((answer_predictions(answer.detach(), b) == b.targets).all())
         elif cfg.stop_rule == "min_prob":
             done = bool((lp.detach().exp() >= cfg.stop_prob).all())
         else:  # "margin"
