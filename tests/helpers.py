@@ -171,3 +171,27 @@ def rewrite_edit(src, dst, mutate=None, fmt: str = None):
                 meta["digest"] = {"sha256": "0" * 64}
     save_file(tensors, str(dst), metadata={"kne": json.dumps(meta)})
     return dst
+
+
+def cpu_fingerprint() -> str:
+    """The CPU as far as float rounding can tell: architecture, model name, torch's kernel
+    capability and a digest of the feature flags. The same code gives other last bits on another
+    CPU (MKL and torch pick their kernels by it), so bit-for-bit records are kept per fingerprint
+    (tests/data/golden_edits.json, tools/golden_edits.py)."""
+    import hashlib
+    import platform
+
+    name, flags = platform.processor() or "?", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("?", "", platform.machine()):
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{platform.machine()} | {name} | {torch.backends.cpu.get_cpu_capability()} | flags {digest}"
+

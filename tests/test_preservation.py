@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import kne_kernels
 from kne import nullspace, preservation
 from kne.requests import EditRequest
 
-from helpers import assert_state_equal, rel_err, snapshot, worst
+from helpers import assert_state_equal, cpu_fingerprint, rel_err, snapshot, worst
 
 TOL = 1e-4
 KERNEL_BACKENDS = ("cpu", "torch", "triton")
@@ -97,7 +96,9 @@ def test_fast_matches_reference_with_preservation(case, backend, tiny_model, tok
     fm, rm, fast, ref, orig = _pair(tiny_model, tok, seed, backend, **case)
     _check(fm, rm, fast, ref, orig)
     if case.get("preserve_weight"):
-        assert fast.stats["preserve_kl"] == pytest.approx(ref.stats["preserve_kl"], rel=1e-3, abs=1e-7)
+        # a KL near 0 (1e-5 nats) is a difference of near-equal log-probabilities: its rounding depends
+        # on the CPU the C++ kernels were built for (4e-7 seen on one machine), so 1e-6 nats absolute
+        assert fast.stats["preserve_kl"] == pytest.approx(ref.stats["preserve_kl"], rel=1e-3, abs=1e-6)
         assert fast.stats["neighbor_flips"] == ref.stats["neighbor_flips"]
         assert len(fast.stats["preserve_kls"]) == len(fast.stats["losses"])
         if case.get("project"):  # the projection keeps every neighbour; the KL holds none of them
@@ -155,15 +156,25 @@ def _state_hash(model) -> str:
     return h.hexdigest()
 
 
+def _golden_want(name):
+    """The record of ``name`` made on this CPU (``machines``, by :func:`helpers.cpu_fingerprint`),
+    else the first one (``cases``, the CPU it was made on not recorded)."""
+    g = _golden()
+    here = g.get("machines", {}).get(cpu_fingerprint())
+    return here["cases"][name] if here else g["cases"][name]
+
+
 def _golden_case(name, model, tok):
-    want = _golden()["cases"][name]
+    want = _golden_want(name)
     preset = name.split("/")[1]
     over = {"percentile": 80.0, "steps": 6} if name.startswith("tiny") else {}
     res = kne.fast_edit(model, tok, REQ, kne.KNEConfig.preset(preset, backend="cpu", **over))
-    assert [float(x).hex() for x in res.stats["losses"]] == want["losses"], name
-    assert res.stats["steps"] == want["steps"]
-    assert _state_hash(model) == want["state_sha256"], f"{name}: the edited weights differ from kne 0.2.0's"
-    res.restore()
+    try:
+        assert [float(x).hex() for x in res.stats["losses"]] == want["losses"], name
+        assert res.stats["steps"] == want["steps"]
+        assert _state_hash(model) == want["state_sha256"], f"{name}: the edited weights differ from kne 0.2.0's"
+    finally:  # the embedded model is shared by the session's tests: a failure here must not edit theirs
+        res.restore()
 
 
 def _same_torch():

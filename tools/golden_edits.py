@@ -7,6 +7,13 @@ one thread:
 
     PYTHONPATH=<checkout of 2ac9455>/python:<checkout> python tools/golden_edits.py
 
+The same code gives other last bits on another CPU (MKL and torch choose their kernels by it), so
+a CPU whose results differ is recorded beside the first one, under its fingerprint
+(``tests/helpers.py``'s ``cpu_fingerprint``; the tests compare with the record of their own CPU, else
+with the first):
+
+    PYTHONPATH=<checkout of 2ac9455>/python:<checkout> python tools/golden_edits.py --add-machine
+
 Cases: a tiny random Llama (tests/conftest.py's ``build_tiny_model``, seed 3, byte tokenizer) with
 each preset, and the embedded SmolLM2-135M with each preset on "The capital of France is" ->
 "Rome". Recorded per case: every loss (as float.hex), the step count, and a sha256 of the edited
@@ -17,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -70,18 +76,36 @@ def cases():
     return out, emb
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--add-machine", action="store_true",
+                   help="record this CPU's results under its fingerprint beside the existing ones")
+    a = p.parse_args(argv)
     torch.set_num_threads(1)
     import kne
 
     todo, emb = cases()
-    result = {"made_with": {"kne": kne.__version__, "torch": torch.__version__.split("+")[0]}, "cases": {}}
+    made_with = {"kne": kne.__version__, "torch": torch.__version__.split("+")[0]}
+    result = {"made_with": made_with, "cases": {}}
     for name, factory, tok, req, preset, over in todo:
         model = factory()
         result["cases"][name] = run(model, tok or emb["t"], req, preset, **over)
         print(name, result["cases"][name]["steps"], "steps")
     path = ROOT / "tests" / "data" / "golden_edits.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    if a.add_machine:
+        from helpers import cpu_fingerprint  # tests/ is on the path (cases())
+
+        doc = json.loads(path.read_text())
+        if doc["made_with"]["torch"] != made_with["torch"]:
+            raise SystemExit(f"the records were made with torch {doc['made_with']['torch']}, this is "
+                             f"{made_with['torch']}: install that torch first")
+        doc.setdefault("machines", {})[cpu_fingerprint()] = {"made_with": made_with, "cases": result["cases"]}
+        result = doc
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
     print("wrote", path)
     return 0
 
