@@ -85,8 +85,8 @@ class _Slot:
     base: torch.Tensor  # original rows/columns, weight dtype, where the weight lives (what restore() writes)
     base_dev: torch.Tensor  # the same on the module's compute device
     merged: torch.Tensor  # base + scale * delta in the weight dtype, kept current by the optimizer kernel
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
+    exp_avg: torch.Tensor  # AdamW's first moment, or ngd's momentum
+    exp_avg_sq: torch.Tensor  # AdamW's second moment (empty under ngd, which has none)
     local: torch.Tensor  # arange(K): the optimizer kernel writes all of ``merged``
     idx_dev: torch.Tensor  # idx on the compute device (the forward hook's index)
 
@@ -415,7 +415,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         base_dev = base.to(dev)
         slots.append(_Slot(site=site, idx=idx, scale=scale, delta=delta, base=base, base_dev=base_dev,
                            merged=merged_rows(base_dev, scale, delta).to(w.dtype), exp_avg=torch.zeros_like(delta),
-                           exp_avg_sq=torch.zeros_like(delta), local=torch.arange(idx.numel(), device=dev),
+                           exp_avg_sq=torch.zeros_like(delta) if cfg.optimizer == "adamw" else delta.new_empty(0),
+                           local=torch.arange(idx.numel(), device=dev),
                            idx_dev=idx.to(dev)))
     saved = [(s.site, dim, s.idx, s.base) for s in slots]
     deltas = [s.delta.requires_grad_(True) for s in slots]

@@ -185,7 +185,8 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             return out + e["s"] * (x @ (e["D"] * e["mask"]).t().to(x.dtype))
         return hook
 
-    opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([e["D"] for e in edits], lr=cfg.lr, weight_decay=cfg.weight_decay) \
+        if cfg.optimizer == "adamw" else None  # ngd steps the deltas itself (ngd_step)
     momenta = [torch.zeros_like(e["D"]) for e in edits] if cfg.optimizer == "ngd" else []  # dense: only when read
 
     def ngd_step() -> None:  # optimizer "ngd" on the dense deltas (zero gradient outside the mask)
@@ -229,7 +230,8 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             if it == cfg.steps:
                 stopped = bool(done)
                 break
-            opt.zero_grad()
+            for e in edits:
+                e["D"].grad = None
             loss.backward()
             if cfg.optimizer == "ngd":
                 with torch.no_grad():
