@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the curves as JSON here")
     p.add_argument("--quiet", action="store_true", help="no line per edit on stderr")
     a = p.parse_args(argv)
+    from kne._io import check_output, write_text_atomic
+
+    check_output(a.out, "--out")  # before the run, not after it
     import torch
 
     torch.set_num_threads(1)
@@ -67,9 +70,7 @@ def main(argv=None) -> int:
     for i in range(a.limit):
         print(f"{i + 1:5d} " + " ".join(f"{100 * out['curves'][m][i]['locality']:16.1f}" for m in a.method))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
     return 0
 
 

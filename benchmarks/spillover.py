@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no line per edit on stderr")
     a = p.parse_args(argv)
+    from kne._io import check_output, write_text_atomic
+
+    check_output(a.out, "--out")  # before the run, not after it
     import torch
 
     import kne
@@ -81,8 +84,7 @@ def main(argv=None) -> int:
         print(f"{m}: edit succ {100 * res['edit_succ']:.2f}  own locality {100 * res['own']:.2f}  "
               f"other subjects' locality {100 * res['others']:.2f}")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
         print(f"wrote {a.out}")
     return 0
 

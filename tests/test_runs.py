@@ -121,6 +121,44 @@ def _benchmark(name):
     return mod
 
 
+@pytest.mark.parametrize("name", ["sequential_curve", "spillover"])
+def test_benchmark_scripts_check_out_before_the_run(name, tmp_path, monkeypatch):
+    """A --out the run could not write is refused before the model loads, not after the run."""
+    mod = _benchmark(name)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(kne, "load_model", no_model)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        mod.main(["--data", "zsre", "--limit", "1", "--method", "kne", "--out", str(tmp_path / "no" / "x.json")])
+    with pytest.raises(IsADirectoryError, match="give a file name"):
+        mod.main(["--data", "zsre", "--limit", "1", "--method", "kne", "--out", str(tmp_path)])
+
+
+def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    """kne._io.write_text_atomic (kne eval --out/--table, the benchmark scripts): the file is
+    replaced whole; a write or rename that fails leaves the old contents and no temporary file."""
+    import os
+
+    from kne import _io
+
+    out = tmp_path / "r.json"
+    assert _io.write_text_atomic(out, "old\n") == out and out.read_text() == "old\n"
+    for target in ("os.replace", "pathlib.Path.write_text"):
+        def boom(*a, **k):
+            raise OSError("disk full")
+
+        with monkeypatch.context() as m:
+            m.setattr(target, boom)
+            with pytest.raises(OSError, match="disk full"):
+                _io.write_text_atomic(out, "new\n")
+        assert out.read_text() == "old\n", target
+        assert sorted(os.listdir(tmp_path)) == ["r.json"], target
+    _io.write_text_atomic(out, "new\n")
+    assert out.read_text() == "new\n" and sorted(os.listdir(tmp_path)) == ["r.json"]
+
+
 @pytest.mark.slow
 def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
     """benchmarks/sequential_curve.py: one row per edit and method, the metrics after that many

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._extras import MissingDependency
+from ._io import check_output as _check_output, write_text_atomic
 
 __all__ = ["main", "build_parser"]
 
@@ -64,24 +65,6 @@ def _check_device(device: str) -> None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s) here "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-
-
-def _check_output(path: Optional[str], flag: str, *, create: bool) -> None:
-    """An output path checked before any work: not a directory; its folder exists (or, with
-    ``create``, can be made: the nearest existing ancestor is a folder)."""
-    if not path:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"{flag} {path}: is a directory; give a file name, e.g. {p / 'out.json'}")
-    parent = probe = p.parent
-    if create:  # the missing folders are made when the file is written
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-    if not probe.exists():
-        raise FileNotFoundError(f"{flag} {path}: the folder {str(parent)!r} does not exist; create it first")
-    if not probe.is_dir():
-        raise NotADirectoryError(f"{flag} {path}: {str(probe)!r} is not a folder")
 
 
 def _check_args(args) -> None:
@@ -358,16 +341,8 @@ def cmd_eval(args) -> int:
 
 
 def _write_text(args, path: str, text: str) -> None:
-    """Write ``path`` whole or not at all (a temporary name, then renamed)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    args.wrote.append(str(p))
+    """Write ``path`` whole or not at all (:func:`kne._io.write_text_atomic`)."""
+    args.wrote.append(str(write_text_atomic(path, text)))
 
 
 def cmd_info(args) -> int:
