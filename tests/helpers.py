@@ -181,17 +181,17 @@ def cpu_fingerprint() -> str:
     import hashlib
     import platform
 
-    name, flags = platform.processor() or "?", ""
+    name, flags = "", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name in ("?", "", platform.machine()):
-                    name = value.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name" and not name:
+                    name = value
+                elif key in ("flags", "Features") and not flags:
                     flags = " ".join(sorted(value.split()))
     except OSError:
         pass
+    name = name or platform.processor() or "?"
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return f"{platform.machine()} | {name} | {torch.backends.cpu.get_cpu_capability()} | flags {digest}"
-
