@@ -29,7 +29,6 @@ out of GPU memory is reported as such and the benchmark goes on.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -388,7 +387,9 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     dev = rows[0]["device"] if rows else ""
     fig.suptitle(f"kne on {rows[0]['model'] if rows else ''} ({dev}, {rows[0]['dtype'] if rows else ''})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from kne._io import write_atomic
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))  # whole or not at all
     return True
 
 
@@ -450,12 +451,12 @@ def main(argv=None) -> int:
         rows = run(args)
     finally:
         sys.stdout = tee.stream
-    out.with_suffix(".txt").write_text("".join(tee.lines))
+    from kne._io import csv_text, write_text_atomic
+
+    # each file whole or not at all: an interrupted write leaves the last run's table as it was
+    write_text_atomic(out.with_suffix(".txt"), "".join(tee.lines))
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_text_atomic(out, csv_text(rows, keys))
     png = out.with_suffix(".png")
     drawn = not args.no_chart and plot(rows, png)
     print(f"wrote {out}, {out.with_suffix('.txt')}" + (f" and {png}" if drawn else

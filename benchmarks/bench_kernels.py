@@ -23,7 +23,6 @@ choice of kernel), for ``--backend`` (default ``cpu torch``), the backends alter
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import platform
@@ -367,11 +366,11 @@ def main(argv=None) -> int:
             rows = run(args)
     finally:
         sys.stdout = stdout
-    path.with_suffix(".txt").write_text("".join(lines))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from kne._io import csv_text, write_text_atomic
+
+    # each file whole or not at all: an interrupted write leaves the last run's table as it was
+    write_text_atomic(path.with_suffix(".txt"), "".join(lines))
+    write_text_atomic(path, csv_text(rows, list(rows[0])))
     print(f"wrote {path} and {path.with_suffix('.txt')}", file=sys.stderr)
     return 0
 

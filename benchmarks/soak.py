@@ -19,7 +19,6 @@ restore was not bit-exact.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 import resource
@@ -175,14 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "restore_seconds": round(restore_seconds, 3), "restore_bit_exact": not differ,
         "torch": torch.__version__, "kne": getattr(kne, "__version__", ""), "cpu": platform.processor() or platform.machine(),
     }
-    with open(args.out / "soak.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(args.out / "soak_summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary))
-        w.writeheader()
-        w.writerow(summary)
+    from kne._io import csv_text, write_text_atomic
+
+    # each file whole or not at all: an interrupted write leaves the last run's table as it was
+    write_text_atomic(args.out / "soak.csv", csv_text(rows, list(rows[0])))
+    write_text_atomic(args.out / "soak_summary.csv", csv_text([summary], list(summary)))
 
     print()
     print("| edits | failures | all finite | s/edit first / last decile | s/(step+1) first / last decile | "

@@ -7,6 +7,7 @@ current folder, and the GPU check's refusal on a machine without a GPU.
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import os
@@ -121,6 +122,10 @@ def test_kernel_benchmark_writes_to_the_current_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "kernels_cpu.csv").is_file() and (tmp_path / "kernels_cpu.txt").is_file()
     assert "neuron_attribution" in (tmp_path / "kernels_cpu.txt").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["kernels_cpu.csv", "kernels_cpu.txt"]  # no temporary file left
+    with open(tmp_path / "kernels_cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["op"] for r in rows), rows[:2]
     assert {p: p.stat().st_mtime_ns for p in results.iterdir()} == before, "the benchmark wrote into the repository"
 
 

@@ -159,6 +159,50 @@ def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     assert out.read_text() == "new\n" and sorted(os.listdir(tmp_path)) == ["r.json"]
 
 
+def test_write_atomic_keeps_the_old_file_when_the_writer_fails_midway(tmp_path):
+    """kne._io.write_atomic (the benchmarks' charts): a writer that fails after writing part of
+    the file leaves the old one and no temporary file; the temporary name keeps the suffix (savefig
+    reads the format from it)."""
+    import os
+
+    from kne import _io
+
+    out = tmp_path / "chart.png"
+    out.write_bytes(b"old")
+    seen = []
+
+    def half_then_fail(tmp):
+        seen.append(tmp)
+        tmp.write_bytes(b"ne")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _io.write_atomic(out, half_then_fail)
+    assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["chart.png"]
+    assert seen[0].parent == tmp_path and seen[0].suffix == ".png" and seen[0] != out
+    _io.write_atomic(out, lambda tmp: tmp.write_bytes(b"new"))
+    assert out.read_bytes() == b"new" and os.listdir(tmp_path) == ["chart.png"]
+
+
+def test_csv_text_is_what_a_csv_file_writer_writes(tmp_path):
+    """kne._io.csv_text (the benchmarks' tables): the same bytes as csv.DictWriter on a file opened
+    with newline="", quoting and missing cells included; a key outside the header is an error."""
+    import csv
+
+    from kne import _io
+
+    rows = [{"op": "a", "shape": "[2, 3]", "note": 'say "hi"'}, {"op": "b", "shape": "x,y"}]
+    fields = ["op", "shape", "note"]
+    with open(tmp_path / "ref.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    _io.write_text_atomic(tmp_path / "ours.csv", _io.csv_text(rows, fields))
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+    with pytest.raises(ValueError, match="not in fieldnames"):
+        _io.csv_text([{"op": "a", "other": 1}], ["op"])
+
+
 @pytest.mark.slow
 def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
     """benchmarks/sequential_curve.py: one row per edit and method, the metrics after that many

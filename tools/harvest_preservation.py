@@ -96,7 +96,9 @@ def main(argv=None) -> int:
                                         / "preservation.json"))
     a = p.parse_args(argv)
     data = harvest(Path(a.data_dir), a.first, a.templates, a.min_count, a.prompts, a.seed, a.subjects)
-    Path(a.out).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    from kne._io import write_text_atomic
+
+    write_text_atomic(a.out, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {a.out}: {len(data['templates'])} templates, {len(data['prompts'])} prompts, "
           f"{sum(len(v) for v in data['subjects'].values())} template subjects")
     return 0

@@ -73,6 +73,13 @@ BATCH = [{"prompt": "The capital of France is", "target_new": "Rome"},
          {"prompt": "Angela Merkel is a citizen of", "target_new": "the United Kingdom of Great Britain"}]
 
 
+def _write(path, text: str) -> None:
+    """``--out`` written whole or not at all (an interrupted run leaves the last file as it was)."""
+    from kne._io import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
 # ------------------------------------------------------------------------------------------- set-up
 def setup(repo: str, dest: str, commit: str) -> None:
     dest_p = Path(dest)
@@ -339,7 +346,7 @@ def cmd_compare(args) -> None:
                   f"{r['weights_bit_equal']} (max |diff| {r['max_abs_weight_diff']:.2e})  greedy equal "
                   f"{r['greedy_equal']}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1, default=str))
+        _write(args.out, json.dumps(rows, indent=1, default=str))
 
 
 def cmd_floor(args) -> None:
@@ -375,7 +382,7 @@ def cmd_floor(args) -> None:
             print(f"{axis:<3} {name:<6} max rel loss diff: theirs 1 vs 2 threads {r['theirs_1_vs_2_threads']:.2e}, "
                   f"kne vs theirs {r['kne_vs_theirs']:.2e}; losses {r['steps']}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        _write(args.out, json.dumps(rows, indent=1))
 
 
 def cmd_bench(args) -> None:
@@ -421,7 +428,7 @@ def cmd_bench(args) -> None:
               f"load {os.getloadavg()[0]:.1f})", flush=True)
     out["threads"] = torch.get_num_threads()
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        _write(args.out, json.dumps(out, indent=1))
 
 
 def _rss() -> int:
@@ -518,7 +525,7 @@ def cmd_memory(args) -> None:
               f"kne {out[axis]['counted']['kne_mb']:.1f} MB, theirs {out[axis]['counted']['theirs_mb']:.1f} MB",
               flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        _write(args.out, json.dumps(out, indent=1))
 
 
 def cmd_trace(args) -> None:
@@ -557,7 +564,7 @@ def cmd_trace(args) -> None:
                        "batch_size = requests, padding_side left; start = kne initial_delta(delta_init='authors', "
                        "seed 0)",
            "cases": cases}
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    _write(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

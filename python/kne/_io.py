@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["check_output", "write_text_atomic"]
+__all__ = ["check_output", "csv_text", "write_atomic", "write_text_atomic"]
 
 
 def check_output(path: Optional[str], flag: str, *, create: bool = False) -> None:
@@ -27,15 +29,32 @@ def check_output(path: Optional[str], flag: str, *, create: bool = False) -> Non
         raise NotADirectoryError(f"{flag} {path}: {str(probe)!r} is not a folder")
 
 
-def write_text_atomic(path, text: str) -> Path:
-    """Write ``path`` whole or not at all: a temporary name beside it, then renamed over it, so an
-    interrupted or failed write leaves the file as it was."""
+def write_atomic(path, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` writes a temporary file beside it (same
+    suffix, so a writer that reads the format from the name, like matplotlib's ``savefig``, sees
+    the right one), which is then renamed over ``path``; an interrupted or failed write leaves
+    ``path`` as it was and no temporary file."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, p)
     finally:
         if tmp.exists():
             tmp.unlink()
     return p
+
+
+def write_text_atomic(path, text: str, encoding: str = "utf-8") -> Path:
+    """``text`` written to ``path`` (UTF-8 unless told) whole or not at all (:func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+def csv_text(rows: Iterable[Mapping], fieldnames: Sequence[str]) -> str:
+    """``rows`` as CSV text with a header (``csv.DictWriter``; a key not in ``fieldnames`` is an
+    error, a missing one an empty cell), for :func:`write_text_atomic`."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
