@@ -121,7 +121,7 @@ def _benchmark(name):
     return mod
 
 
-@pytest.mark.parametrize("name", ["sequential_curve", "spillover"])
+@pytest.mark.parametrize("name", ["sequential_curve", "spillover", "relation_spillover"])
 def test_benchmark_scripts_check_out_before_the_run(name, tmp_path, monkeypatch):
     """A --out the run could not write is refused before the model loads, not after the run."""
     mod = _benchmark(name)
@@ -201,6 +201,75 @@ def test_csv_text_is_what_a_csv_file_writer_writes(tmp_path):
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
     with pytest.raises(ValueError, match="not in fieldnames"):
         _io.csv_text([{"op": "a", "other": 1}], ["op"])
+
+
+def test_relation_spillover_plan(monkeypatch):
+    """benchmarks/relation_spillover.py's plan: each edited record is asked of the other subjects
+    whose record shares its template (not its own subject, each once, those already answering the
+    new target left out, at most --others); a record that cannot be asked is listed with why."""
+    mod = _benchmark("relation_spillover")
+    R = kne.EditRequest
+    reqs = [R("The capital of France is", "Rome", subject="France"),
+            R("The capital of Spain is", "Madrid", subject="Spain"),
+            R("The capital of Italy is", "Rome", subject="Italy"),   # already answers Rome
+            R("The capital of Spain is", "Lisbon", subject="Spain"),  # Spain again: asked once
+            R("The capital of Peru is", "Lima", subject="Peru"),
+            R("Paris is a city", "yes", subject="Berlin"),          # subject not in its prompt
+            R("The mayor of Oslo is", "Ann", subject="Oslo"),        # a template no one else has
+            R("The capital of France is", "Bern", subject="France")]  # its own subject elsewhere
+    asked = []
+
+    def fake_answered(model, tok, prompts, target):
+        asked.append((list(prompts), target))
+        return [target == "Rome" and "Italy" in p for p in prompts]
+
+    monkeypatch.setattr(mod, "answered", fake_answered)
+    jobs, skipped = mod.plan(reqs, 0, 7, 2, None, None)
+    assert {s["index"]: s["why"] for s in skipped} == {5: "its subject is not once in its prompt",
+                                                       6: "no other record shares its template"}
+    by = {j["index"]: j for j in jobs}
+    assert sorted(by) == [0, 1, 2, 3, 4]
+    assert by[0]["template"] == "The capital of {} is"
+    assert by[0]["prompts"] == ["The capital of Spain is", "The capital of Peru is"] and by[0]["already"] == 1
+    assert by[1]["prompts"] == ["The capital of France is", "The capital of Italy is"]  # --others 2
+    assert all("France" not in p for p in by[0]["prompts"]) and all("Spain" not in p for p in by[3]["prompts"])
+    assert ["The capital of Spain is", "The capital of Italy is", "The capital of Peru is"] == asked[0][0]
+    monkeypatch.setattr(kne, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(kne.datasets, "knowedit", lambda name: reqs[5:7])
+    with pytest.raises(ValueError, match="none of records"):
+        mod.main(["--limit", "2", "--quiet"])
+
+
+@pytest.mark.slow
+def test_relation_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
+    """benchmarks/relation_spillover.py on two recent records: ``moved`` is what editing and asking
+    by hand gives, and the model is restored after every edit."""
+    import json
+
+    mod = _benchmark("relation_spillover")
+    model, tok = embedded
+    orig = snapshot(model)
+    monkeypatch.setattr(kne, "load_model", lambda *a, **k: (model, tok))
+    out = tmp_path / "rel.json"
+    assert mod.main(["--data", "recent", "--skip", "63", "--limit", "2", "--others", "4", "--method", "kne",
+                     "--out", str(out), "--quiet"]) == 0
+    assert_state_equal(model, orig)
+    res = json.loads(out.read_text())
+    reqs = kne.datasets.knowedit("recent")
+    asked = {a["index"]: a for a in res["asked"]}
+    assert set(asked) | {s["index"] for s in res["skipped"]} == {63, 64}
+    rows = res["methods"]["kne"]["rows"]
+    assert [r["index"] for r in rows] == sorted(asked) and rows
+    for row in rows:
+        r, a = reqs[row["index"]], asked[row["index"]]
+        assert 1 <= len(a["prompts"]) <= 4 and all(r.subject not in p for p in a["prompts"])
+        edit = kne.fast_edit(model, tok, [r], kne.KNEConfig.preset("local"))
+        ev = kne.evaluate(model, tok, [kne.EditRequest(p, r.target_new) for p in a["prompts"]]).records
+        edit.restore()
+        assert row["moved"] == pytest.approx(sum(x["rewrite_acc"] >= 1.0 for x in ev) / len(ev))
+        assert row["own"] is True
+    assert_state_equal(model, orig)
+    assert "other subjects moved to the new target" in capsys.readouterr().out
 
 
 @pytest.mark.slow
