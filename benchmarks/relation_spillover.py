@@ -14,7 +14,9 @@ accuracy of 1), then the model is restored.
 
 ``kne`` is ``fast_edit`` with ``--preset`` (default ``local``); ``ft-m`` is kne's FT-M baseline.
 A record whose subject is not once in its prompt, or whose template no other record shares, gets
-no row; each is listed under ``skipped`` with the reason. Embedded model, CPU, one thread.
+no row; each is listed under ``skipped`` with the reason. ``--split`` takes a ``kne eval --out`` file
+of the same records (both methods, independent) and splits their KnowEdit portability by whether
+FT-M's edit moved half or more of the other subjects. Embedded model, CPU, one thread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -106,6 +109,36 @@ def run(method, model, tok, reqs, jobs, cfg, progress):
             "rows": rows}
 
 
+def portability_split(rows_kne, rows_ftm, runs, data_file, kne_label, threshold=0.5):
+    """KnowEdit portability of the two methods (from a ``kne eval`` JSON's ``runs``) on the records
+    where FT-M's edit moved at least ``threshold`` of the other subjects, and on the rest."""
+    import statistics
+
+    def by_index(label):
+        for r in runs:
+            if r["method"] == label and r["data"] == data_file and r.get("protocol", "independent") == "independent":
+                out = {}
+                for rec in r["records"]:
+                    p = rec.get("portability")
+                    if p:
+                        out[rec["index"]] = statistics.mean(
+                            statistics.mean(v) if isinstance(v, list) else v for v in p.values())
+                return out
+        raise ValueError(f"no independent run of {label!r} on {data_file} in the --split file")
+
+    pk, pf = by_index(kne_label), by_index("ft-m")
+    moved = {r["index"]: r["moved"] for r in rows_ftm}
+    common = sorted(i for i in pk if i in pf and i in moved and i in {r["index"] for r in rows_kne})
+    out = {}
+    for name, keep in (("ftm_moved_at_least", lambda i: moved[i] >= threshold),
+                       ("ftm_moved_less", lambda i: moved[i] < threshold)):
+        idx = [i for i in common if keep(i)]
+        out[name] = {"records": idx, "kne": statistics.mean(pk[i] for i in idx) if idx else None,
+                     "ft-m": statistics.mean(pf[i] for i in idx) if idx else None}
+    out["threshold"] = threshold
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="recent", help="a shipped KnowEdit set: zsre, counterfact or recent (default recent)")
@@ -116,8 +149,18 @@ def main(argv=None) -> int:
     p.add_argument("--method", nargs="+", default=["kne", "ft-m"], choices=["kne", "ft-m"])
     p.add_argument("--preset", default="local", help="KNEConfig preset of the kne edits (default local)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--split", metavar="EVAL_JSON",
+                   help="a kne eval --out file with independent runs of the kne preset and ft-m on the same "
+                        "records: also split their portability by whether FT-M's edit moved half or more of the "
+                        "other subjects (needs both methods)")
+    p.add_argument("--split-label", default="kne (local)",
+                   help="the kne run's method label in the --split file (default 'kne (local)')")
     p.add_argument("--quiet", action="store_true", help="no line per edit on stderr")
     a = p.parse_args(argv)
+    if a.split and set(a.method) != {"kne", "ft-m"}:
+        p.error("--split needs --method kne ft-m")
+    if a.split and not Path(a.split).is_file():
+        p.error(f"--split {a.split}: no such file")
     if a.skip < 0 or a.limit < 1 or a.others < 1:
         p.error("--skip must be 0 or more, --limit and --others 1 or more")
     from kne._io import check_output, write_text_atomic
@@ -146,6 +189,16 @@ def main(argv=None) -> int:
         out["methods"][m] = res = run(m, model, tok, reqs, jobs, cfg, not a.quiet)
         print(f"{m}: {len(jobs)} edits, own {100 * res['own']:.1f}%, other subjects moved to the new target "
               f"{100 * res['moved']:.1f}%")
+    if a.split:
+        runs = json.loads(Path(a.split).read_text())["runs"]
+        data_file = kne.datasets.resolve_data(a.data).name.removesuffix(".gz")
+        out["split"] = sp = portability_split(out["methods"]["kne"]["rows"], out["methods"]["ft-m"]["rows"], runs,
+                                              data_file, a.split_label)
+        for name, what in (("ftm_moved_at_least", "half or more"), ("ftm_moved_less", "less than half")):
+            v = sp[name]
+            if v["records"]:
+                print(f"portability where FT-M moved {what} of the other subjects ({len(v['records'])} records): "
+                      f"kne {100 * v['kne']:.1f}, FT-M {100 * v['ft-m']:.1f}")
     if a.out:
         write_text_atomic(a.out, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {a.out}")

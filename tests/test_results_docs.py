@@ -1,4 +1,4 @@
-"""The README's held-out and spillover tables are the committed results files' numbers."""
+"""The README's held-out, spillover and relation spillover tables are the committed results files' numbers."""
 
 import json
 import re
@@ -66,3 +66,29 @@ def test_interval_table_is_kne_compare_on_the_results():
             r = rows[metric]
             want = f"{100 * r['diff']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
             assert cell.startswith(want), (a["data"], metric, cell, want)
+
+
+def test_relation_spillover_table_is_the_results_file():
+    runs = json.loads((RESULTS / "relation_spillover.json").read_text())["runs"]
+    names = {"zsre": "ZsRE", "counterfact": "counterfact", "recent": "recent"}
+    assert [r["data"] for r in runs] == ["zsre", "counterfact", "recent"]
+    for r in runs:
+        k, f = r["methods"]["kne"], r["methods"]["ft-m"]
+        d = r["moved_difference"]
+        lo, hi = d["bootstrap95"]
+        cell = f"{100 * d['kne_minus_ftm']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        if lo > 0 or hi < 0:  # bold: the interval leaves out 0
+            cell = f"**{cell}**"
+        line = (f"| {names[r['data']]} | {100 * k['own']:.1f} / {100 * k['moved']:.1f} | {100 * f['own']:.1f} / "
+                f"{100 * f['moved']:.1f} | {cell} |")
+        assert line in README, f"README lacks the relation spillover row {line}"
+        assert [x["index"] for x in k["rows"]] == [x["index"] for x in f["rows"]] == [a["index"] for a in r["asked"]]
+        sp = r["split"]
+        for half in ("ftm_moved_at_least", "ftm_moved_less"):
+            v = sp[half]
+            assert all((f_row["moved"] >= 0.5) == (half == "ftm_moved_at_least")
+                       for f_row in f["rows"] if f_row["index"] in v["records"])
+    cf = runs[1]["split"]
+    assert (len(cf["ftm_moved_at_least"]["records"]), len(cf["ftm_moved_less"]["records"])) == (17, 33)
+    assert f"{100 * cf['ftm_moved_at_least']['ft-m']:.1f} for FT-M against {100 * cf['ftm_moved_at_least']['kne']:.1f}" \
+        in " ".join(README.split())

@@ -240,6 +240,22 @@ def test_relation_spillover_plan(monkeypatch):
         mod.main(["--limit", "2", "--quiet"])
 
 
+def test_relation_spillover_portability_split():
+    """relation_spillover.py --split: each method's mean KnowEdit portability over the records where
+    FT-M moved at least half of the other subjects, and over the rest."""
+    mod = _benchmark("relation_spillover")
+    runs = [{"method": m, "data": "d.json", "protocol": "independent",
+             "records": [{"index": i, "portability": {"A": [p], "B": p}} for i, p in enumerate(ps)]}
+            for m, ps in (("kne (local)", [0.2, 0.4, 1.0]), ("ft-m", [0.6, 0.4, 0.0]), ("kne (tuned)", [9, 9, 9]))]
+    kne_rows = [{"index": i, "moved": 0.0} for i in range(3)]
+    ftm_rows = [{"index": 0, "moved": 0.9}, {"index": 1, "moved": 0.5}, {"index": 2, "moved": 0.1}]
+    sp = mod.portability_split(kne_rows, ftm_rows, runs, "d.json", "kne (local)")
+    assert sp["ftm_moved_at_least"] == {"records": [0, 1], "kne": pytest.approx(0.3), "ft-m": pytest.approx(0.5)}
+    assert sp["ftm_moved_less"] == {"records": [2], "kne": 1.0, "ft-m": 0.0}
+    with pytest.raises(ValueError, match="no independent run of 'kne' on d.json"):
+        mod.portability_split(kne_rows, ftm_rows, runs, "d.json", "kne")
+
+
 @pytest.mark.slow
 def test_relation_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
     """benchmarks/relation_spillover.py on two recent records: ``moved`` is what editing and asking
