@@ -49,8 +49,9 @@ def answered(model, tok, prompts, target):
     return [r["rewrite_acc"] >= 1.0 for r in ev.records]
 
 
-def plan(reqs, skip, limit, others, model, tok):
-    """The edited records with the other subjects each is asked of, and the records left out."""
+def plan(reqs, skip, limit, others, model, tok, progress=False):
+    """The edited records with the other subjects each is asked of, and the records left out
+    (``progress``: a line per record on stderr; this asks the unedited model of many subjects)."""
     by_template = {}
     for j, r in enumerate(reqs):
         t = template(r)
@@ -84,6 +85,9 @@ def plan(reqs, skip, limit, others, model, tok):
             continue
         jobs.append({"index": i, "template": t, "target_new": r.target_new, "prompts": prompts,
                      "already": n_answered})
+        if progress:
+            print(f"plan: record {i}: {len(prompts)} other subjects to ask ({n_answered} already answer "
+                  f"{r.target_new!r})", file=sys.stderr, flush=True)
     return jobs, skipped
 
 
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
     cfg = kne.KNEConfig.preset(a.preset)
     model, tok = kne.load_model()
     reqs = kne.datasets.knowedit(a.data)
-    jobs, skipped = plan(reqs, a.skip, a.limit, a.others, model, tok)
+    jobs, skipped = plan(reqs, a.skip, a.limit, a.others, model, tok, progress=not a.quiet)
     for s in skipped:
         print(f"record {s['index']}: no row ({s['why']})", file=sys.stderr)
     if not jobs:
