@@ -52,14 +52,14 @@ def answered(model, tok, prompts, target):
 def plan(reqs, skip, limit, others, model, tok, progress=False):
     """The edited records with the other subjects each is asked of, and the records left out
     (``progress``: a line per record on stderr; this asks the unedited model of many subjects)."""
+    templates = [template(r) for r in reqs]
     by_template = {}
-    for j, r in enumerate(reqs):
-        t = template(r)
+    for j, t in enumerate(templates):
         if t is not None:
             by_template.setdefault(t, []).append(j)
     jobs, skipped = [], []
     for i in range(skip, min(skip + limit, len(reqs))):
-        r, t = reqs[i], template(reqs[i])
+        r, t = reqs[i], templates[i]
         if t is None:
             skipped.append({"index": i, "why": "its subject is not once in its prompt"})
             continue
@@ -118,21 +118,19 @@ def portability_split(rows_kne, rows_ftm, runs, data_file, kne_label, threshold=
     where FT-M's edit moved at least ``threshold`` of the other subjects, and on the rest."""
     import statistics
 
+    from kne.evaluation import record_value
+
     def by_index(label):
         for r in runs:
             if r["method"] == label and r["data"] == data_file and r.get("protocol", "independent") == "independent":
-                out = {}
-                for rec in r["records"]:
-                    p = rec.get("portability")
-                    if p:
-                        out[rec["index"]] = statistics.mean(
-                            statistics.mean(v) if isinstance(v, list) else v for v in p.values())
-                return out
+                values = ((rec["index"], record_value(rec, "portability")) for rec in r["records"])
+                return {i: v for i, v in values if v is not None}
         raise ValueError(f"no independent run of {label!r} on {data_file} in the --split file")
 
     pk, pf = by_index(kne_label), by_index("ft-m")
     moved = {r["index"]: r["moved"] for r in rows_ftm}
-    common = sorted(i for i in pk if i in pf and i in moved and i in {r["index"] for r in rows_kne})
+    edited = {r["index"] for r in rows_kne}
+    common = sorted(i for i in pk if i in pf and i in moved and i in edited)
     out = {}
     for name, keep in (("ftm_moved_at_least", lambda i: moved[i] >= threshold),
                        ("ftm_moved_less", lambda i: moved[i] < threshold)):
@@ -188,7 +186,7 @@ def main(argv=None) -> int:
            "note": "each record edited alone; moved: the share of other subjects (its template filled with the "
                    "subjects of other records that share it, their unedited answer not the new target) that answer "
                    "the new target after the edit (every target token the argmax); own: the edit's own prompt",
-           "asked": [{k: v for k, v in j.items()} for j in jobs], "skipped": skipped, "methods": {}}
+           "asked": jobs, "skipped": skipped, "methods": {}}
     for m in a.method:
         out["methods"][m] = res = run(m, model, tok, reqs, jobs, cfg, not a.quiet)
         print(f"{m}: {len(jobs)} edits, own {100 * res['own']:.1f}%, other subjects moved to the new target "

@@ -245,7 +245,7 @@ def test_relation_spillover_portability_split():
     FT-M moved at least half of the other subjects, and over the rest."""
     mod = _benchmark("relation_spillover")
     runs = [{"method": m, "data": "d.json", "protocol": "independent",
-             "records": [{"index": i, "portability": {"A": [p], "B": p}} for i, p in enumerate(ps)]}
+             "records": [{"index": i, "portability": {"A": p, "B": p}} for i, p in enumerate(ps)]}
             for m, ps in (("kne (local)", [0.2, 0.4, 1.0]), ("ft-m", [0.6, 0.4, 0.0]), ("kne (tuned)", [9, 9, 9]))]
     kne_rows = [{"index": i, "moved": 0.0} for i in range(3)]
     ftm_rows = [{"index": 0, "moved": 0.9}, {"index": 1, "moved": 0.5}, {"index": 2, "moved": 0.1}]
