@@ -1,7 +1,7 @@
 // The one op registration of the C++ library: CPU kernels (always) and CUDA kernels (builds with
 // KNE_WITH_CUDA) for the schemas that kne_kernels/ops/<op module>.py define with torch.library.
 // Registering an implementation before Python defines the schema is allowed by the dispatcher.
-// Every op of the Python registry must be here: tests/kernels/test_registry.py checks the CPU
+// Every op of the Python registry must be here: tests/ops/test_registry.py checks the CPU
 // kernels, .ci/cuda_build.sh the CUDA ones.
 #include <torch/library.h>
 

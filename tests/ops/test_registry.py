@@ -48,7 +48,7 @@ def test_the_registry_is_the_op_modules():
                                          "nullspace_project_"])
     for mod in modules():
         for path in (f"kne_kernels/ops/{mod}.py", f"kne_kernels/triton/{mod}.py", f"csrc/cpu/{mod}.cpp",
-                     f"csrc/cuda/{mod}.cu", f"tests/kernels/test_{mod}.py"):
+                     f"csrc/cuda/{mod}.cu", f"tests/ops/test_{mod}.py"):
             assert (ROOT / path).is_file(), path
     for name, d in registry().items():
         assert name in [o.name for o in importlib.import_module(f"kne_kernels.ops.{d.module}").OPS]
@@ -223,7 +223,7 @@ def test_the_cxx_standard_is_named_once():
     std = re.search(r'^CXX_STANDARD = "c\+\+(\d+)"$', (ROOT / "setup.py").read_text(), re.M).group(1)
     assert re.search(rf"^set\(CMAKE_CXX_STANDARD {std}\)", (ROOT / "CMakeLists.txt").read_text(), re.M)
     assert not re.search(r"std=c\+\+\d", (ROOT / "setup.py").read_text()), "a second -std= in setup.py"
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "speed"))
     try:
         import cuda_static
     finally:
