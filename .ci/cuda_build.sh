@@ -51,7 +51,7 @@ if venv_ok; then
 else
   rm -rf "$VENV"
   "${PYTHON:-python3}" -m venv "$VENV"
-  "$PY" -m pip install -q "$TORCH_SPEC" numpy "setuptools>=70.1" wheel ninja
+  "$PY" -m pip install -q "$TORCH_SPEC" numpy "setuptools>=77" wheel ninja
   venv_ok || { echo "cuda_build: $VENV does not hold a CUDA $TORCH_SPEC after installing it" >&2; exit 1; }
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
@@ -102,6 +102,6 @@ EOF
 )
 
 step "ptxas: registers, spills, shared memory per kernel"
-"$PY" benchmarks/cuda_static.py --arch 80 90 --fail-on-spill
+"$PY" benchmarks/speed/cuda_static.py --arch 80 90 --fail-on-spill
 
 step "cuda_build: OK"

