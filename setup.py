@@ -12,9 +12,12 @@ Switches (environment):
                           misleads torch's own guess
 
 Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
-already installed (the ABI must match the torch that loads it).
+already installed (the ABI must match the torch that loads it). A wheel build (``pip wheel``,
+``pip install .``) writes nothing into the source tree: setuptools' ``build/`` and
+``kne.egg-info/`` go to a temporary folder, removed at the end.
 """
 
+import atexit
 import glob
 import json
 import os
@@ -22,20 +25,24 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The C++ standard of every translation unit, host and CUDA. CMakeLists.txt sets the same
-# (CMAKE_CXX_STANDARD) and benchmarks/cuda_static.py reads it from here; tests/kernels/test_registry.py
+# (CMAKE_CXX_STANDARD) and benchmarks/speed/cuda_static.py reads it from here; tests/ops/test_registry.py
 # checks that the three agree.
 CXX_STANDARD = "c++20"
-# Every package under python/ (kne and its subpackages) and kne_kernels/, found rather than listed:
-# a hand list once left kne.integrations out of the wheel (tests/test_packaging.py checks the list).
-PACKAGES = find_packages(os.path.join(ROOT, "python")) + find_packages(ROOT, include=["kne_kernels", "kne_kernels.*"])
+# Every package under python/ (kne, its subpackages, and its data folders kne.data and
+# kne.data.knowedit, which hold no module) and kne_kernels/, found rather than listed: a hand list once
+# left kne.integrations out of the wheel (tests/test_packaging.py checks the list).
+PACKAGES = (find_namespace_packages(os.path.join(ROOT, "python"), include=["kne", "kne.*"])
+            + find_packages(ROOT, include=["kne_kernels", "kne_kernels.*"]))
 PACKAGE_DIR = {"kne": "python/kne", "kne_kernels": "kne_kernels"}
 # The KnowEdit records (gzip, with their licence and citation) ship inside the kne package.
-PACKAGE_DATA = {"kne": ["data/*.json", "data/knowedit/*.json.gz", "data/knowedit/LICENSE", "data/knowedit/README.md"],
+PACKAGE_DATA = {"kne": ["data/*.json", "data/knowedit/*.json.gz", "data/knowedit/LICENSE", "data/knowedit/README.md",
+                        "data/hparams/KNE/*.yaml"],
                 "kne_kernels": ["_build_info.json"]}
 
 
@@ -68,7 +75,12 @@ def _ext_modules():
         home = _cuda_home_from_nvcc()
         if home:
             os.environ["CUDA_HOME"] = home
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("kne: the C++ extension builds against the torch already installed, and there is none: install "
+                 "torch first (CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu), then "
+                 "pip install --no-build-isolation . (or KNE_NO_EXT=1 pip install . to build no extension)")
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = _truthy("FORCE_CUDA") or (torch.version.cuda is not None and shutil.which("nvcc") is not None)
@@ -101,19 +113,32 @@ def _ext_modules():
     }
 
     class BuildExt(BuildExtension):
-        """Writes kne_kernels/_build_info.json (the facts the loader reports on a failed load)."""
+        """Writes kne_kernels/_build_info.json (the facts the loader reports on a failed load) beside
+        the library it built: into the source tree only for an in-place (editable) build."""
 
         def run(self):
+            print(f"kne: compiling kne_kernels._C ({len(sources)} files, MAX_JOBS={os.environ.get('MAX_JOBS', 'all')}; "
+                  "about 1.5 minutes on 2 cores)", file=sys.stderr, flush=True)
             super().run()
-            for path in {os.path.join(ROOT, "kne_kernels"),
-                         os.path.join(self.build_lib, "kne_kernels") if self.build_lib else None} - {None}:
-                if os.path.isdir(path):
-                    with open(os.path.join(path, "_build_info.json"), "w") as f:
-                        json.dump(info, f, indent=1)
+            in_place = self.inplace or getattr(self, "editable_mode", False)
+            path = os.path.join(ROOT if in_place else self.build_lib, "kne_kernels")
+            if os.path.isdir(path):
+                with open(os.path.join(path, "_build_info.json"), "w") as f:
+                    json.dump(info, f, indent=1)
 
     print(f"kne: building kne_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU'}) against torch {torch.__version__}",
           file=sys.stderr)
     return [ext], {"build_ext": BuildExt}
+
+
+def _out_of_tree_options():
+    """setuptools' build and egg-info folders in a temporary folder, unless the build is editable
+    (``pip install -e``: the library lands in the tree, and ninja reuses its objects under build/)."""
+    if {"develop", "editable_wheel"} & set(sys.argv) or "--inplace" in sys.argv:
+        return {}
+    tmp = tempfile.mkdtemp(prefix="kne-setup-")
+    atexit.register(shutil.rmtree, tmp, True)
+    return {"build": {"build_base": os.path.join(tmp, "build")}, "egg_info": {"egg_base": tmp}}
 
 
 ext_modules, cmdclass = _ext_modules()
@@ -124,4 +149,5 @@ setup(
     package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options=_out_of_tree_options(),
 )

@@ -63,7 +63,9 @@ def test_setup_ships_every_package_and_data_file():
     want = set()
     for top, src in (("kne", ROOT / "python" / "kne"), ("kne_kernels", ROOT / "kne_kernels")):
         for d in [src] + [p for p in src.rglob("*") if p.is_dir() and "__pycache__" not in p.parts]:
-            if any(d.glob("*.py")):
+            if top == "kne" and d.is_relative_to(src / "data"):  # data folders: packages without modules
+                want.add(".".join((top,) + d.relative_to(src).parts))
+            elif any(d.glob("*.py")):
                 assert (d / "__init__.py").is_file(), f"{d.relative_to(ROOT)} holds modules but no __init__.py: " \
                                                       "find_packages would leave it out of the wheel"
                 want.add(".".join((top,) + d.relative_to(src).parts))
@@ -116,7 +118,7 @@ print(len(done))
 def test_kernel_benchmark_writes_to_the_current_folder(tmp_path):
     results = ROOT / "benchmarks" / "results"
     before = {p: p.stat().st_mtime_ns for p in results.iterdir()}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--quick", "--no-huge",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed" / "bench_kernels.py"), "--quick", "--no-huge",
                            "--threads", "1", "--repeats", "1"], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,7 +134,7 @@ def test_kernel_benchmark_writes_to_the_current_folder(tmp_path):
 def test_gpu_check_without_a_gpu_fails_at_once_with_the_reason(tmp_path):
     if shutil.which("nvidia-smi"):
         pytest.skip("nvidia-smi is present: this machine may have a GPU, so the no-GPU refusal does not apply")
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu_check.sh")]).returncode == 0
     t = time.perf_counter()
     proc = subprocess.run(["make", "-s", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, OUT=str(tmp_path)))
@@ -142,3 +144,36 @@ def test_gpu_check_without_a_gpu_fails_at_once_with_the_reason(tmp_path):
     assert first.startswith("gpu-check: no GPU here"), first
     assert elapsed < 10, f"took {elapsed:.1f} s: it must fail before doing anything"
     assert not any(tmp_path.iterdir()), "it wrote results without a GPU"
+
+
+def test_a_build_without_torch_is_one_message_saying_what_to_run():
+    """setup.py compiles against the torch already installed: without one (pip's isolated build
+    environment has none) it says what to run, in one line, not a ModuleNotFoundError traceback."""
+    code = ("import runpy, sys\n"
+            "sys.modules['torch'] = None  # import torch raises ImportError, as where none is installed\n"
+            "sys.argv = ['setup.py', '--name']\n"
+            "runpy.run_path('setup.py', run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "KNE_NO_EXT"})
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith("kne: the C++ extension builds against the torch already installed, and there is "
+                               "none: install torch first"), lines[0]
+    assert "pip install --no-build-isolation ." in lines[0] and "KNE_NO_EXT=1" in lines[0]
+
+
+def test_a_wheel_build_writes_nothing_into_the_source_tree(tmp_path):
+    """pip wheel of a checkout leaves it as it was: setuptools' build/ and kne.egg-info/ go to a
+    temporary folder (the C++ build itself is checked by make wheel-check; here KNE_NO_EXT=1)."""
+    src = tmp_path / "src"  # the sources, without what a build or a checkout's tools leave beside them
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "__pycache__", "*.so",
+                                                             "*.egg-info", ".pytest_cache", ".hypothesis", ".benchmarks"))
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True,
+                         env=dict(os.environ, KNE_NO_EXT="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(list((tmp_path / "dist").glob("kne-*.whl"))) == 1
+    after = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    assert after == before, sorted(set(after) ^ set(before))
