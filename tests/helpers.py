@@ -9,6 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+import kne
+
+# The authors' setting: what the tests that pass their own lr, steps or percentile edit with (an edit
+# given no config takes the local preset, kne.config.DEFAULT_PRESET).
+AUTHORS = kne.KNEConfig.preset("authors")
+
 # numpy.percentile rounds float32 data as kne_kernels.percentile_linear does from numpy 2.4.1 on
 # (older releases can differ in the last bit; the compatibility job runs numpy 2.0.2, whose
 # Triton 3.6 interpreter needs numpy < 2.4).

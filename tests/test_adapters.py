@@ -13,7 +13,7 @@ from kne import adapters
 from kne.adapters import resolve_sites
 
 from conftest import HIDDEN, INTERMEDIATE, LAYERS
-from helpers import assert_state_equal, rel_err, requests, snapshot
+from helpers import AUTHORS, assert_state_equal, rel_err, requests, snapshot
 
 TYPES = kne.supported_model_types()
 EXPECTED_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gptj", "gpt_neox", "opt"}
@@ -129,7 +129,7 @@ def test_unsupported_model_type_lists_supported_types_and_register_architecture(
     with pytest.raises(ValueError, match="register_architecture"):
         kne.attribute(model, tok, {"prompt": "a b", "target_new": "c"})
     with pytest.raises(ValueError, match="register_architecture"):
-        kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"})
+        kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, AUTHORS)
 
 
 def test_model_without_config_is_unsupported():
@@ -190,7 +190,7 @@ def test_exclude_edge_layers_leaves_out_the_first_and_last(tiny_model, tok):
             resolve_sites(model, ["ffn_out"], given, edge)
     att = kne.attribute(model, tok, {"prompt": "a b", "target_new": "c"}, exclude_edge_layers=1)
     assert att.layers == tuple(range(1, LAYERS - 1))
-    res = kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, percentile=0.0, positive_only=False,
+    res = kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, AUTHORS, percentile=0.0, positive_only=False,
                         steps=1, exclude_edge_layers=1)
     try:
         (per,) = res.ensemble.indices.values()
@@ -266,7 +266,7 @@ def test_register_architecture_makes_a_custom_type_work(tok, seed):
             assert ref.scores[k].abs().max() > 0
             assert rel_err(fast.scores[k], ref.scores[k]) < 1e-4, k
         snap = snapshot(model)
-        res = kne.fast_edit(model, tok, reqs[0], percentile=50, dropout=0.0, steps=3, stop_loss=0.0, lr=0.05)
+        res = kne.fast_edit(model, tok, reqs[0], AUTHORS, percentile=50, dropout=0.0, steps=3, stop_loss=0.0, lr=0.05)
         assert res.stats["steps"] == 3 and len(res.ensemble) > 0
         assert res.stats["losses"][-1] < res.stats["losses"][0]
         res.restore()

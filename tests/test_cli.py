@@ -70,8 +70,10 @@ def test_eval_writes_results(embedded, tmp_path, capsys, method):
     rc = cli.main(["eval", "--data", "zsre", "--limit", str(limit), "--method", method,
                    "--out", str(out), "--no-progress"])
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "| data | method | protocol | n | Edit Succ." in text
+    assert (f"method {method} (preset local);" in captured.err) == (method != "ft-m"), captured.err
     res = json.loads(out.read_text())
     assert res["method"] == method and res["summary"]["n"] == limit and res["protocol"] == "independent"
     assert len(res["records"]) == limit
@@ -88,9 +90,10 @@ def test_edit_saves_a_loadable_model_and_an_edit_file(embedded, tmp_path, capsys
 
     save, edit = tmp_path / "edited", tmp_path / "france.safetensors"
     rc = cli.main(["edit", "--prompt", "The capital of France is", "--target", "Rome", "--subject", "France",
-                   "--stop-loss", "0.1", "--save-model", str(save), "--save", str(edit)])
+                   "--save-model", str(save), "--save", str(edit)])
     assert rc == 0
     out = capsys.readouterr().out
+    assert "\npreset  local\n" in out  # the default, said
     assert "success 100.00%" in out and "KB" in out
     meta = json.loads((save / "kne_edit.json").read_text())
     assert meta["request"]["subject"] == "France"

@@ -51,6 +51,7 @@ def test_model_folder_without_a_model(tmp_path, capsys):
 
 def test_model_folder_without_a_tokenizer(tmp_path, capsys, tiny_model):
     tiny_model("llama").save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # save_pretrained's own progress bar (transformers 5.25) is not the CLI's output
     rc = cli.main(EDIT + ["--model", str(tmp_path / "m")])
     _one_line(capsys, rc, 2, "holds a model but no tokenizer kne can load", "tokenizer.save_pretrained")
 
@@ -133,7 +134,7 @@ def test_eval_on_no_records_is_an_error(tmp_path, capsys, no_model):
     two = tmp_path / "two.json"
     two.write_text(json.dumps([{"prompt": "a b", "target_new": "c"}] * 2))
     rc = cli.main(["eval", "--data", str(two), "--skip", "5"])
-    _one_line(capsys, rc, 2, "two.json: no records to evaluate (it holds 2; --skip 5 leaves none)")
+    _one_line(capsys, rc, 2, "two.json: no records to evaluate (it holds 2; skipping 5 leaves none)")
     rc = cli.main(["eval", "--data", str(two), "--limit", "0"])
     _one_line(capsys, rc, 2, "--limit must be >= 1, got 0")
 
@@ -178,3 +179,59 @@ def test_errors_are_one_line_even_when_the_message_is_not(capsys, monkeypatch):
     monkeypatch.setattr(kne, "load_model", multi)
     rc = cli.main(EDIT)
     _one_line(capsys, rc, 2, "kne edit: error: first line second line")
+
+
+def test_an_unknown_model_name_fails_offline_at_once(capsys, no_model, monkeypatch):
+    import socket
+    import time
+
+    def no_network(*a, **k):
+        raise AssertionError("the network was asked")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    t = time.perf_counter()
+    rc = cli.main(EDIT + ["--model", "smollm2-13m"])
+    took = time.perf_counter() - t
+    _one_line(capsys, rc, 2, "kne edit: error: unknown model 'smollm2-13m': did you mean 'smollm2-135m'?",
+              "the embedded models are 'smollm2-135m'", "a hub id 'org/name'")
+    assert took < 1.0, took
+    rc = cli.main(["eval", "--data", "zsre", "--model", "llama-7b"])
+    _one_line(capsys, rc, 2, "unknown model 'llama-7b': the embedded models are 'smollm2-135m'")
+    with pytest.raises(ValueError, match="did you mean 'smollm2-135m'"):
+        kne.models.check_source("SmolLM2-135")
+
+
+def test_cli_warnings_are_one_line_in_the_command_lines_terms(tmp_path, capsys, tiny_model, tok):
+    """kne's warnings print as 'kne <command>: warning: ...' with the CLI's flags (--subject), not as
+    Python UserWarnings with a source line and Python's keyword arguments (subject=)."""
+    m = tmp_path / "m"
+    tiny_model("llama").save_pretrained(m)
+    tok.save_pretrained(m)
+    capsys.readouterr()
+    rc = cli.main(EDIT + ["--model", str(m), "--steps", "1", "--percentile", "90"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "preset  local with percentile=90.0, steps=1" in captured.out
+    warns = [ln for ln in captured.err.splitlines() if "warning" in ln.lower()]
+    assert len(warns) == 1, captured.err
+    assert warns[0].startswith("kne edit: warning: request 'The capital of France is' has no subject:"), warns[0]
+    assert warns[0].endswith("give --subject") and "subject=" not in warns[0] and "cli.py" not in captured.err
+
+
+def test_eval_warns_only_of_the_records_it_reads(tmp_path):
+    """The published files' answerless probes are named only for the records --skip/--limit select."""
+    recs = [{"prompt": f"p{i} is", "target_new": "x",
+             "locality": {"L": [{"prompt": "q is", "ground_truth": "" if i in (1, 4) else "y"}]}} for i in range(6)]
+    f = tmp_path / "recs.json"
+    f.write_text(json.dumps(recs))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert len(kne.load_knowedit(f, limit=1)) == 1
+        assert [r.prompt for r in kne.load_knowedit(f, skip=2, limit=2)] == ["p2 is", "p3 is"]
+    assert not w, [str(x.message) for x in w]
+    with pytest.warns(kne._warn.KNEWarning, match=r"recs.json: 1 probe\(s\) without any answer were left out: "
+                                                   r"record 4 locality"):
+        assert len(kne.load_knowedit(f, skip=3)) == 3

@@ -17,7 +17,7 @@ from kne import KNEConfig
 from kne.requests import first_alias
 
 from conftest import LAYERS
-from helpers import assert_state_equal, snapshot
+from helpers import AUTHORS, assert_state_equal, snapshot
 
 # The shipped KnowEdit files: records and the sha256 of the published JSON (kne/data/knowedit/README.md).
 KNOWEDIT_COUNTS = {"zsre": 1304, "counterfact": 1428, "recent": 570}
@@ -176,7 +176,7 @@ def test_named_backend_that_is_not_live_raises_everywhere(tiny_model, tok, monke
         snap = snapshot(model)
         msg = r"backend 'cpu' cannot run cpu tensors here: pretend it is not built"
         with pytest.raises(RuntimeError, match=msg):
-            kne.fast_edit(model, tok, req, backend="cpu", steps=1)
+            kne.fast_edit(model, tok, req, AUTHORS, backend="cpu", steps=1)
         w = torch.randn(4, 3)
         with pytest.raises(RuntimeError, match=msg):
             kne_kernels.weight_attribution(w, w, backend="cpu")
@@ -208,7 +208,7 @@ def test_unknown_override_names_raise(tiny_model, tok):
     # invalid values through the API's keyword overrides too
     snap = snapshot(model)
     with pytest.raises(ValueError, match="KNEConfig.percentile"):
-        kne.fast_edit(model, tok, req, percentile=100)
+        kne.fast_edit(model, tok, req, AUTHORS, percentile=100)
     with pytest.raises(ValueError, match="KNEConfig.neuron_axis"):
         kne.attribute(model, tok, req, neuron_axis="rows")
     with pytest.raises(ValueError, match="config must be"):
@@ -263,7 +263,7 @@ def test_edit_request_from_dict_and_api_validation(tiny_model, tok):
     with pytest.raises(ValueError, match="requests must be"):
         kne.attribute(model, tok, "The capital of France is Rome")
     with pytest.raises(ValueError, match="EditRequest.target_new"):
-        kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": " "})
+        kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": " "}, AUTHORS)
 
 
 def test_knowedit_dict_conversion_takes_first_aliases():
@@ -552,7 +552,7 @@ def test_ensemble_index_beyond_the_module_raises_when_used(tiny_model, tok, axis
     req = {"prompt": "The capital of France is", "target_new": "Rome"}
     for edit in (kne.fast_edit, kne.reference.edit):
         with pytest.raises(ValueError, match="out of range"):
-            edit(model, tok, req, ensemble=ens, steps=2)
+            edit(model, tok, req, AUTHORS, ensemble=ens, steps=2)
         assert_state_equal(model, snap)
     assert all(not m._forward_hooks for m in model.modules())
 
@@ -568,10 +568,10 @@ def test_locate_result_round_trips_and_reedits_identically(tiny_model, tok, tmp_
     back = kne.Ensemble.load(ens.save(tmp_path / "e.json"))
     assert back.thresholds == ens.thresholds
     kw = dict(steps=3, dropout=0.0, stop_loss=0.0)
-    a = kne.fast_edit(model, tok, reqs[0], ensemble=ens, **kw)
+    a = kne.fast_edit(model, tok, reqs[0], AUTHORS, ensemble=ens, **kw)
     wa = snapshot(model)
     a.restore()
-    b = kne.fast_edit(model, tok, reqs[0], ensemble=back, **kw)
+    b = kne.fast_edit(model, tok, reqs[0], AUTHORS, ensemble=back, **kw)
     assert a.stats["losses"] == b.stats["losses"]
     assert_state_equal(model, wa)
     assert math.isclose(a.stats["target_param_fraction"], b.stats["target_param_fraction"])
@@ -596,12 +596,48 @@ def test_presets():
         kne.KNEConfig.preset("tuned", dropout=2.0)
 
 
-def test_every_config_field_is_in_the_readme_settings_table():
-    """The README's Settings table names every KNEConfig field (docs that match the code)."""
+def test_every_config_field_is_in_the_usage_settings_table():
+    """docs/usage.md's Settings table (rendered from KNEConfig) names every field (docs that match the code)."""
     import dataclasses
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    table = readme.split("### Settings (`kne.KNEConfig`)")[1].split("\n\n")[1]
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
+    table = usage.split("<!-- table: settings -->")[1].split("<!-- /table -->")[0]
     missing = [f.name for f in dataclasses.fields(KNEConfig) if f"`{f.name}`" not in table]
-    assert not missing, f"README Settings lacks {missing}"
+    assert not missing, f"docs/usage.md Settings lacks {missing}"
+
+
+def test_describe_names_the_preset_and_what_differs():
+    from kne.config import describe
+
+    assert describe(kne.KNEConfig.preset("local")) == "local"
+    assert describe(kne.KNEConfig()) == "authors"
+    assert describe(kne.KNEConfig.preset("tuned")) == "tuned"
+    assert describe(kne.KNEConfig.preset("knb")) == "knb"
+    assert describe(kne.KNEConfig.preset("local", lr=15.0, stop_rule="margin")) == \
+        "local with lr=15.0, stop_rule='margin'"
+    assert describe(kne.KNEConfig(steps=5)) == "authors with steps=5"
+
+
+@pytest.mark.parametrize("edit", ["fast_edit", "reference.edit"])
+def test_an_edit_given_no_config_uses_the_local_preset(tiny_model, tok, edit):
+    """kne.config.DEFAULT_PRESET: an edit with no config is a local edit (rows projected off the
+    subject's neighbours, ngd, the argmax stop); overrides apply on top of it."""
+    assert kne.config.DEFAULT_PRESET == "local"
+    fn = kne.fast_edit if edit == "fast_edit" else kne.reference.edit
+    model = tiny_model("llama")
+    snap = snapshot(model)
+    req = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France"}
+    res = fn(model, tok, req, steps=3, percentile=90.0)
+    try:
+        assert res.config == kne.KNEConfig.preset("local", steps=3, percentile=90.0)
+        assert res.stats["preset"] == "local with percentile=90.0, steps=3"
+        assert "neighbours" in res.stats  # the local preset's neighbour prompts were kept
+    finally:
+        res.restore()
+    assert_state_equal(model, snap)
+    res = fn(model, tok, req, kne.KNEConfig.preset("authors"), steps=2, percentile=90.0)
+    try:
+        assert res.config.optimizer == "adamw" and res.stats["preset"] == "authors with percentile=90.0, steps=2"
+    finally:
+        res.restore()

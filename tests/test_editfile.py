@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kne
-from helpers import assert_state_bits, assert_state_equal, rewrite_edit, snapshot
+from helpers import AUTHORS, assert_state_bits, assert_state_equal, rewrite_edit, snapshot
 
 REQ = {"prompt": "The capital of France is", "target_new": "Rome"}
 
@@ -17,7 +17,7 @@ REQ = {"prompt": "The capital of France is", "target_new": "Rome"}
 def test_save_apply_revert_round_trip_bit_exact(model_type, axis, tiny_model, tok, tmp_path):
     model = tiny_model(model_type)
     orig = snapshot(model)
-    res = kne.fast_edit(model, tok, REQ, neuron_axis=axis, percentile=90.0, steps=4, lr=5e-2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, neuron_axis=axis, percentile=90.0, steps=4, lr=5e-2)
     edited = snapshot(model)
     path = res.save(tmp_path / "edit.safetensors")
     meta, tensors = kne.read_edit(path)
@@ -40,7 +40,7 @@ def test_save_apply_revert_round_trip_bit_exact(model_type, axis, tiny_model, to
 
 def test_refuses_another_model_and_changed_rows(tiny_model, tok, tmp_path):
     model = tiny_model("llama")
-    res = kne.fast_edit(model, tok, REQ, percentile=90.0, steps=3, lr=5e-2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, percentile=90.0, steps=3, lr=5e-2)
     path = res.save(tmp_path / "e.safetensors")
     res.restore()
     other = tiny_model("gpt2")
@@ -60,7 +60,7 @@ def test_refuses_another_model_and_changed_rows(tiny_model, tok, tmp_path):
 
 def test_save_after_restore_and_bad_files(tiny_model, tok, tmp_path):
     model = tiny_model("llama")
-    res = kne.fast_edit(model, tok, REQ, percentile=90.0, steps=2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, percentile=90.0, steps=2)
     res.restore()
     with pytest.raises(ValueError, match="was restored"):
         res.save(tmp_path / "x.safetensors")
@@ -77,7 +77,7 @@ def test_save_after_restore_and_bad_files(tiny_model, tok, tmp_path):
 def test_embedded_model_edit_file_is_small(embedded, tmp_path):
     model, tok = embedded
     snap = snapshot(model)
-    res = kne.fast_edit(model, tok, REQ, stop_loss=0.1)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, stop_loss=0.1)
     path = res.save(tmp_path / "france.safetensors")
     edited = {k: v.clone() for k, v in model.state_dict().items() if not torch.equal(v, snap[k])}
     res.restore()
@@ -102,7 +102,7 @@ def saved(tiny_model, tok, tmp_path):
     least three sites, saved and restored."""
     model = tiny_model("llama")
     orig = snapshot(model)
-    res = kne.fast_edit(model, tok, REQ, target_modules=("ffn_in", "ffn_out"), percentile=90.0, steps=3, lr=5e-2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, target_modules=("ffn_in", "ffn_out"), percentile=90.0, steps=3, lr=5e-2)
     assert len(res._saved) >= 3, "the fixture needs several sites"
     edited = snapshot(model)
     path = res.save(tmp_path / "edit.safetensors")
@@ -314,7 +314,7 @@ def test_directory_path_says_it_is_a_directory(saved, tmp_path):
 
 def test_save_to_a_directory_path_says_so(tiny_model, tok, tmp_path):
     model = tiny_model("llama")
-    res = kne.fast_edit(model, tok, REQ, percentile=90.0, steps=2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, percentile=90.0, steps=2)
     with pytest.raises(IsADirectoryError, match="is a directory: give the edit file a name"):
         res.save(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [], "no temporary file left behind"
@@ -372,7 +372,7 @@ def test_apply_and_revert_reach_offloaded_weights(tiny_model, tok, tmp_path):
     from test_offload import dispatch, logits
 
     plain = tiny_model("llama")
-    res = kne.fast_edit(plain, tok, REQ, percentile=90.0, steps=3, lr=5e-2)
+    res = kne.fast_edit(plain, tok, REQ, AUTHORS, percentile=90.0, steps=3, lr=5e-2)
     path = res.save(tmp_path / "e.safetensors")
     edited_logits = logits(plain, tok)
     res.restore()

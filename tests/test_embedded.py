@@ -6,6 +6,7 @@ import torch
 
 import kne
 from kne.cli import DEMO_PARAPHRASE, DEMO_PROMPT, DEMO_TARGET, greedy
+from helpers import AUTHORS
 
 UNRELATED = ("The capital of Japan is", "The chemical symbol for gold is")
 
@@ -40,7 +41,7 @@ def test_demo_fact_with_the_authors_settings_at_loss_0_1_keeps_unrelated_answers
     req = kne.EditRequest(prompt=DEMO_PROMPT, target_new=DEMO_TARGET, rephrase_prompt=DEMO_PARAPHRASE,
                           locality={"Unrelated": [{"prompt": u, "ground_truth": before[u]} for u in UNRELATED]})
     pre = kne.evaluate(model, tok, [req])
-    res = kne.fast_edit(model, tok, [req], stop_loss=0.1)  # the authors' settings, stopped at loss 0.1
+    res = kne.fast_edit(model, tok, [req], AUTHORS, stop_loss=0.1)  # the authors' settings, stopped at loss 0.1
     try:
         post = kne.evaluate(model, tok, [req], pre=pre).summary()
         assert post["edit_succ"] == 1.0
@@ -66,7 +67,7 @@ def test_three_knowedit_records_edit_with_success(embedded, name):
     snap = snapshot(model)
     for req in kne.datasets.knowedit(name, limit=3):
         pre = kne.evaluate(model, tok, [req])
-        res = kne.fast_edit(model, tok, [req])
+        res = kne.fast_edit(model, tok, [req], AUTHORS)
         try:
             s = kne.evaluate(model, tok, [req], pre=pre).summary()
             assert s["edit_succ"] == 1.0, (req.prompt, req.target_new, res.stats["losses"][-3:])
@@ -88,7 +89,7 @@ def test_dataset_level_ensemble_sequential_edits(embedded, tmp_path):
     results = []
     try:
         for r in reqs[:2]:
-            results.append(kne.fast_edit(model, tok, [r], ensemble=ens2))
+            results.append(kne.fast_edit(model, tok, [r], AUTHORS, ensemble=ens2))
             assert results[-1].stats["locate_seconds"] == 0.0
         s = kne.evaluate(model, tok, reqs[:2]).summary()
         assert s["edit_succ"] >= 0.5
@@ -114,7 +115,7 @@ def test_non_finite_loss_restores_model(embedded, monkeypatch):
 
     monkeypatch.setattr(kne.objective.EditObjective, "__call__", poisoned)
     with pytest.raises(kne.EditError, match="nan"):
-        res = kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, stop_loss=0.0)
+        res = kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, AUTHORS, stop_loss=0.0)
         res.restore()  # only reached when the test fails: keep the shared model clean
     assert calls["n"] == 3
     assert_same(model, snap)
@@ -131,7 +132,7 @@ def test_interrupted_edit_restores_model(embedded):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        res = kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, on_step=interrupt)
+        res = kne.fast_edit(model, tok, {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}, AUTHORS, on_step=interrupt)
         res.restore()  # only reached when the test fails: keep the shared model clean
     assert_same(model, snap)
     assert all(not m._forward_hooks for m in model.modules())
@@ -161,10 +162,10 @@ def test_fast_and_reference_agree_on_embedded_model(embedded):
     snap = snapshot(model)
     req = {"prompt": DEMO_PROMPT, "target_new": DEMO_TARGET}
     kw = dict(dropout=0.0, steps=4, stop_loss=0.0)
-    a = kne.fast_edit(model, tok, req, **kw)
+    a = kne.fast_edit(model, tok, req, AUTHORS, **kw)
     wa = model.model.layers[5].mlp.down_proj.weight.detach().clone()
     a.restore()
-    b = kne.reference.edit(model, tok, req, ensemble=a.ensemble, **kw)
+    b = kne.reference.edit(model, tok, req, AUTHORS, ensemble=a.ensemble, **kw)
     wb = model.model.layers[5].mlp.down_proj.weight.detach().clone()
     b.restore()
     assert_same(model, snap)

@@ -17,7 +17,7 @@ import kne_kernels
 from kne import adapters
 
 from conftest import LAYERS
-from helpers import assert_state_equal, grad_flags, rel_err, requests, snapshot, worst
+from helpers import AUTHORS, assert_state_equal, grad_flags, rel_err, requests, snapshot, worst
 
 TYPES = kne.supported_model_types()
 TOL = 1e-4
@@ -240,12 +240,12 @@ def test_fast_edit_matches_reference_edit(model_type, neuron_axis, delta_init, w
     req = requests(gen, 1)
     kw = dict(EDIT_KW, neuron_axis=neuron_axis, delta_init=delta_init, weight_decay=weight_decay,
               target_modules=("ffn_out", "ffn_in"))
-    fast_res = kne.fast_edit(fast_model, tok, req, **kw)
-    ref_res = kne.reference.edit(ref_model, tok, req, **kw)
+    fast_res = kne.fast_edit(fast_model, tok, req, AUTHORS, **kw)
+    ref_res = kne.reference.edit(ref_model, tok, req, AUTHORS, **kw)
     assert fast_res.stats["neurons"] == ref_res.stats["neurons"] == len(fast_res.ensemble) > 0
     assert fast_res.stats["params_edited"] == ref_res.stats["params_edited"] > 0
     if delta_init == "kaiming":  # the noise perturbs the model before the first step
-        zero = kne.reference.edit(probe, tok, req, ensemble=ref_res.ensemble, **dict(kw, delta_init="zeros", steps=0))
+        zero = kne.reference.edit(probe, tok, req, AUTHORS, ensemble=ref_res.ensemble, **dict(kw, delta_init="zeros", steps=0))
         assert abs(zero.stats["losses"][0] - ref_res.stats["losses"][0]) > 1e-6
     _check_edit_pair(fast_model, ref_model, fast_res, ref_res, orig)
     fast_res.restore()
@@ -265,8 +265,8 @@ def test_float64_model_edits_like_the_reference(neuron_axis, tiny_model, tok, se
     orig = snapshot(fast_model)
     req = requests(gen, 1)
     kw = dict(EDIT_KW, neuron_axis=neuron_axis)
-    fast_res = kne.fast_edit(fast_model, tok, req, **kw)
-    ref_res = kne.reference.edit(ref_model, tok, req, **kw)
+    fast_res = kne.fast_edit(fast_model, tok, req, AUTHORS, **kw)
+    ref_res = kne.reference.edit(ref_model, tok, req, AUTHORS, **kw)
     _check_edit_pair(fast_model, ref_model, fast_res, ref_res, orig)
     fast_res.restore()
     assert_state_equal(fast_model, orig, "float64 model after restore()")
@@ -279,8 +279,8 @@ def test_multi_request_edit_matches_reference(model_type, tiny_model, tok, seed,
     orig = snapshot(fast_model)
     reqs = requests(gen, 3)
     kw = dict(EDIT_KW, neuron_axis="in" if model_type == "gpt2" else "out", aggregate="mean", percentile=70.0)
-    fast_res = kne.fast_edit(fast_model, tok, reqs, **kw)
-    ref_res = kne.reference.edit(ref_model, tok, reqs, **kw)
+    fast_res = kne.fast_edit(fast_model, tok, reqs, AUTHORS, **kw)
+    ref_res = kne.reference.edit(ref_model, tok, reqs, AUTHORS, **kw)
     _check_edit_pair(fast_model, ref_model, fast_res, ref_res, orig)
     # step 0 (zero delta): the padded batch's loss is the mean of each request's own loss
     from kne._text import answer_logprobs, encode
@@ -332,14 +332,14 @@ def test_edit_with_given_ensemble_sequential_and_reverse_restore(model_type, neu
     assert len(ens) > 0
     # the edit's own config says "out", 99: the given ensemble (axis, neurons) wins
     kw = dict(EDIT_KW, neuron_axis="out", percentile=99.0)
-    f1 = kne.fast_edit(fast_model, tok, reqs[0], ensemble=ens, **kw)
-    r1 = kne.reference.edit(ref_model, tok, reqs[0], ensemble=ens, **kw)
+    f1 = kne.fast_edit(fast_model, tok, reqs[0], AUTHORS, ensemble=ens, **kw)
+    r1 = kne.reference.edit(ref_model, tok, reqs[0], AUTHORS, ensemble=ens, **kw)
     assert f1.stats["locate_seconds"] == 0.0
     assert f1.ensemble is ens and f1.stats["neurons"] == len(ens)
     _check_edit_pair(fast_model, ref_model, f1, r1, orig)
     after1_fast, after1_ref = snapshot(fast_model), snapshot(ref_model)
-    f2 = kne.fast_edit(fast_model, tok, reqs[1], ensemble=ens, **kw)
-    r2 = kne.reference.edit(ref_model, tok, reqs[1], ensemble=ens, **kw)
+    f2 = kne.fast_edit(fast_model, tok, reqs[1], AUTHORS, ensemble=ens, **kw)
+    r2 = kne.reference.edit(ref_model, tok, reqs[1], AUTHORS, ensemble=ens, **kw)
     _check_edit_pair(fast_model, ref_model, f2, r2, after1_fast, after1_ref)
     assert not torch.equal(torch.cat([v.reshape(-1) for v in snapshot(fast_model).values()]),
                            torch.cat([v.reshape(-1) for v in after1_fast.values()]))
@@ -371,8 +371,8 @@ def test_no_grads_left_and_requires_grad_flags_restored(model_type, tiny_model, 
         lambda: kne.attribute(model, tok, reqs, ig_steps=2, ig_path="joint", neuron_axis="in"),
         lambda: kne.reference.attribute(model, tok, reqs, ig_steps=2),
         lambda: kne.locate(model, tok, reqs, percentile=80.0),
-        lambda: kne.fast_edit(model, tok, reqs, steps=2, percentile=80.0, stop_loss=0.0).restore(),
-        lambda: kne.reference.edit(model, tok, reqs, steps=2, percentile=80.0, stop_loss=0.0).restore(),
+        lambda: kne.fast_edit(model, tok, reqs, AUTHORS, steps=2, percentile=80.0, stop_loss=0.0).restore(),
+        lambda: kne.reference.edit(model, tok, reqs, AUTHORS, steps=2, percentile=80.0, stop_loss=0.0).restore(),
     ]
     for i, call in enumerate(calls):
         call()
@@ -391,15 +391,15 @@ def test_fast_edit_is_deterministic_and_leaves_global_rng_alone(tiny_model, tok,
     torch.manual_seed(123)
     expect_next = torch.rand(3)
     torch.manual_seed(123)
-    a = kne.fast_edit(model, tok, reqs, **kw)
+    a = kne.fast_edit(model, tok, reqs, AUTHORS, **kw)
     assert torch.equal(torch.rand(3), expect_next), "fast_edit consumed the caller's RNG"
     wa = snapshot(model)
     a.restore()
-    b = kne.fast_edit(model, tok, reqs, **kw)
+    b = kne.fast_edit(model, tok, reqs, AUTHORS, **kw)
     assert b.stats["losses"] == a.stats["losses"]
     assert_state_equal(model, wa)
     b.restore()
-    c = kne.fast_edit(model, tok, reqs, **dict(kw, seed=1))
+    c = kne.fast_edit(model, tok, reqs, AUTHORS, **dict(kw, seed=1))
     assert c.stats["losses"] != a.stats["losses"]
     c.restore()
 
@@ -443,11 +443,11 @@ def test_empty_ensemble_is_an_edit_error(tiny_model, tok):
     snap = snapshot(model)
     empty = kne.Ensemble.from_knb_dict({"mlp.down_proj": {0: []}})
     with pytest.raises(kne.EditError, match="empty"):
-        kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, ensemble=empty)
+        kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, AUTHORS, ensemble=empty)
     with pytest.raises(kne.EditError, match="empty"):
-        kne.reference.edit(model, tok, {"prompt": "a b", "target_new": "c"}, ensemble=empty)
+        kne.reference.edit(model, tok, {"prompt": "a b", "target_new": "c"}, AUTHORS, ensemble=empty)
     with pytest.raises(ValueError, match="kne.Ensemble"):
-        kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, ensemble={"mlp.down_proj": {0: [1]}})
+        kne.fast_edit(model, tok, {"prompt": "a b", "target_new": "c"}, AUTHORS, ensemble={"mlp.down_proj": {0: [1]}})
     assert_state_equal(model, snap)
 
 

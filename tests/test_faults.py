@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import kne
-from helpers import assert_state_bits, snapshot
+from helpers import AUTHORS, assert_state_bits, snapshot
 
 REQ = {"prompt": "The capital of France is", "target_new": "Rome"}
 
@@ -149,7 +149,7 @@ def edit_file(tiny_model, tok, tmp_path):
     llama over ffn_in and ffn_out, with several sites."""
     model = tiny_model("llama")
     orig = snapshot(model)
-    res = kne.fast_edit(model, tok, REQ, target_modules=("ffn_in", "ffn_out"), percentile=90.0, steps=3, lr=5e-2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, target_modules=("ffn_in", "ffn_out"), percentile=90.0, steps=3, lr=5e-2)
     n = len(res._saved)
     assert n >= 3, "the fault tests need several sites"
     edited = snapshot(model)
@@ -273,11 +273,11 @@ EDIT_KW = dict(target_modules=("ffn_in", "ffn_out"), percentile=90.0, steps=3, s
 def _points(kind):
     """``(label, target object, attribute, calls to fault)`` of every step boundary of one edit call;
     ``None`` as the call list means every call a clean run makes."""
-    from kne import editing, objective, reference
+    from kne import editing, objective, reference, result
 
     common = [("forward+loss", objective.EditObjective, "__call__", None),
               ("statistics", objective.EditObjective, "stats", None),
-              ("result bookkeeping (after the merge)", editing, "_rows_digest", None)]
+              ("result bookkeeping (after the merge)", result, "_rows_digest", None)]
     if kind == "fast_edit":
         return [("locate", editing, "locate", None), ("preservation capture", objective.EditObjective, "capture", None),
                 ("null-space basis", editing, "edit_bases", None), ("optimizer step", kne_kernels, "ensemble_adamw_step_",
@@ -291,16 +291,16 @@ def _points(kind):
                 ("null-space basis", reference, "edit_bases", None),
                 ("optimizer step", torch.optim.AdamW, "step", None)] + common
     return [("forward+loss", objective.EditObjective, "__call__", None), ("optimizer step", torch.optim.Adam, "step", None),
-            ("statistics", objective.EditObjective, "stats", None), ("result bookkeeping", editing, "_rows_digest", None)]
+            ("statistics", objective.EditObjective, "stats", None), ("result bookkeeping", result, "_rows_digest", None)]
 
 
 def _run(kind, model, tok, **extra):
     if kind == "fast_edit":
-        return kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW, **extra)
+        return kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **EDIT_KW, **extra)
     if kind == "fast_edit/ngd":
-        return kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW, optimizer="ngd", **extra)
+        return kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **EDIT_KW, optimizer="ngd", **extra)
     if kind == "reference.edit":
-        return kne.reference.edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW)
+        return kne.reference.edit(model, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **EDIT_KW)
     return kne.baselines.ft_m(model, tok, REQ, steps=3, stop_loss=0.0, lr=1e-2)
 
 
@@ -385,13 +385,13 @@ def test_fast_edit_real_ctrl_c_during_training_and_a_failing_undo(tiny_model, to
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        kne.fast_edit(model, tok, REQ, on_step=ctrl_c, preserve_prompts=PRESERVE, **EDIT_KW)
+        kne.fast_edit(model, tok, REQ, AUTHORS, on_step=ctrl_c, preserve_prompts=PRESERVE, **EDIT_KW)
     assert_state_bits(model, orig, "Ctrl-C in step 2")
     with inject() as writes:  # the merge fails at write 2 and the undo's first write fails too
         writes.arm(2, Injected, "rollback")
         with pytest.raises(RuntimeError, match=r"kne.fast_edit failed .* could not be undone at model\.layers\.\d+\..*"
                                                r"reload the model"):
-            kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **EDIT_KW)
+            kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **EDIT_KW)
 
 
 def test_ensemble_for_a_larger_model_is_refused_before_anything_is_written(tiny_model, tok):
@@ -403,7 +403,7 @@ def test_ensemble_for_a_larger_model_is_refused_before_anything_is_written(tiny_
     with inject() as writes:
         with pytest.raises(ValueError, match=r"located over layers \[0, 1, .* but this model has 3 layers .* another "
                                              r"model\?"):
-            kne.fast_edit(model, tok, REQ, ensemble=ens, steps=2)
+            kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=ens, steps=2)
         assert writes.calls == 0
     assert_state_bits(model, orig)
 
@@ -449,13 +449,13 @@ ENS = {"mlp.down_proj": {1: [0, 3, 7], 2: [5]}, "mlp.up_proj": {0: [2]}}
 
 def _two_overlapping(model, tok, method_b="fast_edit"):
     ens = kne.Ensemble.from_knb_dict(ENS)
-    a = kne.fast_edit(model, tok, REQ, ensemble=ens, steps=2, lr=5e-2, stop_loss=0.0)
+    a = kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=ens, steps=2, lr=5e-2, stop_loss=0.0)
     after_a = snapshot(model)
     if method_b == "fast_edit":
-        b = kne.fast_edit(model, tok, ALAN, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [3, 9]}}),
+        b = kne.fast_edit(model, tok, ALAN, AUTHORS, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [3, 9]}}),
                           steps=2, lr=5e-2, stop_loss=0.0)
     elif method_b == "reference.edit":
-        b = kne.reference.edit(model, tok, ALAN, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [3, 9]}}),
+        b = kne.reference.edit(model, tok, ALAN, AUTHORS, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [3, 9]}}),
                                steps=2, lr=5e-2, stop_loss=0.0)
     else:
         b = kne.baselines.ft_m(model, tok, ALAN, layers=[1], steps=2, stop_loss=0.0)
@@ -535,8 +535,8 @@ def test_restore_after_the_edit_file_was_reverted_just_marks_it_restored(tiny_mo
 def test_edits_on_other_rows_restore_in_any_order(tiny_model, tok):
     model = tiny_model("llama")
     orig = snapshot(model)
-    a = kne.fast_edit(model, tok, REQ, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [0, 3]}}), steps=2)
-    b = kne.fast_edit(model, tok, ALAN, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [4, 9]},
+    a = kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [0, 3]}}), steps=2)
+    b = kne.fast_edit(model, tok, ALAN, AUTHORS, ensemble=kne.Ensemble.from_knb_dict({"mlp.down_proj": {1: [4, 9]},
                                                                               "mlp.up_proj": {2: [1]}}), steps=2)
     a.restore()
     b.restore()
@@ -609,7 +609,7 @@ def test_fast_edit_fault_while_the_corpus_statistics_are_built(tiny_model, tok, 
                 with fail_calls(target, attr) as calls:
                     calls.arm(1, exc, when)
                     with pytest.raises(exc, match=f"injected fault {when} {attr} call 1"):
-                        kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **kw)
+                        kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **kw)
                 assert_state_bits(model, orig, f"{exc.__name__} {when} {attr}")
                 if attr != "build" or when == "before":
                     assert cached() == [], f"{attr}: partial statistics left in the cache: {cached()}"
@@ -618,11 +618,11 @@ def test_fast_edit_fault_while_the_corpus_statistics_are_built(tiny_model, tok, 
 
                     shutil.rmtree(folder / d)
                 n_faults += 1
-    res = kne.fast_edit(model, tok, REQ, preserve_prompts=PRESERVE, **kw)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **kw)
     assert len(cached()) == 1 and (folder / cached()[0] / "meta.json").is_file()
     edited = snapshot(model)
     res.restore()
     fresh = tiny_model("llama")
-    kne.fast_edit(fresh, tok, REQ, preserve_prompts=PRESERVE, **kw)
+    kne.fast_edit(fresh, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **kw)
     assert_state_bits(fresh, edited)
     assert n_faults == 16

@@ -11,14 +11,14 @@ import torch
 import kne
 from kne import nullspace
 
-from helpers import assert_state_bits, snapshot
+from helpers import AUTHORS, assert_state_bits, snapshot
 
 REQ = {"prompt": "The capital of France is", "target_new": "Rome"}
 KW = dict(percentile=80.0, steps=2, stop_loss=0.0, lr=5e-2)
 
 CALLS = {
-    "fast_edit": lambda m, t, r, **kw: kne.fast_edit(m, t, r, **dict(KW, **kw)),
-    "reference.edit": lambda m, t, r, **kw: kne.reference.edit(m, t, r, **dict(KW, **kw)),
+    "fast_edit": lambda m, t, r, **kw: kne.fast_edit(m, t, r, AUTHORS, **dict(KW, **kw)),
+    "reference.edit": lambda m, t, r, **kw: kne.reference.edit(m, t, r, AUTHORS, **dict(KW, **kw)),
     "ft_m": lambda m, t, r, **kw: kne.baselines.ft_m(m, t, r, steps=2),
     "attribute": lambda m, t, r, **kw: kne.attribute(m, t, r),
     "reference.attribute": lambda m, t, r, **kw: kne.reference.attribute(m, t, r),
@@ -49,13 +49,13 @@ def test_long_probe_or_preserve_prompt_is_refused(tiny_model, tok):
     with pytest.raises(ValueError, match=r"prompt 'xxx.*' with its answer 'Paris' is 306 tokens, more than the 256"):
         kne.evaluate(model, tok, dict(REQ, locality={"L": [{"prompt": far, "ground_truth": "Paris"}]}))
     with pytest.raises(ValueError, match=r"prompt 'xxx.*' is 300 tokens, more than the 256 positions"):
-        kne.fast_edit(model, tok, REQ, preserve_weight=1.0, preserve_prompts=[far], **KW)
+        kne.fast_edit(model, tok, REQ, AUTHORS, preserve_weight=1.0, preserve_prompts=[far], **KW)
 
 
 def test_a_text_that_fits_exactly_is_accepted(tiny_model, tok):
     model = tiny_model("gpt2")
     prompt = "y" * (model.config.n_positions - 5)  # plus " Rome": exactly n_positions tokens
-    res = kne.fast_edit(model, tok, {"prompt": prompt, "target_new": "Rome"}, **KW)
+    res = kne.fast_edit(model, tok, {"prompt": prompt, "target_new": "Rome"}, AUTHORS, **KW)
     res.restore()
 
 
@@ -118,7 +118,7 @@ def test_seed_range_is_what_torch_takes():
 
 
 def test_the_largest_seed_edits_with_dropout(tiny_model, tok):
-    res = kne.fast_edit(tiny_model("llama"), tok, REQ, **dict(KW, dropout=0.1, seed=2**64 - 1))
+    res = kne.fast_edit(tiny_model("llama"), tok, REQ, AUTHORS, **dict(KW, dropout=0.1, seed=2**64 - 1))
     assert len(res.stats["losses"]) == KW["steps"] + 1
 
 
@@ -162,10 +162,10 @@ def test_a_named_backend_that_is_not_live_raises_kne_kernels_error(call, tiny_mo
     model = tiny_model("llama")
     orig = snapshot(model)
     ens = kne.locate(model, tok, REQ, percentile=80.0)
-    fns = {"fast_edit": lambda **kw: kne.fast_edit(model, tok, REQ, **KW, **kw),
+    fns = {"fast_edit": lambda **kw: kne.fast_edit(model, tok, REQ, AUTHORS, **KW, **kw),
            "attribute": lambda **kw: kne.attribute(model, tok, REQ, **kw),
            "locate": lambda **kw: kne.locate(model, tok, REQ, **kw),
-           "fast_edit+ensemble": lambda **kw: kne.fast_edit(model, tok, REQ, **KW, ensemble=ens, **kw)}
+           "fast_edit+ensemble": lambda **kw: kne.fast_edit(model, tok, REQ, AUTHORS, **KW, ensemble=ens, **kw)}
     with pytest.raises(RuntimeError) as theirs:
         kne_kernels.neuron_attribution(torch.ones(2, 3), torch.ones(2, 3), backend="cuda")
     with pytest.raises(RuntimeError) as ours:
@@ -187,7 +187,7 @@ def test_a_named_backend_that_is_not_live_raises_kne_kernels_error(call, tiny_mo
 
 def test_named_live_backends_still_run(tiny_model, tok):
     for backend in ("cpu", "torch", "triton"):
-        res = kne.fast_edit(tiny_model("llama"), tok, REQ, **KW, backend=backend)
+        res = kne.fast_edit(tiny_model("llama"), tok, REQ, AUTHORS, **KW, backend=backend)
         res.restore()
 
 
@@ -232,9 +232,9 @@ def test_ensembles_changed_after_construction_are_checked_against_the_model(muta
     ens = kne.Ensemble.from_knb_dict({"mlp.down_proj": {0: [1, 2], 1: [4]}})
     mutate(ens)
     with pytest.raises(ValueError, match=match):
-        kne.fast_edit(model, tok, REQ, ensemble=ens, **KW)
+        kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=ens, **KW)
     with pytest.raises(ValueError, match=match):
-        kne.reference.edit(model, tok, REQ, ensemble=ens, **KW)
+        kne.reference.edit(model, tok, REQ, AUTHORS, ensemble=ens, **KW)
     assert_state_bits(model, orig)
 
 
@@ -266,5 +266,16 @@ def test_a_10k_token_prompt_on_the_embedded_model_is_refused_at_once(embedded):
     t = time.perf_counter()
     with pytest.raises(ValueError, match=rf"is \d+ tokens, more than the {limit} positions this model has "
                                          r"\(config.max_position_embeddings\)"):
-        kne.fast_edit(model, tok, {"prompt": prompt, "target_new": "Rome"})
+        kne.fast_edit(model, tok, {"prompt": prompt, "target_new": "Rome"}, AUTHORS)
     assert time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("call", ["fast_edit", "locate", "evaluate"])
+def test_model_and_tokenizer_swapped_is_said(tiny_model, tok, call):
+    model = tiny_model("llama")
+    req = {"prompt": "The capital of France is", "target_new": "Rome"}
+    fn = {"fast_edit": kne.fast_edit, "locate": kne.locate, "evaluate": kne.evaluate}[call]
+    with pytest.raises(ValueError, match=r"(model must be a torch.nn.Module .*got PreTrainedTokenizerFast: that is a "
+                                         r"tokenizer|tokenizer must be .*got LlamaForCausalLM: that is a model); pass "
+                                         r"the model first, then the tokenizer \(model, tokenizer\)"):
+        fn(tok, model, [req])

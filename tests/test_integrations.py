@@ -52,11 +52,45 @@ def yaml_path(tmp_path):
 def test_hparams_from_authors_yaml(yaml_path):
     hp = KNEHyperParams.from_hparams(str(yaml_path)[:-5])  # EasyEdit appends .yaml itself
     assert hp.alg_name == "KNB" and hp.lr == 5e-3 and hp.t_loss == 1e-2 and hp.p is None
+    assert hp.preset == "local"  # kne's default, and the YAML names none
+    # the local preset takes the YAML's localisation keys and says which training keys it does not use
+    with pytest.warns(kne._warn.KNEWarning, match=r"training key\(s\) num_steps, lr, weight_decay, knb_alpha, "
+                      r"knb_dropout, use_rsknb, t_loss are not used; give preset: authors"):
+        cfg = hp.to_config()
+    assert cfg == kne.KNEConfig.preset("local", target_modules=("mlp.down_proj",))
+    # preset: authors reads every key, as the authors' trainer does
+    hp.preset = "authors"
     cfg = hp.to_config()
     assert cfg.lr == 5e-3 and cfg.steps == 30 and cfg.stop_loss == 1e-2 and cfg.dropout == 0.0
     assert cfg.alpha == 1.0 and cfg.rs_scaling and cfg.neuron_axis == "out" and cfg.percentile == 99.0
-    assert cfg.target_modules == ("mlp.down_proj",) and cfg.layers is None
+    assert cfg.target_modules == ("mlp.down_proj",) and cfg.layers is None and cfg.optimizer == "adamw"
     assert hp.to_config(percentile=95.0).percentile == 95.0
+
+
+def test_hparams_preset_key(tmp_path):
+    path = tmp_path / "knb.yaml"
+    path.write_text(AUTHORS_YAML + "preset: knb\nknb_layer: last_layer\n", encoding="utf-8")
+    cfg = KNEHyperParams.from_hparams(path).to_config()
+    assert cfg == kne.KNEConfig.preset("knb", target_modules=("mlp.down_proj",), neuron_axis="in", dropout=0.0)
+    path.write_text(AUTHORS_YAML + "knb_layer: last_layer\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"knb.yaml: knb_layer='last_layer' edits columns, and the local preset edits "
+                                         r"rows.*preset: authors"):
+        KNEHyperParams.from_hparams(path)
+    path.write_text("alg_name: KNE\npreset: fast\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"preset='fast' is invalid: use one of authors, tuned, local, knb"):
+        KNEHyperParams.from_hparams(path)
+    # built in Python: the training keys changed from their defaults are the ones named
+    with pytest.warns(kne._warn.KNEWarning, match=r"training key\(s\) lr are not used"):
+        KNEHyperParams(lr=0.1).to_config()
+
+
+def test_shipped_yaml_edits_with_the_local_preset():
+    from importlib import resources
+
+    path = resources.files("kne") / "data" / "hparams" / "KNE" / "smollm2-135m.yaml"
+    hp = KNEHyperParams.from_hparams(str(path))
+    assert hp.alg_name == "KNE" and hp.preset == "local"
+    assert hp.to_config() == kne.KNEConfig.preset("local")
 
 
 def test_hparams_errors(tmp_path):
@@ -76,6 +110,7 @@ def test_apply_kne_to_model_like_easyedit(yaml_path, tiny_model, tok):
     model = tiny_model("llama")
     snap = snapshot(model)
     hp = KNEHyperParams.from_hparams(yaml_path)
+    hp.preset = "authors"
     hp.p = 90.0
     hp.lr = 5e-2
     edited, weights_copy = apply_kne_to_model(model, tok, EASYEDIT_REQUESTS, hp, copy=False,
@@ -97,6 +132,7 @@ def test_apply_kne_copy_and_knb_dict(yaml_path, tiny_model, tok, tmp_path):
     model = tiny_model("gpt2")
     snap = snapshot(model)
     hp = KNEHyperParams.from_hparams(yaml_path)
+    hp.preset = "authors"
     hp.target_modules = ["mlp.c_proj"]
     knb_dict = {"mlp.c_proj": {"0": [3, 5], "2": [7]}}  # the authors' JSON form
     edited, weights_copy = apply_kne_to_model(model, tok, EASYEDIT_REQUESTS, hp, copy=True, knb_dict=knb_dict)

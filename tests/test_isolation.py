@@ -11,7 +11,7 @@ import torch
 import kne
 from kne import nullspace, preservation
 
-from helpers import assert_state_bits, snapshot
+from helpers import AUTHORS, assert_state_bits, snapshot
 
 REQ = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France"}
 KW = dict(percentile=80.0, steps=3, stop_loss=0.0, lr=5e-2)
@@ -28,10 +28,10 @@ def _mixed_modes(model):
 
 
 CALLS = {
-    "fast_edit": lambda m, t: kne.fast_edit(m, t, REQ, **KW),
-    "fast_edit+preservation": lambda m, t: kne.fast_edit(m, t, REQ, preserve_weight=1.0, project=True,
+    "fast_edit": lambda m, t: kne.fast_edit(m, t, REQ, AUTHORS, **KW),
+    "fast_edit+preservation": lambda m, t: kne.fast_edit(m, t, REQ, AUTHORS, preserve_weight=1.0, project=True,
                                                          project_corpus=False, preserve_count=2, **KW),
-    "reference.edit": lambda m, t: kne.reference.edit(m, t, REQ, **KW),
+    "reference.edit": lambda m, t: kne.reference.edit(m, t, REQ, AUTHORS, **KW),
     "ft_m": lambda m, t: kne.baselines.ft_m(m, t, REQ, steps=2),
     "attribute": lambda m, t: kne.attribute(m, t, REQ, ig_steps=2),
     "reference.attribute": lambda m, t: kne.reference.attribute(m, t, REQ),
@@ -63,7 +63,7 @@ def test_training_flags_survive_a_failed_edit(tiny_model, tok):
         raise RuntimeError("a user callback fails")
 
     with pytest.raises(RuntimeError, match="user callback"):
-        kne.fast_edit(model, tok, REQ, on_step=stop, **KW)
+        kne.fast_edit(model, tok, REQ, AUTHORS, on_step=stop, **KW)
     assert_state_bits(model, orig)
     assert {name: m.training for name, m in model.named_modules()} == want
 
@@ -73,7 +73,7 @@ DROP_KW = dict(percentile=80.0, steps=6, stop_loss=0.0, lr=5e-2, dropout=0.1, de
 
 
 def _edit(model, tok, req, **kw):
-    res = kne.fast_edit(model, tok, req, **dict(DROP_KW, **kw))
+    res = kne.fast_edit(model, tok, req, AUTHORS, **dict(DROP_KW, **kw))
     return res.stats["losses"], snapshot(model)
 
 
@@ -148,8 +148,8 @@ def test_reference_edit_leaves_the_global_rng_alone_and_matches_fast_dropout(tin
     fm, rm = tiny_model("llama", seed=5), tiny_model("llama", seed=5)
     torch.manual_seed(3)
     state = torch.random.get_rng_state()
-    fast = kne.fast_edit(fm, tok, REQ, **kw)
-    ref = kne.reference.edit(rm, tok, REQ, **kw)
+    fast = kne.fast_edit(fm, tok, REQ, AUTHORS, **kw)
+    ref = kne.reference.edit(rm, tok, REQ, AUTHORS, **kw)
     assert torch.equal(torch.random.get_rng_state(), state)
     for a, b in zip(fast.stats["losses"], ref.stats["losses"]):
         assert abs(a - b) <= 1e-4 * abs(b)

@@ -17,7 +17,7 @@ from kne._text import answer_logprobs, encode
 from kne.editing import initial_delta
 from kne.objective import EditObjective, edit_loss
 
-from helpers import assert_state_equal, snapshot
+from helpers import AUTHORS, assert_state_equal, snapshot
 
 EDIT = {"fast": kne.fast_edit, "reference": kne.reference.edit}
 KW = dict(dropout=0.0, lr=2.5e-3, alpha=8.0, percentile=80.0)
@@ -40,23 +40,23 @@ def test_stop_after_step_takes_exactly_one_more_step(impl, neuron_axis, tiny_mod
     orig = snapshot(model)
     kw = dict(KW, neuron_axis=neuron_axis)
     ens = kne.locate(model, tok, FACT, **kw)
-    forced = edit(model, tok, FACT, ensemble=ens, steps=8, stop_loss=0.0, **kw)
+    forced = edit(model, tok, FACT, AUTHORS, ensemble=ens, steps=8, stop_loss=0.0, **kw)
     L = forced.stats["losses"]
     forced.restore()
     assert all(a > b for a, b in zip(L[:6], L[1:6])), f"the loss must fall over the first steps: {L}"
     thr = (L[3] + L[4]) / 2
 
-    plain = edit(model, tok, FACT, ensemble=ens, steps=8, stop_loss=thr, **kw)
+    plain = edit(model, tok, FACT, AUTHORS, ensemble=ens, steps=8, stop_loss=thr, **kw)
     assert plain.stats["steps"] == 4 and plain.stats["stopped_early"]
     assert plain.stats["losses"] == L[:5]  # 4 losses before steps, and the one that passed
     plain.restore()
 
-    after = edit(model, tok, FACT, ensemble=ens, steps=8, stop_loss=thr, stop_after_step=True, **kw)
+    after = edit(model, tok, FACT, AUTHORS, ensemble=ens, steps=8, stop_loss=thr, stop_after_step=True, **kw)
     assert after.stats["steps"] == 5 and after.stats["stopped_early"]
     assert after.stats["losses"] == L[:5]  # one per step: the last is the loss that passed, stepped on
     w_after = snapshot(model)
     after.restore()
-    five = edit(model, tok, FACT, ensemble=ens, steps=5, stop_loss=0.0, **kw)
+    five = edit(model, tok, FACT, AUTHORS, ensemble=ens, steps=5, stop_loss=0.0, **kw)
     assert_state_equal(model, w_after, "stop_after_step vs a forced 5-step edit")
     assert five.stats["losses"][:5] == L[:5] and len(five.stats["losses"]) == 6
     five.restore()
@@ -70,11 +70,11 @@ def test_stop_after_step_within_the_step_budget(impl, tiny_model, tok):
     edit = EDIT[impl]
     model = tiny_model("llama", seed=7)
     ens = kne.locate(model, tok, FACT, **KW)
-    never = edit(model, tok, FACT, ensemble=ens, steps=3, stop_loss=0.0, stop_after_step=True, **KW)
+    never = edit(model, tok, FACT, AUTHORS, ensemble=ens, steps=3, stop_loss=0.0, stop_after_step=True, **KW)
     L = never.stats["losses"]
     assert never.stats["steps"] == 3 and len(L) == 4 and not never.stats["stopped_early"]
     never.restore()
-    last = edit(model, tok, FACT, ensemble=ens, steps=3, stop_loss=(L[2] + L[3]) / 2, stop_after_step=True, **KW)
+    last = edit(model, tok, FACT, AUTHORS, ensemble=ens, steps=3, stop_loss=(L[2] + L[3]) / 2, stop_after_step=True, **KW)
     assert last.stats["steps"] == 3 and last.stats["losses"] == L and last.stats["stopped_early"]
     last.restore()
 
@@ -104,7 +104,7 @@ def test_token_and_request_reduction_on_a_padded_three_request_batch(impl, tiny_
     ens = kne.locate(model, tok, BATCH, **KW)
     got = {}
     for red in ("token", "request"):
-        res = EDIT[impl](model, tok, BATCH, ensemble=ens, steps=0, loss_reduction=red, **KW)
+        res = EDIT[impl](model, tok, BATCH, AUTHORS, ensemble=ens, steps=0, loss_reduction=red, **KW)
         got[red] = res.stats["losses"][0]
         res.restore()
     assert math.isclose(got["token"], token, rel_tol=1e-5), (got, token)
@@ -131,7 +131,7 @@ def test_token_reduction_stops_on_the_token_mean(impl, tiny_model, tok):
     ens = kne.locate(model, tok, BATCH, **KW)
     res = {}
     for red in ("token", "request"):
-        res[red] = EDIT[impl](model, tok, BATCH, ensemble=ens, steps=2, stop_loss=thr, loss_reduction=red, **KW)
+        res[red] = EDIT[impl](model, tok, BATCH, AUTHORS, ensemble=ens, steps=2, stop_loss=thr, loss_reduction=red, **KW)
         res[red].restore()
     low, high = ("token", "request") if token < request else ("request", "token")
     assert res[low].stats["steps"] == 0 and res[low].stats["stopped_early"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kne
-from helpers import rel_err
+from helpers import AUTHORS, rel_err
 
 PROBE = "The capital of France is"
 REQ = {"prompt": PROBE, "target_new": "Rome"}
@@ -46,8 +46,8 @@ def test_edit_lands_in_offloaded_weights(model_type, layers_path, axis, tiny_mod
     a_plain = kne.attribute(plain, tok, REQ, ig_steps=2, neuron_axis=axis)
     a_off = kne.attribute(off, tok, REQ, ig_steps=2, neuron_axis=axis)
     assert rel_err(a_off.scores["ffn_out"], a_plain.scores["ffn_out"]) < 1e-5
-    r_plain = kne.fast_edit(plain, tok, REQ, **kw)
-    r_off = kne.fast_edit(off, tok, REQ, **kw)
+    r_plain = kne.fast_edit(plain, tok, REQ, AUTHORS, **kw)
+    r_off = kne.fast_edit(off, tok, REQ, AUTHORS, **kw)
     assert r_off.ensemble.to_knb_dict() == r_plain.ensemble.to_knb_dict()
     assert any(layer in (1, 2) for _, layer, _ in r_off.ensemble.items()), "no offloaded layer in the ensemble"
     torch.testing.assert_close(torch.tensor(r_off.stats["losses"]), torch.tensor(r_plain.stats["losses"]),

@@ -17,7 +17,7 @@ import torch
 
 import kne
 
-from helpers import assert_state_bits, rel_err, snapshot, worst
+from helpers import AUTHORS, assert_state_bits, rel_err, snapshot, worst
 
 REQ = {"prompt": "The capital of France is", "target_new": "Rome"}
 TOL = 1e-4
@@ -39,8 +39,8 @@ def test_attention_projection_attribution_and_edit_match_the_reference(model_typ
     f, r = fa.scores[module], ra.scores[module]
     assert r.abs().max() > 0
     assert rel_err(f, r) < TOL, worst(f, r)
-    fast = kne.fast_edit(model, tok, REQ, **kw)
-    ref = kne.reference.edit(ref_model, tok, REQ, **kw)
+    fast = kne.fast_edit(model, tok, REQ, AUTHORS, **kw)
+    ref = kne.reference.edit(ref_model, tok, REQ, AUTHORS, **kw)
     assert fast.ensemble.counts() == ref.ensemble.counts() and len(fast.ensemble) > 0
     for a, b in zip(fast.stats["losses"], ref.stats["losses"]):
         assert abs(a - b) <= TOL * abs(b)
@@ -56,7 +56,7 @@ def test_attention_projection_attribution_and_edit_match_the_reference(model_typ
 def test_attention_projection_edit_file_round_trip(tiny_model, tok, tmp_path):
     model = tiny_model("gpt2", seed=2)
     orig = snapshot(model)
-    res = kne.fast_edit(model, tok, REQ, target_modules=("attn.c_proj", "ffn_out"), percentile=80.0, steps=3, lr=5e-2)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, target_modules=("attn.c_proj", "ffn_out"), percentile=80.0, steps=3, lr=5e-2)
     edited = snapshot(model)
     path = res.save(tmp_path / "attn.safetensors")
     res.restore()
@@ -70,6 +70,6 @@ def test_attention_projection_edit_file_round_trip(tiny_model, tok, tmp_path):
 def test_a_module_that_is_not_a_projection_is_refused(tiny_model, tok):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"is a LlamaRMSNorm; kne edits nn.Linear and GPT-2 Conv1D projections only"):
-        kne.fast_edit(model, tok, REQ, target_modules=("input_layernorm",))
+        kne.fast_edit(model, tok, REQ, AUTHORS, target_modules=("input_layernorm",))
     with pytest.raises(ValueError, match=r"not found in layer 0 .* use an alias \(ffn_in=mlp.up_proj"):
-        kne.fast_edit(model, tok, REQ, target_modules=("self_attn.nope",))
+        kne.fast_edit(model, tok, REQ, AUTHORS, target_modules=("self_attn.nope",))

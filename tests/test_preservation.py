@@ -23,7 +23,7 @@ import kne_kernels
 from kne import nullspace, preservation
 from kne.requests import EditRequest
 
-from helpers import assert_state_equal, cpu_fingerprint, rel_err, snapshot, worst
+from helpers import AUTHORS, assert_state_equal, cpu_fingerprint, rel_err, snapshot, worst
 
 TOL = 1e-4
 KERNEL_BACKENDS = ("cpu", "torch", "triton")
@@ -201,8 +201,8 @@ def test_preserve_weight_zero_is_the_plain_edit(tiny_model, tok, seed):
     """``preserve_weight=0`` with the other levers at their defaults runs the plain edit exactly."""
     a, b = tiny_model("llama", seed=seed % 10_000), tiny_model("llama", seed=seed % 10_000)
     kw = dict(EDIT_KW, stop_loss=0.05, steps=10)
-    ra = kne.fast_edit(a, tok, REQ, **kw)
-    rb = kne.fast_edit(b, tok, REQ, **dict(kw, preserve_weight=0.0, preserve_count=99, stop_rule="loss",
+    ra = kne.fast_edit(a, tok, REQ, AUTHORS, **kw)
+    rb = kne.fast_edit(b, tok, REQ, AUTHORS, **dict(kw, preserve_weight=0.0, preserve_count=99, stop_rule="loss",
                                            delta_l2=0.0, project=False))
     assert ra.stats["losses"] == rb.stats["losses"]
     assert_state_equal(a, snapshot(b))
@@ -256,7 +256,7 @@ def test_request_without_subject_falls_back_with_a_warning(tiny_model, tok, seed
     model = tiny_model("llama", seed=seed % 10_000)
     other = {"prompt": "Alan Turing was born in", "target_new": "New York City", "subject": "Alan Turing"}
     with pytest.warns(UserWarning, match="has no subject"):
-        res = kne.fast_edit(model, tok, [bare, other], **dict(EDIT_KW, preserve_weight=1.0, preserve_others=2))
+        res = kne.fast_edit(model, tok, [bare, other], AUTHORS, **dict(EDIT_KW, preserve_weight=1.0, preserve_others=2))
     got = set(res.stats["neighbours"]) | set(res.stats["neighbours_dropped"])
     # Turing's neighbours: templates with his name, and his own prompt asked of other subjects
     assert got and all("Alan Turing" in p or p.endswith(" was born in") for p in got)
@@ -267,12 +267,12 @@ def test_request_without_subject_falls_back_with_a_warning(tiny_model, tok, seed
 def test_explicit_preserve_prompts_are_used_as_given(tiny_model, tok, seed):
     model = tiny_model("llama", seed=seed % 10_000)
     prompts = ["The capital of Japan is", "Gold is a"]
-    res = kne.fast_edit(model, tok, REQ, preserve_prompts=prompts, **dict(EDIT_KW, preserve_weight=1.0))
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=prompts, **dict(EDIT_KW, preserve_weight=1.0))
     assert res.stats["neighbours"] == prompts
     with pytest.raises(ValueError, match="preserve_weight"):
-        kne.fast_edit(model, tok, REQ, preserve_prompts=prompts, **EDIT_KW)
+        kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=prompts, **EDIT_KW)
     with pytest.raises(ValueError, match="list of non-empty"):
-        kne.fast_edit(model, tok, REQ, preserve_prompts="Gold is a", **dict(EDIT_KW, preserve_weight=1.0))
+        kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts="Gold is a", **dict(EDIT_KW, preserve_weight=1.0))
 
 
 def test_neighbour_predicting_the_old_answer_is_dropped(tiny_model, tok, seed):
@@ -311,7 +311,7 @@ def test_stop_rules(tiny_model, tok, seed):
 
     for rule, extra in (("argmax", {}), ("min_prob", {"stop_prob": 0.005}), ("loss", {"stop_loss": 5.2}),
                         ("margin", {"stop_margin": 0.05})):
-        res = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule=rule, **extra))
+        res = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(kw, stop_rule=rule, **extra))
         assert res.stats["stopped_early"], rule
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=batch.input_ids).logits[batch.rows, batch.cols - 1], -1)
@@ -325,17 +325,17 @@ def test_stop_rules(tiny_model, tok, seed):
             assert res.stats["losses"][-1] < 5.2
         res.restore()
     # a stricter threshold takes at least as many steps
-    a = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="min_prob", stop_prob=0.0045))
+    a = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(kw, stop_rule="min_prob", stop_prob=0.0045))
     steps_a = a.stats["steps"]
     a.restore()
-    b = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="min_prob", stop_prob=0.006))
+    b = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(kw, stop_rule="min_prob", stop_prob=0.006))
     assert steps_a <= b.stats["steps"]
     b.restore()
     # a margin of 0 stops where the argmax rule does (ties aside, which random logits do not make)
-    c = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="margin", stop_margin=0.0))
+    c = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(kw, stop_rule="margin", stop_margin=0.0))
     steps_c = c.stats["steps"]
     c.restore()
-    d = kne.fast_edit(model, tok, REQ, **dict(kw, stop_rule="argmax"))
+    d = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(kw, stop_rule="argmax"))
     assert steps_c == d.stats["steps"]
     d.restore()
 
@@ -366,7 +366,7 @@ def test_delta_l2_shrinks_the_change(tiny_model, tok, seed):
     for l2 in (0.0, 50.0):
         model = tiny_model("llama", seed=seed % 10_000)
         orig = snapshot(model)
-        res = kne.fast_edit(model, tok, REQ, **dict(EDIT_KW, delta_l2=l2))
+        res = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(EDIT_KW, delta_l2=l2))
         norms.append(sum(float((v - orig[k]).pow(2).sum()) for k, v in model.state_dict().items()))
         res.restore()
     assert norms[1] < norms[0]
@@ -376,7 +376,7 @@ def test_kl_keeps_neighbours_closer(tiny_model, tok, seed):
     kls = []
     for w in (1e-6, 20.0):
         model = tiny_model("llama", seed=seed % 10_000)
-        res = kne.fast_edit(model, tok, REQ, **dict(EDIT_KW, preserve_weight=w, steps=15, lr=1e-2))
+        res = kne.fast_edit(model, tok, REQ, AUTHORS, **dict(EDIT_KW, preserve_weight=w, steps=15, lr=1e-2))
         kls.append(res.stats["preserve_kl"])
         res.restore()
     assert kls[1] < kls[0]
@@ -405,7 +405,7 @@ def test_answer_end_keeps_what_follows_the_answer(tiny_model, tok, seed):
 
     def after(w):
         m = tiny_model("llama", seed=seed % 10_000)
-        res = kne.fast_edit(m, tok, REQ, **dict(EDIT_KW, preserve_weight=w, preserve_answer_end=True,
+        res = kne.fast_edit(m, tok, REQ, AUTHORS, **dict(EDIT_KW, preserve_weight=w, preserve_answer_end=True,
                                                preserve_prompts=["Gold is"], steps=15, lr=1e-2))
         with torch.no_grad():
             lp = torch.log_softmax(m(input_ids=batch.input_ids).logits[0, end].float(), -1)
@@ -421,7 +421,7 @@ def test_projection_leaves_the_module_output_on_every_neighbour_token_unchanged(
     model = tiny_model("llama", seed=seed % 10_000)
     orig = snapshot(model)
     kw = dict(EDIT_KW, project=True, project_corpus=False, lr=1e-2)
-    res = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, **kw)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, **kw)
     pres = preservation.build_preservation(tok, kne.requests.as_requests(REQ), res.config, "cpu", SHORT)
     sites = [s for s, _ in res.ensemble.sites(model)]
     res.restore()
@@ -429,7 +429,7 @@ def test_projection_leaves_the_module_output_on_every_neighbour_token_unchanged(
         model(input_ids=pres.input_ids, attention_mask=pres.attention_mask)
     kept = torch.tensor([p in res.stats["neighbours"] for p in pres.prompts])
     keys = kc.keys(kept)
-    res2 = kne.fast_edit(model, tok, REQ, ensemble=res.ensemble, preserve_prompts=SHORT, **kw)
+    res2 = kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=res.ensemble, preserve_prompts=SHORT, **kw)
     assert res2.stats["losses"][-1] < res2.stats["losses"][0]
     for site, k in zip(sites, keys):
         w_new = site.weight().detach().double()
@@ -448,7 +448,7 @@ EARLIER = {"prompt": "Tin is", "target_new": "red", "subject": "Tin"}
 
 
 def _earlier(model, tok, **kw):
-    return kne.fast_edit(model, tok, EARLIER, preserve_prompts=["Rome,"], **kw)
+    return kne.fast_edit(model, tok, EARLIER, AUTHORS, preserve_prompts=["Rome,"], **kw)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -458,14 +458,14 @@ def test_fast_matches_reference_keeping_an_earlier_edit(backend, tiny_model, tok
     first = _earlier(model, tok, **kw)
     ref_model = copy.deepcopy(model)
     orig = snapshot(model)
-    fast = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
-    ref = kne.reference.edit(ref_model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+    fast = kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, keep=[first], **kw)
+    ref = kne.reference.edit(ref_model, tok, REQ, AUTHORS, preserve_prompts=SHORT, keep=[first], **kw)
     assert fast.stats["kept_sequences"] == ref.stats["kept_sequences"] == 2
     _check(model, ref_model, fast, ref, orig)
     plain = copy.deepcopy(ref_model)  # the same edit without keep moves other weights
     fast.restore()
     assert_state_equal(model, orig)
-    without = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, **kw)
+    without = kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, **kw)
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     without.restore()
     first.restore()
@@ -490,7 +490,7 @@ def test_keep_leaves_the_earlier_edit_and_its_neighbours_alone(positions, tiny_m
     sites = [s for s, _ in loc.sites(model)]
     keys = nullspace.kept_keys(model, tok, sites, seqs)
     assert all(k.shape[0] == sum(b - a for _, a, b in seqs) for k in keys)
-    second = kne.fast_edit(model, tok, REQ, ensemble=loc, preserve_prompts=SHORT, keep=[first], **kw)
+    second = kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=loc, preserve_prompts=SHORT, keep=[first], **kw)
     assert second.stats["losses"][-1] < second.stats["losses"][0]
     for site, k in zip(sites, keys):
         d = site.weight().detach().double() - after_first[site.path + ".weight"].double()
@@ -499,7 +499,7 @@ def test_keep_leaves_the_earlier_edit_and_its_neighbours_alone(positions, tiny_m
         assert float(change.abs().max()) <= 1e-4 * float(d.abs().max()) * float(k.abs().max()) * k.shape[1], site.path
     second.restore()
     # without keep the same edit does move those outputs
-    third = kne.fast_edit(model, tok, REQ, ensemble=loc, preserve_prompts=SHORT, **kw)
+    third = kne.fast_edit(model, tok, REQ, AUTHORS, ensemble=loc, preserve_prompts=SHORT, **kw)
     worst_change = max(float(((s.weight().detach().double() - after_first[s.path + ".weight"].double())
                               @ k.double().t()).abs().max()) for s, k in zip(sites, keys))
     assert worst_change > 1e-3
@@ -513,16 +513,16 @@ def test_keep_errors(tiny_model, tok, seed):
     kw = dict(EDIT_KW, project=True, project_corpus=False)
     first = _earlier(model, tok, **kw)
     with pytest.raises(ValueError, match="keep= needs the null-space projection"):
-        kne.fast_edit(model, tok, REQ, keep=[first], **dict(kw, project=False))
+        kne.fast_edit(model, tok, REQ, AUTHORS, keep=[first], **dict(kw, project=False))
     for bad, msg in [(first, "must be a list"), ("Tin is", "must be a list"), ([3], "keep holds a int"),
                      ([""], "empty prompt"), (7, "must be a list")]:
         for edit in (kne.fast_edit, kne.reference.edit):
             with pytest.raises(ValueError, match=msg):
-                edit(model, tok, REQ, preserve_prompts=SHORT, keep=bad, **kw)
+                edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, keep=bad, **kw)
     first.restore()
     assert_state_equal(model, orig)
     with pytest.raises(ValueError, match="which was restored"):
-        kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+        kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, keep=[first], **kw)
     # a failure while reading the earlier edits' keys leaves the model as the earlier edit left it
     first = _earlier(model, tok, **kw)
     after_first = snapshot(model)
@@ -533,12 +533,12 @@ def test_keep_errors(tiny_model, tok, seed):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nullspace, "kept_keys", broken)
         with pytest.raises(RuntimeError, match="injected"):
-            kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=[first], **kw)
+            kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, keep=[first], **kw)
     assert_state_equal(model, after_first)
     first.restore()
     assert_state_equal(model, orig)
     # strings are kept too (their last token)
-    res = kne.fast_edit(model, tok, REQ, preserve_prompts=SHORT, keep=["Tin is red"], **kw)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, preserve_prompts=SHORT, keep=["Tin is red"], **kw)
     assert res.stats["kept_sequences"] == 1
     res.restore()
     assert_state_equal(model, orig)
@@ -560,7 +560,7 @@ def test_corpus_statistics_are_cached_per_model(tiny_model, tok, seed, small_cac
     assert again is not None and again.folder == s1.folder
     # an FFN edit keeps the key; another model gets another one
     key = nullspace.model_key(model, ["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"])
-    res = kne.fast_edit(model, tok, REQ, **EDIT_KW)
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, **EDIT_KW)
     assert nullspace.model_key(model, ["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"]) == key
     res.restore()
     other = tiny_model("llama", seed=seed % 10_000 + 1)

@@ -71,9 +71,11 @@ def check_tokenizer(tokenizer) -> None:
     if tokenizer is None:
         raise ValueError("tokenizer is None: pass the model's tokenizer (kne.load_model returns (model, tokenizer); "
                          "for other models AutoTokenizer.from_pretrained(<the model's name or folder>))")
-    if not callable(tokenizer):
+    if not callable(tokenizer) or isinstance(tokenizer, torch.nn.Module):
         raise ValueError(f"tokenizer must be a Hugging Face tokenizer (a callable that returns input_ids), got "
-                         f"{type(tokenizer).__name__}")
+                         f"{type(tokenizer).__name__}" + (": that is a model; pass the model first, then the tokenizer "
+                                                          "(model, tokenizer)" if isinstance(tokenizer, torch.nn.Module)
+                                                          else ""))
 
 
 def _short(text: str, n: int = 60) -> str:

@@ -105,6 +105,11 @@ def _model_type(model: nn.Module) -> Optional[str]:
 
 
 def get_architecture(model: nn.Module) -> Architecture:
+    if not isinstance(model, nn.Module):
+        swapped = callable(model) and hasattr(model, "convert_tokens_to_ids")
+        raise ValueError(f"model must be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}"
+                         + (": that is a tokenizer; pass the model first, then the tokenizer (model, tokenizer)"
+                            if swapped else ""))
     mt = _model_type(model)
     if mt in _REGISTRY:
         return _REGISTRY[mt]

@@ -1,5 +1,5 @@
 """Command line: ``kne demo | edit | eval | plot | info`` (also ``python -m kne``). The benchmarks are
-scripts of a source checkout: ``benchmarks/bench_edit.py`` and ``benchmarks/bench_kernels.py``."""
+scripts of a source checkout: ``benchmarks/speed/bench_edit.py`` and ``benchmarks/speed/bench_kernels.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._extras import MissingDependency
-from ._io import check_output as _check_output, write_text_atomic
+from .io import check_output as _check_output, write_text
 
 __all__ = ["main", "build_parser"]
 
@@ -70,6 +70,10 @@ def _check_device(device: str) -> None:
 def _check_args(args) -> None:
     """What can be checked before torch is imported and the model loaded: numbers, input files and
     every output path (so no edit runs only to fail at saving its result)."""
+    if getattr(args, "model", None) is not None:
+        from .models import check_source
+
+        check_source(args.model)  # offline: a mistyped name fails here, not after the hub's retries
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be a positive number of threads, got {threads}")
@@ -110,21 +114,24 @@ def _load(args, quiet: bool = False):
     return model, tok
 
 
-def _config_args(p: argparse.ArgumentParser, preset: str = "authors") -> None:
+def _config_args(p: argparse.ArgumentParser) -> None:
     """One option per KNEConfig field (``--neuron-axis``, ``--preserve-weight``, ``--project`` /
-    ``--no-project`` ...), its help from the field's metadata; given options override the preset."""
+    ``--no-project`` ...), its help from the field's metadata; given options override the preset
+    (default ``kne.config.DEFAULT_PRESET``, whose values the help shows)."""
     import dataclasses
 
-    from .config import _CHOICES, KNEConfig, PRESETS
+    from .config import _CHOICES, DEFAULT_PRESET, KNEConfig, PRESETS
 
-    g = p.add_argument_group("KNE settings (kne.KNEConfig; the options given override --preset)")
-    g.add_argument("--preset", choices=tuple(PRESETS), default=preset,
-                   help="base settings: " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()))
+    g = p.add_argument_group(f"KNE settings (kne.KNEConfig; the options given override --preset; the defaults shown "
+                             f"are the {DEFAULT_PRESET} preset's)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                   help=f"base settings (default {DEFAULT_PRESET}): " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()))
+    base = KNEConfig.preset(DEFAULT_PRESET)
     hints = {"target_modules": (str, "NAME"), "layers": (int, "L")}
     for f in dataclasses.fields(KNEConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default {default!r})")
+        default = getattr(base, f.name)
+        help_ = f.metadata["help"] + f" (default {default!r})"
         help_ = help_.replace("%", "%%")
         if f.name in hints:
             typ, metavar = hints[f.name]
@@ -147,7 +154,7 @@ def _config(args):
     for k in ("target_modules", "layers"):
         if k in over:
             over[k] = tuple(over[k])
-    return kne.KNEConfig.preset(getattr(args, "preset", "authors") or "authors", **over)
+    return kne.KNEConfig.preset(getattr(args, "preset", None) or kne.config.DEFAULT_PRESET, **over)
 
 
 def _common(p: argparse.ArgumentParser, model_default: Optional[str] = "smollm2-135m") -> None:
@@ -186,7 +193,7 @@ def cmd_demo(args) -> int:
                           ground_truth=args.old or None, rephrase_prompt=args.paraphrase,
                           locality={"Kept": [{"prompt": u, "ground_truth": before[u].strip() or "?"} for u in kept]})
     pre = kne.evaluate(model, tok, [req])
-    print(f"edit    {args.prompt!r} -> {args.target!r} (subject {args.subject!r}; preset {args.preset})")
+    print(f"edit    {args.prompt!r} -> {args.target!r} (subject {args.subject!r}; preset {kne.config.describe(cfg)})")
     res = kne.fast_edit(model, tok, [req], cfg)
     st = res.stats
     post = kne.evaluate(model, tok, [req], pre=pre)
@@ -222,7 +229,7 @@ def cmd_demo(args) -> int:
     if moved and not cfg.preserve_others:
         print(f"note      {len(moved)} other subject(s) asked the edited relation moved (e.g. {moved[0]!r}): "
               "--preserve-others 4 keeps them (projected too), at some portability on KnowEdit "
-              "(README, Local edits)")
+              "(docs/local-edits.md)")
     if args.restore:
         res.restore()
         print("restored  the model is back to its original weights")
@@ -244,6 +251,7 @@ def cmd_edit(args) -> int:
     res = kne.fast_edit(model, tok, [req], cfg, ensemble=ens)
     post = kne.evaluate(model, tok, [req], pre=pre)
     st = res.stats
+    print(f"preset  {kne.config.describe(cfg)}")
     print(f"before  {args.prompt!r} -> {before!r}")
     print(f"after   {args.prompt!r} -> {greedy(model, tok, args.prompt)!r}")
     print(f"edit    success {_pct(post.summary()['edit_succ'])}%, {st['steps']} steps, loss {st['losses'][-1]:.4f}, "
@@ -280,13 +288,9 @@ def cmd_eval(args) -> int:
     files = data_files(args.data, args.all)  # --skip and --limit were checked by _check_args
     data = []  # every file's records, read (and checked) before the model loads
     for f in files:
-        records = kne.load_knowedit(f)
-        requests = records[args.skip:]
-        if args.limit is not None:
-            requests = requests[:args.limit]
+        requests = kne.load_knowedit(f, limit=args.limit, skip=args.skip)  # warns of the records read only
         if not requests:
-            raise ValueError(f"{f}: no records to evaluate " + (f"(it holds {len(records)}; --skip {args.skip} leaves "
-                                                                "none)" if records else "(the file holds none)"))
+            raise ValueError(f"{f}: no records to evaluate (the file holds none)")
         data.append((f, requests))
     protocols = ("independent", "sequential") if args.protocol == "both" else (args.protocol,)
     rank, world = distributed()
@@ -304,7 +308,8 @@ def cmd_eval(args) -> int:
         for method in args.method:
             for protocol in protocols:
                 if rank == 0:
-                    print(f"data    {f.name}: {len(requests)} records; method {method}; {protocol} edits"
+                    how = f" (preset {kne.config.describe(cfg)})" if method in ("kne", "reference") else ""
+                    print(f"data    {f.name}: {len(requests)} records; method {method}{how}; {protocol} edits"
                           + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
                 res = run_edits(model, tok, [requests[i] for i in mine], method, cfg, protocol=protocol,
                                 fluency=args.fluency, progress=not args.no_progress and rank == 0,
@@ -341,8 +346,8 @@ def cmd_eval(args) -> int:
 
 
 def _write_text(args, path: str, text: str) -> None:
-    """Write ``path`` whole or not at all (:func:`kne._io.write_text_atomic`)."""
-    args.wrote.append(str(write_text_atomic(path, text)))
+    """Write ``path`` whole or not at all (:func:`kne.io.write_text`)."""
+    args.wrote.append(str(write_text(path, text)))
 
 
 def cmd_info(args) -> int:
@@ -412,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--old", default=DEMO_OLD, help="the old answer (neighbours predicting it are left out)")
     d.add_argument("--paraphrase", default=DEMO_PARAPHRASE)
     d.add_argument("--restore", action="store_true", help="restore the model at the end and say so")
-    _config_args(d, preset="local")
+    _config_args(d)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("edit", help="edit one fact and optionally save the edited model",
@@ -509,6 +514,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     The package is imported lazily, so a Ctrl-C while torch and the model load lands here."""
     args = build_parser().parse_args(argv)
     args.phase, args.wrote, args.writing = "start-up", [], None
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        text = getattr(message, "cli", None) or str(message)  # kne's warnings carry the CLI's wording
+        print(f"kne {args.command}: warning: {' '.join(text.split())}", file=sys.stderr)
+
+    shown, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
         _check_args(args)
         # info and plot set (or report) threads and devices themselves; compare needs neither
@@ -522,6 +534,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_interrupted(args), file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         if "torch.distributed" in sys.modules:
             try:
                 import torch.distributed as dist

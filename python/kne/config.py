@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["KNEConfig", "resolve_config"]
+__all__ = ["KNEConfig", "resolve_config", "edit_config", "DEFAULT_PRESET", "PRESETS"]
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed / Generator.manual_seed accept
 
@@ -39,6 +39,12 @@ def _f(default: Any, help: str):
 class KNEConfig:
     """Settings of one KNE localisation and edit.
 
+    The fields' defaults are the authors' published Llama-2-7B setting (``preset("authors")``), so
+    ``KNEConfig(steps=50)`` is that setting with 50 steps. An edit given no config at all
+    (``kne.fast_edit(model, tok, req)``, ``kne edit``) uses ``preset("local")`` instead
+    (:data:`DEFAULT_PRESET`), with any keyword overrides on top of it; :func:`describe` names the
+    preset a config is and what it changes.
+
     Localisation (``kne.attribute`` / ``kne.locate``):
 
     * ``target_modules``: FFN modules whose neurons are scored, by neutral alias (``ffn_in``,
@@ -52,7 +58,7 @@ class KNEConfig:
       ones (``0``: none). Layer 0's FFN writes into every token's stream and the last layer's
       straight into the logits: in a sequence of edits, edits there wear away what the model says
       about the other edits' subjects, while the last layer is also where an edit stays with its
-      own subject (README, Local edits).
+      own subject (docs/local-edits.md).
     * ``ig_steps``: Riemann steps ``m`` of the integrated-gradient path, ``a_k = k/m``; ``1`` is
       gradient-times-weight at the model's own weights (the authors' "gas").
     * ``ig_path``: ``"layerwise"`` scales one module instance at a time along the path (default,
@@ -254,13 +260,14 @@ class KNEConfig:
     def preset(cls, name: str, **overrides: Any) -> "KNEConfig":
         """Named settings (``PRESETS``), with ``overrides`` on top.
 
-        * ``"authors"``: the defaults -- the authors' published Llama-2-7B setting (rows of
-          ``mlp.down_proj``, dropout 0.1, stop at loss 1e-2).
+        * ``"authors"``: ``KNEConfig()``'s fields -- the authors' published Llama-2-7B setting
+          (rows of ``mlp.down_proj``, dropout 0.1, stop at loss 1e-2).
         * ``"tuned"``: columns (``neuron_axis="in"``), dropout 0, stop at loss 0.1 -- the authors'
           own run scripts stop at ``t_loss=1e-1`` and their released YAML sets ``knb_dropout: 0``.
-          On SmolLM2-135M (20 counterfact records, see the README) it reaches 100% edit success
-          in about 12 steps where the defaults reach 93% in 22-28, with higher portability.
-        * ``"local"``: edits that keep what the model knows, about the subject and about other
+          On SmolLM2-135M (20 counterfact records, docs/quality.md) it reaches 100% edit success
+          in about 12 steps where the authors' setting reaches 93% in 22-28, with higher portability.
+        * ``"local"`` (:data:`DEFAULT_PRESET`: what an edit given no config uses): edits that keep
+          what the model knows, about the subject and about other
           subjects. Rows (``neuron_axis="out"``), every step's delta projected off the keys of the
           subject's neighbour prompts (``project=True``: the edited modules' outputs on those
           prompts do not change at all), the KL at the answer's end (``preserve_answer_end=True``,
@@ -270,23 +277,23 @@ class KNEConfig:
           gradient puts it, where AdamW's per-coordinate steps move every ensemble coordinate about
           as far, which spills into other subjects and, over a sequence of edits, wears their
           facts away), dropout 0, stop as soon as every answer token is the argmax
-          (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files (README,
-          Local edits); ``optimizer="adamw", lr=0.1, steps=60`` gives the preset's second
+          (``stop_rule="argmax"``). Chosen on records 0-19 of the three KnowEdit files
+          (docs/experiments/local-preset.md); ``optimizer="adamw", lr=0.1, steps=60`` gives the preset's second
           revision, and with ``preserve_weight=0, preserve_answer_end=False`` as well its first.
           ``lr=15, stop_rule="margin", stop_margin=1`` trades some of what the edit keeps for
-          portability (README, Local edits: the margin stop). Needs the request's ``subject``
+          portability (docs/local-edits.md: the margin stop). Needs the request's ``subject``
           (else its neighbours come from elsewhere, with a warning). On the embedded model "The
           capital of France is" -> "Rome" leaves 14 of 16 other capitals the model knows where
           they were (the second revision 5, FT-M none);
           ``preset("local", preserve_others=4)`` also projects off four prompts that ask other
-          subjects the edited relation (README, Local edits).
+          subjects the edited relation (docs/local-edits.md).
         * ``"knb"``: the authors' KNB trainer (their EasyEdit fork) as released for Llama-2-7b-chat
           (``hparams/KNB/llama2-7b-chat.yaml``: rows of ``mlp.down_proj``, dropout 0, stop at loss
           1e-2) with its three differences from kne's loop switched on -- ``stop_after_step``,
           ``loss_reduction="token"``, ``delta_init="authors"`` -- and its tokenisation
           (``add_special_tokens``, ``always_space``). From the same ensemble and start its per-step
           losses equal theirs: bit for bit in float64, within their own float32 noise in float32
-          (``tests/test_knb_parity.py``, README "Parity with the authors' code").
+          (``tests/test_knb_parity.py``, docs/parity.md).
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
@@ -309,7 +316,7 @@ class KNEConfig:
 
 #: name -> (one-line description, overrides of the defaults); see :meth:`KNEConfig.preset`
 PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    "authors": ("KNEConfig's defaults, the authors' Llama-2-7B setting", {}),
+    "authors": ("the authors' published Llama-2-7B setting (KNEConfig's field defaults)", {}),
     "tuned": ("columns, dropout 0, stop at loss 0.1", {"neuron_axis": "in", "dropout": 0.0, "stop_loss": 0.1}),
     "local": ("rows kept off every key of the subject's neighbour prompts (null-space projection), the KL at the "
               "answer's end (weight 2), normalised gradient descent (steps of length 20), dropout 0, stop once the "
@@ -323,8 +330,34 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 }
 
 
+#: The preset of an edit given no config (``fast_edit``, ``kne.reference.edit``, ``kne.Editor``, ``kne edit``,
+#: ``kne eval``, the EasyEdit drop-in): edits that keep what the model knows.
+DEFAULT_PRESET = "local"
+
+
+def edit_config(config: Optional[KNEConfig], overrides: Optional[Dict[str, Any]] = None) -> KNEConfig:
+    """The settings of an edit: ``config`` (a :class:`KNEConfig` or a dict of fields) with
+    ``overrides`` applied; with no config, ``KNEConfig.preset(DEFAULT_PRESET)`` (``"local"``) is the base."""
+    return resolve_config(KNEConfig.preset(DEFAULT_PRESET) if config is None else config, overrides)
+
+
+def describe(config: KNEConfig) -> str:
+    """The preset a config is, and what it changes: ``"local"``, ``"local with lr=15.0, stop_rule='margin'"``
+    (the preset it differs least from; ties go to the order of ``PRESETS``)."""
+    mine = config.to_dict()
+    best = None
+    for name in PRESETS:
+        base = KNEConfig.preset(name).to_dict()
+        diff = [k for k in mine if mine[k] != base[k]]
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    name, diff = best
+    return name if not diff else f"{name} with " + ", ".join(f"{k}={mine[k]!r}" for k in diff)
+
+
 def resolve_config(config: Optional[KNEConfig], overrides: Optional[Dict[str, Any]] = None) -> KNEConfig:
-    """A validated copy of ``config`` (default ``KNEConfig()``) with ``overrides`` applied."""
+    """A validated copy of ``config`` (default ``KNEConfig()``, the authors' setting) with ``overrides``
+    applied. (An edit given no config starts from ``DEFAULT_PRESET`` instead: :func:`edit_config`.)"""
     if config is None:
         config = KNEConfig()
     elif isinstance(config, dict):

