@@ -156,7 +156,7 @@ def test_bootstrap_draws_in_chunks_give_the_same_interval_shape():
 
 
 def test_cli_compare_on_the_shipped_results(tmp_path, capsys):
-    """The README's own results: the means `kne compare` pairs are the table's, and the output files
+    """The shipped quality results (docs/quality.md): the means `kne compare` pairs are the table's, and the output files
     are written whole."""
     out, table = tmp_path / "c.json", tmp_path / "c.md"
     assert main(["compare", str(RESULTS), "--a-method", "kne (local)", "--b-method", "ft-m", "--boots", "400",

@@ -1,7 +1,7 @@
 """kne.evaluate against values computed with EasyEdit's own metric functions.
 
 The table ``tests/data/easyedit_parity.json`` was computed ONCE by
-``tests/data/make_easyedit_table.py``, which runs EasyEdit's ``compute_edit_quality`` (and through
+``tools/make_easyedit_table.py``, which runs EasyEdit's ``compute_edit_quality`` (and through
 it ``compute_rewrite_or_rephrase_quality``, ``compute_portability_quality``,
 ``compute_locality_quality`` and ``test_prediction_acc``, taken unmodified from
 ``easyeditor/evaluate/`` of the EasyEdit checkout named in the table's ``easyedit`` field) on the
@@ -18,7 +18,7 @@ tokenises with ``add_special_tokens=True``). Regenerate (an EasyEdit checkout is
 is not part of this repository)::
 
     git clone https://github.com/zjunlp/EasyEdit /tmp/EasyEdit
-    .venv/bin/python tests/data/make_easyedit_table.py /tmp/EasyEdit
+    .venv/bin/python tools/make_easyedit_table.py /tmp/EasyEdit
 
 and commit the new JSON with the EasyEdit commit it names.
 """

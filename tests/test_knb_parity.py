@@ -22,7 +22,7 @@ kne's fast path differs from their trace by as much (3.8e-4 and 3.5e-6); the tol
 first loss (before any step) 1e-5, and the step counts must be equal. (``kne.reference.edit``,
 dense masked deltas like theirs, gave their float32 losses of the single-request case bit for bit
 when the trace was made, and those of the batch to 2.5e-6: they pad on the left, kne on the right.) In
-float64 the fast path and their code are bit for bit equal (README, "Parity with the authors'
+float64 the fast path and their code are bit for bit equal (docs/parity.md, "Parity with the authors
 code"). Each switch moves the first loss far past the tolerance (the end of this file).
 """
 

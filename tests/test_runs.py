@@ -76,7 +76,7 @@ def test_sequential_projected_edits_keep_the_earlier_ones(method, tiny_model, to
 
 
 def test_which_methods_keep_the_earlier_edits():
-    """One rule, read by run_edits and benchmarks/sequential_curve.py: kne and the reference with
+    """One rule, read by run_edits and benchmarks/quality/sequential_curve.py: kne and the reference with
     the projection on; FT-M never; nothing without the projection."""
     local = kne.KNEConfig.preset("local")
     assert runs.keeps_earlier("kne", local) and runs.keeps_earlier("reference", local)
@@ -110,11 +110,11 @@ def test_bad_protocol_and_method(tiny_model, tok):
 
 
 def _benchmark(name):
-    """A script of benchmarks/ (not a package) loaded as a module."""
+    """A script of benchmarks/quality/ (not a package) loaded as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -136,15 +136,15 @@ def test_benchmark_scripts_check_out_before_the_run(name, tmp_path, monkeypatch)
         mod.main(["--data", "zsre", "--limit", "1", "--method", "kne", "--out", str(tmp_path)])
 
 
-def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
-    """kne._io.write_text_atomic (kne eval --out/--table, the benchmark scripts): the file is
+def test_write_text_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    """kne.io.write_text (kne eval --out/--table, the benchmark scripts): the file is
     replaced whole; a write or rename that fails leaves the old contents and no temporary file."""
     import os
 
-    from kne import _io
+    from kne import io as kio
 
     out = tmp_path / "r.json"
-    assert _io.write_text_atomic(out, "old\n") == out and out.read_text() == "old\n"
+    assert kio.write_text(out, "old\n") == out and out.read_text() == "old\n"
     for target in ("os.replace", "pathlib.Path.write_text"):
         def boom(*a, **k):
             raise OSError("disk full")
@@ -152,20 +152,20 @@ def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(target, boom)
             with pytest.raises(OSError, match="disk full"):
-                _io.write_text_atomic(out, "new\n")
+                kio.write_text(out, "new\n")
         assert out.read_text() == "old\n", target
         assert sorted(os.listdir(tmp_path)) == ["r.json"], target
-    _io.write_text_atomic(out, "new\n")
+    kio.write_text(out, "new\n")
     assert out.read_text() == "new\n" and sorted(os.listdir(tmp_path)) == ["r.json"]
 
 
 def test_write_atomic_keeps_the_old_file_when_the_writer_fails_midway(tmp_path):
-    """kne._io.write_atomic (the benchmarks' charts): a writer that fails after writing part of
+    """kne.io.write_atomic (the benchmarks' charts): a writer that fails after writing part of
     the file leaves the old one and no temporary file; the temporary name keeps the suffix (savefig
     reads the format from it)."""
     import os
 
-    from kne import _io
+    from kne import io as kio
 
     out = tmp_path / "chart.png"
     out.write_bytes(b"old")
@@ -177,19 +177,19 @@ def test_write_atomic_keeps_the_old_file_when_the_writer_fails_midway(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        _io.write_atomic(out, half_then_fail)
+        kio.write_atomic(out, half_then_fail)
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["chart.png"]
     assert seen[0].parent == tmp_path and seen[0].suffix == ".png" and seen[0] != out
-    _io.write_atomic(out, lambda tmp: tmp.write_bytes(b"new"))
+    kio.write_atomic(out, lambda tmp: tmp.write_bytes(b"new"))
     assert out.read_bytes() == b"new" and os.listdir(tmp_path) == ["chart.png"]
 
 
 def test_csv_text_is_what_a_csv_file_writer_writes(tmp_path):
-    """kne._io.csv_text (the benchmarks' tables): the same bytes as csv.DictWriter on a file opened
+    """kne.io.csv_text (the benchmarks' tables): the same bytes as csv.DictWriter on a file opened
     with newline="", quoting and missing cells included; a key outside the header is an error."""
     import csv
 
-    from kne import _io
+    from kne import io as kio
 
     rows = [{"op": "a", "shape": "[2, 3]", "note": 'say "hi"'}, {"op": "b", "shape": "x,y"}]
     fields = ["op", "shape", "note"]
@@ -197,14 +197,14 @@ def test_csv_text_is_what_a_csv_file_writer_writes(tmp_path):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    _io.write_text_atomic(tmp_path / "ours.csv", _io.csv_text(rows, fields))
+    kio.write_text(tmp_path / "ours.csv", kio.csv_text(rows, fields))
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
     with pytest.raises(ValueError, match="not in fieldnames"):
-        _io.csv_text([{"op": "a", "other": 1}], ["op"])
+        kio.csv_text([{"op": "a", "other": 1}], ["op"])
 
 
 def test_relation_spillover_plan(monkeypatch):
-    """benchmarks/relation_spillover.py's plan: each edited record is asked of the other subjects
+    """benchmarks/quality/relation_spillover.py's plan: each edited record is asked of the other subjects
     whose record shares its template (not its own subject, each once, those already answering the
     new target left out, at most --others); a record that cannot be asked is listed with why."""
     mod = _benchmark("relation_spillover")
@@ -258,7 +258,7 @@ def test_relation_spillover_portability_split():
 
 @pytest.mark.slow
 def test_relation_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
-    """benchmarks/relation_spillover.py on two recent records: ``moved`` is what editing and asking
+    """benchmarks/quality/relation_spillover.py on two recent records: ``moved`` is what editing and asking
     by hand gives, and the model is restored after every edit."""
     import json
 
@@ -290,7 +290,7 @@ def test_relation_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
-    """benchmarks/sequential_curve.py: one row per edit and method, the metrics after that many
+    """benchmarks/quality/sequential_curve.py: one row per edit and method, the metrics after that many
     edits (kne's first edit equals an independent one's success on its own record), and the model
     restored at the end."""
     import json
@@ -314,7 +314,7 @@ def test_sequential_curve_benchmark(embedded, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
-    """benchmarks/spillover.py: for each record edited alone, ``own`` is its own locality and
+    """benchmarks/quality/spillover.py: for each record edited alone, ``own`` is its own locality and
     ``others`` the other records' (same numbers as editing and evaluating by hand), the model
     restored after every edit."""
     import json

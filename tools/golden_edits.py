@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                              f"{made_with['torch']}: install that torch first")
         doc.setdefault("machines", {})[cpu_fingerprint()] = {"made_with": made_with, "cases": result["cases"]}
         result = doc
-    # whole or not at all, as kne._io.write_text_atomic does; not that function: this runs against
+    # whole or not at all, as kne.io.write_text does; not that function: this runs against
     # kne 0.2.0's checkout, which does not have it
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

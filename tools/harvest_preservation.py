@@ -96,9 +96,9 @@ def main(argv=None) -> int:
                                         / "preservation.json"))
     a = p.parse_args(argv)
     data = harvest(Path(a.data_dir), a.first, a.templates, a.min_count, a.prompts, a.seed, a.subjects)
-    from kne._io import write_text_atomic
+    from kne.io import write_text
 
-    write_text_atomic(a.out, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    write_text(a.out, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {a.out}: {len(data['templates'])} templates, {len(data['prompts'])} prompts, "
           f"{sum(len(v) for v in data['subjects'].values())} template subjects")
     return 0

@@ -75,9 +75,9 @@ BATCH = [{"prompt": "The capital of France is", "target_new": "Rome"},
 
 def _write(path, text: str) -> None:
     """``--out`` written whole or not at all (an interrupted run leaves the last file as it was)."""
-    from kne._io import write_text_atomic
+    from kne.io import write_text
 
-    write_text_atomic(path, text)
+    write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------------- set-up

@@ -1,7 +1,7 @@
 """Writes tests/data/easyedit_parity.json: EasyEdit's own metric values for the cases of
 tests/test_easyedit_parity.py (run once; the test compares kne.evaluate with the table).
 
-    .venv/bin/python tests/data/make_easyedit_table.py /path/to/EasyEdit [--commit SHA]
+    .venv/bin/python tools/make_easyedit_table.py /path/to/EasyEdit [--commit SHA]
 
 The EasyEdit checkout is read, not imported as a package (its ``easyeditor/__init__`` pulls in
 dozens of packages): the functions ``compute_edit_quality``, ``compute_rewrite_or_rephrase_quality``,
@@ -34,8 +34,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: the case and model builders live in the test module
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the case and model builders live in the test module
 
 import test_easyedit_parity as parity  # noqa: E402
 
@@ -85,7 +85,7 @@ def easyedit_record(req) -> dict:
 
 def min_margin(model, tok, reqs) -> float:
     """Smallest top-2 logit margin at any answer position kne scores (EasyEdit's tokenisation)."""
-    from kne._text import encode
+    from kne.objective import encode
 
     pairs = []
     for r in reqs:
@@ -127,7 +127,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("easyedit", type=Path, help="an EasyEdit checkout (https://github.com/zjunlp/EasyEdit)")
     ap.add_argument("--commit", default=None, help="its commit (default: git rev-parse HEAD in the checkout)")
-    ap.add_argument("--out", type=Path, default=HERE / "easyedit_parity.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "easyedit_parity.json")
     args = ap.parse_args()
     commit = args.commit or subprocess.run(["git", "-C", str(args.easyedit), "rev-parse", "HEAD"],
                                            capture_output=True, text=True).stdout.strip() or "unknown"
@@ -137,7 +137,7 @@ def main() -> int:
     tok = parity.parity_tokenizer()
     out = {"easyedit": {"repository": "https://github.com/zjunlp/EasyEdit", "commit": commit,
                         "functions": {k: v for k, v in FUNCTIONS.items()}},
-           "made_by": "tests/data/make_easyedit_table.py", "date": datetime.date.today().isoformat(),
+           "made_by": "tools/make_easyedit_table.py", "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "tiny": score(ns, parity.parity_model(tok), tok, reqs)}
     model, tok = parity.smollm2_with_bos()

@@ -103,7 +103,7 @@ def ensemble_adamw_step_(weight: torch.Tensor, index: torch.Tensor, grad: torch.
     Nothing outside the ensemble is touched.
 
     The arithmetic is ``torch.optim.AdamW``'s (``amsgrad=False``), one float32 rounding per torch
-    op. What is bit-exact (measured on x86-64 with AVX-512, torch 2.13 CPU; see the README):
+    op. What is bit-exact (measured on x86-64 with AVX-512, torch 2.13 CPU; see docs/robustness.md):
 
     * ``backend="torch"``: ``delta``, ``exp_avg`` and ``exp_avg_sq`` equal ``torch.optim.AdamW``'s
       default CPU step (single-tensor and ``foreach`` paths) bit for bit: it runs those ops.

@@ -22,7 +22,7 @@ _EXPORTS = {
     "register_architecture": "adapters", "supported_model_types": "adapters",
     "Attribution": "attribution", "attribute": "attribution", "locate": "attribution",
     "KNEConfig": "config",
-    "EditError": "editing", "EditResult": "editing", "fast_edit": "editing",
+    "EditError": "result", "EditResult": "result", "fast_edit": "editing",
     "apply_edit": "editfile", "read_edit": "editfile", "revert_edit": "editfile",
     "Ensemble": "ensemble",
     "EvalResult": "evaluation", "evaluate": "evaluation",

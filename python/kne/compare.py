@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._metrics import METRICS, record_value
+from .metrics import METRICS, record_value
 
 __all__ = ["FEW", "load_runs", "paired_difference", "compare_runs", "pair_runs", "format_comparison"]
 

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._metrics import METRICS, mean_present, record_value
+from .metrics import METRICS, mean_present, record_value
 from ._text import answer_predictions, check_lengths, check_tokenizer, encode
 from ._utils import answer_logits, as_int, input_device, max_positions, restore_training, training_flags
 from .requests import as_requests

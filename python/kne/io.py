@@ -1,4 +1,5 @@
-"""Output files, written whole or not at all (no torch import: the CLI checks its paths first)."""
+"""Output files, written whole or not at all: every file kne, its benchmarks and its tools write goes
+through :func:`write_atomic` / :func:`write_text` (no torch import: the CLI checks its paths first)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["check_output", "csv_text", "write_atomic", "write_text_atomic"]
+__all__ = ["check_output", "csv_text", "write_atomic", "write_text"]
 
 
 def check_output(path: Optional[str], flag: str, *, create: bool = False) -> None:
@@ -45,14 +46,14 @@ def write_atomic(path, write: Callable[[Path], object]) -> Path:
     return p
 
 
-def write_text_atomic(path, text: str, encoding: str = "utf-8") -> Path:
+def write_text(path, text: str, encoding: str = "utf-8") -> Path:
     """``text`` written to ``path`` (UTF-8 unless told) whole or not at all (:func:`write_atomic`)."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding=encoding))
 
 
 def csv_text(rows: Iterable[Mapping], fieldnames: Sequence[str]) -> str:
     """``rows`` as CSV text with a header (``csv.DictWriter``; a key not in ``fieldnames`` is an
-    error, a missing one an empty cell), for :func:`write_text_atomic`."""
+    error, a missing one an empty cell), for :func:`write_text`."""
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=list(fieldnames))
     w.writeheader()

@@ -1,5 +1,6 @@
 """The KnowEdit metrics' names and their per-record reduction, shared by :mod:`kne.evaluation`
-(the summary), :mod:`kne.compare` and :mod:`kne.plots`; no torch here, so the last two stay light."""
+(the summary), :mod:`kne.compare`, :mod:`kne.plots` and the scripts that read results files; no
+torch here, so the last ones stay light."""
 
 from __future__ import annotations
 

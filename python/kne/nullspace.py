@@ -51,6 +51,7 @@ from ._text import check_lengths, check_tokenizer, pad_batch, pad_id
 from ._utils import as_int, frozen, input_device, max_positions, new_folder
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .models import cache_dir
+from .result import EditResult
 
 __all__ = ["KeyStatistics", "KeyCapture", "build", "load", "model_key", "preserved_basis", "edit_bases", "kept_texts",
            "kept_keys"]
@@ -336,10 +337,8 @@ def kept_texts(keep, tokenizer, config) -> List[Tuple[List[int], int, int]]:
     (``stats["neighbours"]``) at their last token (the position whose prediction locality reads).
     A string is a prompt whose next-token prediction is kept: its last token. Not every token of
     the neighbours: that fills the key space within ten edits, and later edits no longer land
-    (README, Local edits)."""
+    (docs/local-edits.md)."""
     from ._text import encode
-    from .editing import EditResult
-
     if isinstance(keep, (str, EditResult)) or not hasattr(keep, "__iter__"):
         raise ValueError("keep must be a list of earlier edits (kne.EditResult) and/or prompt strings, got "
                          f"{type(keep).__name__}")

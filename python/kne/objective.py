@@ -25,9 +25,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ._text import Batch, answer_logprobs, answer_margins, answer_predictions, encode, per_sequence_mean
+from ._utils import forward_logits, frozen
 from .preservation import Preservation, build_preservation
 
-__all__ = ["EditObjective", "edit_loss"]
+# The pieces of an edit step, public for code that builds its own (kne's benchmarks do): ``encode``
+# (kne's tokenisation of prompt + answer into a padded ``Batch``), ``forward_logits`` (the model's logits of
+# a batch, without a KV cache), ``frozen`` (no parameter requires a gradient inside it)
+# and ``edit_loss`` (the NLL of the answer tokens).
+__all__ = ["EditObjective", "edit_loss", "encode", "Batch", "forward_logits", "frozen"]
 
 
 def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") -> torch.Tensor:

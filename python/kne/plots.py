@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ._metrics import METRICS
+from .metrics import METRICS
 
 __all__ = ["plot_ensemble", "plot_results", "plot_file"]
 

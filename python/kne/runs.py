@@ -10,7 +10,7 @@ from torch import nn
 
 from ._guard import deferred_interrupt
 from .config import KNEConfig
-from .editing import EditError, EditResult
+from .result import EditError, EditResult
 from .evaluation import EvalResult, evaluate
 from .requests import EditRequest
 

@@ -22,7 +22,7 @@ from .._text import check_lengths, check_tokenizer
 from .._utils import Timer, as_float, as_int, input_device, max_positions, restore_training, training_flags
 from ..adapters import num_layers, require_resident, resolve_sites
 from .._guard import undo_writes
-from ..editing import EditError, EditResult
+from ..result import EditError, EditResult
 from ..objective import EditObjective
 from ..requests import as_requests
 
