@@ -1,8 +1,8 @@
-"""The Python parts of the GPU check (benchmarks/gpu_check.sh drives them; see its header).
+"""The Python parts of the GPU check (.ci/gpu_check.sh drives them; see its header).
 
-    python benchmarks/gpu_check.py --env              # versions, GPU, tools: one line each
-    python benchmarks/gpu_check.py --selfcheck        # kernel checks without pytest (fallback)
-    python benchmarks/gpu_check.py --check-imports    # CI: everything the GPU check imports and builds,
+    python .ci/gpu_check.py --env              # versions, GPU, tools: one line each
+    python .ci/gpu_check.py --selfcheck        # kernel checks without pytest (fallback)
+    python .ci/gpu_check.py --check-imports    # CI: everything the GPU check imports and builds,
                                                       # on any machine (no GPU needed)
 
 Nothing here needs more than the GPU machine's own packages (torch, triton, transformers,
@@ -122,13 +122,13 @@ def check_imports() -> int:
                 continue
             importlib.import_module(m.name)
             names.append(m.name)
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "speed"))
     bench_edit = importlib.import_module("bench_edit")
     bench_kernels = importlib.import_module("bench_kernels")
     tok = bench_edit.offline_tokenizer()
     ids = tok(bench_edit.LONG_PROMPT, add_special_tokens=False)["input_ids"]
     assert 2 not in ids, "the long prompt has a word outside the offline vocabulary"
-    from kne._text import encode
+    from kne.objective import encode
 
     batch = encode(tok, [bench_edit.LONG_PROMPT], [bench_edit.TARGET])
     assert batch.lengths == [1], batch.lengths

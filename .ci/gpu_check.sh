@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared call for a lent GPU machine, within 8 minutes of wall time.
+# The GPU check: the GPU tests and benchmarks in one run on a machine with an NVIDIA GPU, within 8
+# minutes of wall time.
 #
-#   bash benchmarks/gpu_check.sh                 (make gpu-check)
-#   bash benchmarks/gpu_check.sh --fetch-wheels  (make gpu-wheels: here, before the GPU run)
+#   bash .ci/gpu_check.sh                 (make gpu-check)
+#   bash .ci/gpu_check.sh --fetch-wheels  (make gpu-wheels: on a machine with network, beforehand)
 #
-# The machine's own Python and packages are used (Python 3.12, torch 2.11.0+cu130, triton 3.6.0,
-# transformers 5.17.0, accelerate 1.15.0, numpy 2.5, nvcc 13.0; no network). Steps, each with a
+# The machine's own Python and packages are used (tested with Python 3.12, torch 2.11.0+cu130,
+# triton 3.6.0, transformers 5.17.0, accelerate 1.15.0, numpy 2.5, nvcc 13.0; no network needed). Steps, each with a
 # time limit, progress lines with timestamps:
 #   0. no GPU -> exit 2 at once, the first line saying why;
 #   1. the environment (versions, GPU, nvcc, tools); pytest, pytest-xdist, ninja and setuptools
-#      installed from build/gpu-wheels (make gpu-wheels; carry it with the run) where missing;
+#      installed from build/gpu-wheels (make gpu-wheels; copy it to the GPU machine) where missing;
 #   2. pip install --no-deps --no-build-isolation -e . with KNE_NO_EXT=1: kne and kne_kernels
 #      against the machine's torch, at once (a plain PYTHONPATH if pip cannot);
 #   3. in the background, the C++ extension with the CUDA kernels built in place
 #      (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16; about 1-1.5 min on 16 cores, measured
-#      3 min with MAX_JOBS=2 for two architectures here); it must finish by t=300 s or is stopped,
+#      3 min with MAX_JOBS=2 for two architectures on a 2-core CPU); it must finish by t=300 s or is stopped,
 #      and the check goes on with the Triton kernels alone;
-#   4. meanwhile the Triton kernel tests (tests/kernels -m triton_backend: every op, fp32/fp16/bf16,
+#   4. meanwhile the Triton kernel tests (tests/ops -m triton_backend: every op, fp32/fp16/bf16,
 #      against the torch kernel and float64; not the AOT compile, which is CI's, nor the hypothesis
 #      fuzzing, whose many shapes would each compile; without pytest: gpu_check.py --selfcheck);
-#   5. the CUDA C++ kernel tests (tests/kernels -m cuda_backend, no fuzzing) once the extension is built;
-#   6. the kernel benchmark (benchmarks/bench_kernels.py --device cuda: every live GPU backend, each
+#   5. the CUDA C++ kernel tests (tests/ops -m cuda_backend, no fuzzing) once the extension is built;
+#   6. the kernel benchmark (benchmarks/speed/bench_kernels.py --device cuda: every live GPU backend, each
 #      memory-bound op's GB/s and its share of a device-to-device copy measured in the same process);
-#   7. the edit benchmark on a Llama-7B-shaped bf16 model with random weights (benchmarks/
+#   7. the edit benchmark on a Llama-7B-shaped bf16 model with random weights (benchmarks/speed/
 #      bench_edit.py --device cuda --model llama-7b-shaped --prompt long --repeats 3: seconds per
 #      edit and per step, peak GPU memory; the authors' settings and the tuned preset; against the
 #      reference and FT-M where memory allows), with what time is left.
@@ -41,7 +42,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    -d "$WHEELS" pytest pytest-xdist ninja "setuptools>=70.1,<82" || exit 1
+    -d "$WHEELS" pytest pytest-xdist ninja "setuptools>=77,<82" || exit 1
   ls "$WHEELS"; du -sh "$WHEELS"
   exit 0
 fi
@@ -52,11 +53,11 @@ for d in ${CUDA_HOME:+$CUDA_HOME/bin} /usr/local/cuda/bin; do  # nvcc off the PA
   command -v nvcc >/dev/null 2>&1 || { [ -x "$d/nvcc" ] && PATH=$PATH:$d; }
 done
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  echo "gpu-check: no GPU here (nvidia-smi not found): run it on the lent GPU machine (README, 'On a GPU')" >&2
+  echo "gpu-check: no GPU here (nvidia-smi not found): run it on a machine with an NVIDIA GPU (docs/performance.md, 'On a GPU')" >&2
   exit 2
 fi
 if ! GPUS=$(nvidia-smi -L 2>&1) || ! grep -q "^GPU " <<<"$GPUS"; then
-  echo "gpu-check: no GPU here (nvidia-smi -L: ${GPUS:-nothing}): run it on the lent GPU machine" >&2
+  echo "gpu-check: no GPU here (nvidia-smi -L: ${GPUS:-nothing}): run it on a machine with an NVIDIA GPU" >&2
   exit 2
 fi
 if ! WHY=$("$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it")' 2>&1); then
@@ -94,7 +95,7 @@ run_step() {
 
 say "gpu-check in $ROOT, results in $OUT, budget ${BUDGET} s"
 # ---------------------------------------------------------------------------------- 1. environment
-"$PY" benchmarks/gpu_check.py --env 2>&1 | tee -a "$LOG"
+"$PY" .ci/gpu_check.py --env 2>&1 | tee -a "$LOG"
 MISSING=$("$PY" - <<'EOF'
 import importlib.util
 print(" ".join(m for m in ("pytest", "xdist", "ninja", "setuptools") if importlib.util.find_spec(m) is None)
@@ -111,7 +112,7 @@ if [ -n "$MISSING" ]; then
       say "could not install $MISSING from build/gpu-wheels (see gpu_check.log)"
     fi
   else
-    say "missing: $MISSING (no build/gpu-wheels: make gpu-wheels here and carry build/gpu-wheels)"
+    say "missing: $MISSING (no build/gpu-wheels: run make gpu-wheels on a machine with network and copy build/gpu-wheels here)"
   fi
 fi
 has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
@@ -151,11 +152,11 @@ XDIST=()
 has xdist && XDIST=(-n 6)
 if has pytest; then
   run_step "Triton kernel tests" $(( $(left) - 260 < 180 ? $(left) - 260 : 180 )) "$TESTS" \
-    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels \
+    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/ops \
     -m triton_backend -k "not test_aot_compile and not test_fuzz"  # the AOT compile is CI's (80 s)
 else
   run_step "Triton kernel self-checks (no pytest)" 120 "$TESTS" \
-    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" benchmarks/gpu_check.py --selfcheck
+    env KNE_KERNELS_LIBRARY="$NOLIB" "$PY" .ci/gpu_check.py --selfcheck
 fi
 
 # ---------------------------------------------------------------------------------- 5. CUDA tests
@@ -171,9 +172,9 @@ if [ -n "$BUILD_PID" ]; then
     record "CUDA extension build" OK $((SECONDS - BUILD_T0)) "$(grep -c '^\[' "$BUILD") compile steps"
     if has pytest; then
       run_step "CUDA C++ kernel tests" $(( $(left) - 200 < 60 ? $(left) - 200 : 60 )) "$TESTS" \
-        "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m cuda_backend -k "not test_fuzz"
+        "$PY" -m pytest -q -p no:cacheprovider tests/ops -m cuda_backend -k "not test_fuzz"
     else
-      run_step "CUDA C++ kernel self-checks (no pytest)" 60 "$TESTS" "$PY" benchmarks/gpu_check.py --selfcheck
+      run_step "CUDA C++ kernel self-checks (no pytest)" 60 "$TESTS" "$PY" .ci/gpu_check.py --selfcheck
     fi
   else
     record "CUDA extension build" FAILED $((SECONDS - BUILD_T0)) "see build.log; Triton kernels only"
@@ -185,15 +186,15 @@ fi
 
 # ---------------------------------------------------------------------------------- 6-7. benchmarks
 run_step "kernel benchmark" $(( $(left) - 140 < 60 ? $(left) - 140 : 60 )) "$LOG" \
-  "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT"
+  "$PY" benchmarks/speed/bench_kernels.py --device cuda --out "$OUT"
 run_step "edit benchmark (llama-7b-shaped, bf16)" $(( $(left) - 10 )) "$LOG" \
-  "$PY" benchmarks/bench_edit.py --device cuda --model llama-7b-shaped --prompt long --repeats 3 --no-chart --out "$OUT"
+  "$PY" benchmarks/speed/bench_edit.py --device cuda --model llama-7b-shaped --prompt long --repeats 3 --no-chart --out "$OUT"
 
 # ---------------------------------------------------------------------------------- summary
 {
   echo "# kne GPU check ($(date -u +%Y-%m-%dT%H:%MZ), $((SECONDS - START)) s)"
   echo
-  "$PY" benchmarks/gpu_check.py --env 2>&1 | sed 's/^/    /'
+  "$PY" .ci/gpu_check.py --env 2>&1 | sed 's/^/    /'
   echo
   echo "| step | result | seconds | note |"
   echo "|---|---|---:|---|"

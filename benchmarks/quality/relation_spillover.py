@@ -10,7 +10,7 @@ is not already the new target (up to ``--others``); ``moved`` is the share of th
 new target after the edit (every target token the argmax, teacher-forced: EasyEdit's rewrite
 accuracy of 1), then the model is restored.
 
-    python benchmarks/relation_spillover.py --data recent --skip 20 --limit 50 --method kne ft-m --out rel.json
+    python benchmarks/quality/relation_spillover.py --data recent --skip 20 --limit 50 --method kne ft-m --out rel.json
 
 ``kne`` is ``fast_edit`` with ``--preset`` (default ``local``); ``ft-m`` is kne's FT-M baseline.
 A record whose subject is not once in its prompt, or whose template no other record shares, gets
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         p.error(f"--split {a.split}: no such file")
     if a.skip < 0 or a.limit < 1 or a.others < 1:
         p.error("--skip must be 0 or more, --limit and --others 1 or more")
-    from kne._io import check_output, write_text_atomic
+    from kne.io import check_output, write_text
 
     check_output(a.out, "--out")  # before the run, not after it
     import torch
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
                 print(f"portability where FT-M moved {what} of the other subjects ({len(v['records'])} records): "
                       f"kne {100 * v['kne']:.1f}, FT-M {100 * v['ft-m']:.1f}")
     if a.out:
-        write_text_atomic(a.out, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+        write_text(a.out, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {a.out}")
     return 0
 

@@ -6,7 +6,7 @@ away as edits accumulate and whether one edit or all of them do it. ``kne`` is `
 ``--preset`` (default ``local``) keeping the earlier edits (``keep=``, as ``kne eval`` does with
 the projection on); ``ft-m`` is kne's FT-M baseline.
 
-    python benchmarks/sequential_curve.py --data zsre --limit 20 --method kne ft-m --out curve.json
+    python benchmarks/quality/sequential_curve.py --data zsre --limit 20 --method kne ft-m --out curve.json
 
 Embedded model, CPU, one thread; about 10 minutes for 20 local edits here.
 """
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the curves as JSON here")
     p.add_argument("--quiet", action="store_true", help="no line per edit on stderr")
     a = p.parse_args(argv)
-    from kne._io import check_output, write_text_atomic
+    from kne.io import check_output, write_text
 
     check_output(a.out, "--out")  # before the run, not after it
     import torch
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     for i in range(a.limit):
         print(f"{i + 1:5d} " + " ".join(f"{100 * out['curves'][m][i]['locality']:16.1f}" for m in a.method))
     if a.out:
-        write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
+        write_text(a.out, json.dumps(out, indent=1) + "\n")
     return 0
 
 

@@ -7,7 +7,7 @@ unedited model, then restores the model. ``others`` (the mean over edits of the 
 locality) is what each edit of a sequence takes away from facts it was not about; ``own`` is the
 independent protocol's locality.
 
-    python benchmarks/spillover.py --data zsre --skip 20 --limit 20 --method kne ft-m --out spill.json
+    python benchmarks/quality/spillover.py --data zsre --skip 20 --limit 20 --method kne ft-m --out spill.json
 
 ``kne`` is ``fast_edit`` with ``--preset`` (default ``local``; ``--exclude-edge-layers`` on top);
 ``ft-m`` is kne's FT-M baseline. Embedded model, CPU, one thread; about 4 minutes per method for 20
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no line per edit on stderr")
     a = p.parse_args(argv)
-    from kne._io import check_output, write_text_atomic
+    from kne.io import check_output, write_text
 
     check_output(a.out, "--out")  # before the run, not after it
     import torch
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         print(f"{m}: edit succ {100 * res['edit_succ']:.2f}  own locality {100 * res['own']:.2f}  "
               f"other subjects' locality {100 * res['others']:.2f}")
     if a.out:
-        write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
+        write_text(a.out, json.dumps(out, indent=1) + "\n")
         print(f"wrote {a.out}")
     return 0
 

@@ -9,15 +9,17 @@ Same model, same request, same settings; the implementations alternate, medians 
 * the edit loop with every step forced (``stop_loss=0``, ``--steps``) on one shared ensemble, and
   the floor of one step measured beside it: a forward plus a backward that only reaches a small
   delta at the lowest edited layer (no weight gradients);
-* a default edit (early stopping on) for ``fast_edit``, ``reference.edit`` and FT-M, plus
-  ``fast_edit`` with ``KNEConfig.preset("tuned")``: seconds for localisation, for the edit loop,
-  and in total (FT-M has no localisation);
+* an edit with early stopping (the section "default edit") with the authors' settings
+  (``KNEConfig.preset("authors")``; the providers ``kne.fast_edit`` and ``kne.reference.edit``) and
+  FT-M, plus ``fast_edit`` with ``KNEConfig.preset("tuned")`` and ``KNEConfig.preset("local")`` (the
+  preset an edit takes when given no config): seconds for localisation, for the edit loop, and in
+  total (FT-M has no localisation);
 * peak memory added by each edit over a plain forward pass (CPU: resident-set growth, each method
   in a fresh subprocess so allocator caches do not blur it; GPU: ``max_memory_allocated``).
 
-    python benchmarks/bench_edit.py                 # embedded model, CPU, 1 thread
-    python benchmarks/bench_edit.py --device cuda --model llama-7b-shaped   # random 7B-shaped Llama, bf16
-    python benchmarks/bench_edit.py --out benchmarks/results                 # how the README's table was made
+    python benchmarks/speed/bench_edit.py                 # embedded model, CPU, 1 thread
+    python benchmarks/speed/bench_edit.py --device cuda --model llama-7b-shaped   # random 7B-shaped Llama, bf16
+    python benchmarks/speed/bench_edit.py --out benchmarks/results                 # how the README's table was made
 
 Writes ``edit_<device>.csv``, ``edit_<device>.txt`` (the printed table) and ``edit_<device>.png``
 (a bar chart; needs matplotlib, ``pip install 'kne[plots]'``, else skipped with a note) into the
@@ -143,17 +145,17 @@ class PeakRSS:
 def memory_probe(method: str, model_name: str, device: str, dtype: torch.dtype, prompt: str) -> Dict[str, float]:
     """Peak memory of one edit with ``method``, and of a plain forward pass, in this process."""
     import kne
-    from kne._text import encode
-    from kne._utils import forward_logits
+    from kne.objective import encode, forward_logits
 
     model, tok = load(model_name, device, dtype)
     req = {"prompt": prompt, "target_new": TARGET, "subject": SUBJECT, "ground_truth": OLD}
     batch = encode(tok, [prompt], [TARGET], device=device)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    fns = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req),
+    authors = kne.KNEConfig.preset("authors")
+    fns = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req, authors),
            "kne.fast_edit tuned": lambda: kne.fast_edit(model, tok, req, kne.KNEConfig.preset("tuned")),
            "kne.fast_edit local": lambda: kne.fast_edit(model, tok, req, kne.KNEConfig.preset("local")),
-           "kne.reference.edit": lambda: kne.reference.edit(model, tok, req),
+           "kne.reference.edit": lambda: kne.reference.edit(model, tok, req, authors),
            "ft-m": lambda: kne.baselines.ft_m(model, tok, req)}
     with torch.no_grad():
         forward_logits(model, batch)  # warm-up: allocator pools, lazy init
@@ -203,10 +205,8 @@ def memory_table(args) -> List[Dict[str, float]]:
 def floor_step(model, tok, layer: int, prompt: str, device: str) -> Callable[[], None]:
     """A forward plus a backward reaching only a small delta at ``layer``'s FFN output (the floor of
     one edit step: no weight gradients, nothing else trained)."""
-    from kne._text import encode
-    from kne._utils import forward_logits, frozen
     from kne.adapters import resolve_sites
-    from kne.editing import edit_loss
+    from kne.objective import edit_loss, encode, forward_logits, frozen
 
     site = resolve_sites(model, ["ffn_out"], [layer])["ffn_out"][0]
     batch = encode(tok, [prompt], [TARGET], device=device)
@@ -306,12 +306,13 @@ def run(args) -> List[Dict[str, Any]]:
     row(f"edit loop ({args.steps} steps)", "kne.fast_edit", "seconds/step", fast, ref=med(ref) if ref else None,
         vs_floor=round(med(fast) / med(fl), 3))
 
-    # 3. a default edit (and fast_edit with the "tuned" preset: columns, no dropout, stop at 0.1)
-    tuned, local = kne.KNEConfig.preset("tuned"), kne.KNEConfig.preset("local")
-    providers = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req),
+    # 3. an edit with early stopping: the authors' settings (kne.fast_edit, kne.reference.edit), the
+    # "tuned" preset (columns, no dropout, stop at 0.1) and the "local" preset (an edit's default)
+    authors, tuned, local = (kne.KNEConfig.preset(p) for p in ("authors", "tuned", "local"))
+    providers = {"kne.fast_edit": lambda: kne.fast_edit(model, tok, req, authors),
                  "kne.fast_edit tuned": lambda: kne.fast_edit(model, tok, req, tuned),
                  "kne.fast_edit local": lambda: kne.fast_edit(model, tok, req, local),
-                 "kne.reference.edit": lambda: kne.reference.edit(model, tok, req),
+                 "kne.reference.edit": lambda: kne.reference.edit(model, tok, req, authors),
                  "ft-m": lambda: kne.baselines.ft_m(model, tok, req)}
     times = {k: {"locate": [], "edit": [], "total": [], "steps": []} for k in providers}
     for name, fn in providers.items():
@@ -387,7 +388,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     dev = rows[0]["device"] if rows else ""
     fig.suptitle(f"kne on {rows[0]['model'] if rows else ''} ({dev}, {rows[0]['dtype'] if rows else ''})", fontsize=10)
     fig.tight_layout()
-    from kne._io import write_atomic
+    from kne.io import write_atomic
 
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))  # whole or not at all
     return True
@@ -451,12 +452,12 @@ def main(argv=None) -> int:
         rows = run(args)
     finally:
         sys.stdout = tee.stream
-    from kne._io import csv_text, write_text_atomic
+    from kne.io import csv_text, write_text
 
     # each file whole or not at all: an interrupted write leaves the last run's table as it was
-    write_text_atomic(out.with_suffix(".txt"), "".join(tee.lines))
+    write_text(out.with_suffix(".txt"), "".join(tee.lines))
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    write_text_atomic(out, csv_text(rows, keys))
+    write_text(out, csv_text(rows, keys))
     png = out.with_suffix(".png")
     drawn = not args.no_chart and plot(rows, png)
     print(f"wrote {out}, {out.with_suffix('.txt')}" + (f" and {png}" if drawn else

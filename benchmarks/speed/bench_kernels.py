@@ -7,11 +7,11 @@ repeated with each thread count of ``--threads``. On a GPU, times come from
 ``triton.testing.do_bench`` and the table adds the measured device-to-device copy bandwidth and
 each op's share of it.
 
-    python benchmarks/bench_kernels.py                    # CPU, 1 and 2 threads, default shapes
-    python benchmarks/bench_kernels.py --device cuda      # on a GPU (every live GPU backend: triton, cuda)
-    python benchmarks/bench_kernels.py --static           # registers/spills/smem of the GPU kernels
-    python benchmarks/bench_kernels.py --quick            # small shapes (smoke run)
-    python benchmarks/bench_kernels.py --overhead         # per-call overhead on tiny inputs, cpu vs torch
+    python benchmarks/speed/bench_kernels.py                    # CPU, 1 and 2 threads, default shapes
+    python benchmarks/speed/bench_kernels.py --device cuda      # on a GPU (every live GPU backend: triton, cuda)
+    python benchmarks/speed/bench_kernels.py --static           # registers/spills/smem of the GPU kernels
+    python benchmarks/speed/bench_kernels.py --quick            # small shapes (smoke run)
+    python benchmarks/speed/bench_kernels.py --overhead         # per-call overhead on tiny inputs, cpu vs torch
 
 Rows are written to ``kernels_<device>.csv`` and the printed table to ``kernels_<device>.txt`` in
 the folder ``--out`` (default: the current folder; the README's tables: ``--out benchmarks/results``).
@@ -310,7 +310,7 @@ def static_report() -> int:
     print("Triton kernels (triton.compile, GPUTarget cuda 80/90):")
     rc = subprocess.call([sys.executable, "-m", "kne_kernels.triton.aot"])
     print("\nCUDA C++ kernels (nvcc -Xptxas -v):")
-    from cuda_static import ptxas_report  # benchmarks/cuda_static.py, beside this script
+    from cuda_static import ptxas_report  # benchmarks/speed/cuda_static.py, beside this script
     rows = ptxas_report()
     print(f"  {'kernel':<48} {'arch':>5} {'regs':>5} {'spill B':>8} {'smem B':>7}")
     for r in rows:
@@ -366,11 +366,11 @@ def main(argv=None) -> int:
             rows = run(args)
     finally:
         sys.stdout = stdout
-    from kne._io import csv_text, write_text_atomic
+    from kne.io import csv_text, write_text
 
     # each file whole or not at all: an interrupted write leaves the last run's table as it was
-    write_text_atomic(path.with_suffix(".txt"), "".join(lines))
-    write_text_atomic(path, csv_text(rows, list(rows[0])))
+    write_text(path.with_suffix(".txt"), "".join(lines))
+    write_text(path, csv_text(rows, list(rows[0])))
     print(f"wrote {path} and {path.with_suffix('.txt')}", file=sys.stderr)
     return 0
 

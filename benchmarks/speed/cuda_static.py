@@ -6,9 +6,9 @@ architecture with the flags the extension build uses (torch's ``COMMON_NVCC_FLAG
 ``-O3 -std=<CXX_STANDARD> -lineinfo``, the standard read from setup.py), and ptxas's report is
 parsed into rows.
 
-    python benchmarks/cuda_static.py                 # table for sm_80 and sm_90
-    python benchmarks/cuda_static.py --arch 90 --json
-    python benchmarks/cuda_static.py --fail-on-spill  # exit 1 if any kernel spills (CI)
+    python benchmarks/speed/cuda_static.py                 # table for sm_80 and sm_90
+    python benchmarks/speed/cuda_static.py --arch 90 --json
+    python benchmarks/speed/cuda_static.py --fail-on-spill  # exit 1 if any kernel spills (CI)
 
 ``bench_kernels.py --static`` shows the same table through :func:`ptxas_report`.
 """
@@ -27,7 +27,7 @@ import sys
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/speed/../..
 CUDA_SOURCES = os.path.join(ROOT, "csrc", "cuda")
 
 
@@ -42,7 +42,7 @@ def cxx_standard() -> str:
 
 
 # setup.py's nvcc flags, then a copy of torch.utils.cpp_extension.COMMON_NVCC_FLAGS (this script
-# runs without torch; tests/kernels/test_registry.py compares the copy with the installed torch's).
+# runs without torch; tests/ops/test_registry.py compares the copy with the installed torch's).
 NVCC_FLAGS = ["-O3", f"-std={cxx_standard()}", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
               "--expt-relaxed-constexpr", "-DKNE_WITH_CUDA", "-Xcompiler", "-fPIC"]

@@ -8,8 +8,8 @@ and compares every tensor of the state dict with the original bit for bit. A fai
 ``EditError``, or any other exception) is recorded and the soak goes on: ``fast_edit`` leaves the
 model as it was on a failure, which the final bit-exact check also covers.
 
-    python benchmarks/soak.py                                   # 100 edits, tuned preset, 1 thread
-    python benchmarks/soak.py --n 20 --preset authors --data zsre --out /tmp
+    python benchmarks/speed/soak.py                                   # 100 edits, tuned preset, 1 thread
+    python benchmarks/speed/soak.py --n 20 --preset authors --data zsre --out /tmp
 
 Prints a summary table and writes ``soak.csv`` (one row per edit) and ``soak_summary.csv`` to
 ``--out`` (default: the current folder). Exit status 1 when a parameter became non-finite or the
@@ -174,11 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "restore_seconds": round(restore_seconds, 3), "restore_bit_exact": not differ,
         "torch": torch.__version__, "kne": getattr(kne, "__version__", ""), "cpu": platform.processor() or platform.machine(),
     }
-    from kne._io import csv_text, write_text_atomic
+    from kne.io import csv_text, write_text
 
     # each file whole or not at all: an interrupted write leaves the last run's table as it was
-    write_text_atomic(args.out / "soak.csv", csv_text(rows, list(rows[0])))
-    write_text_atomic(args.out / "soak_summary.csv", csv_text([summary], list(summary)))
+    write_text(args.out / "soak.csv", csv_text(rows, list(rows[0])))
+    write_text(args.out / "soak_summary.csv", csv_text([summary], list(summary)))
 
     print()
     print("| edits | failures | all finite | s/edit first / last decile | s/(step+1) first / last decile | "

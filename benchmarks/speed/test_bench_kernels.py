@@ -1,6 +1,6 @@
 """pytest-benchmark suite: each kne_kernels op beside its torch expression, same inputs.
 
-    python -m pytest benchmarks/test_bench_kernels.py --benchmark-only --benchmark-group-by=param:case
+    python -m pytest benchmarks/speed/test_bench_kernels.py --benchmark-only --benchmark-group-by=param:case
 
 Not part of the test suite (testpaths = tests); shapes are moderate so a run takes about a minute.
 """
