@@ -1,0 +1,40 @@
+"""The results files are what their docs say they are (the tables that restate them are rendered by
+tools/render_docs.py and checked by tests/test_docs.py)."""
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_held_out_files_hold_every_run():
+    runs = [r for name in ("quality_heldout.json", "quality_heldout_sequential.json")
+            for r in json.loads((RESULTS / name).read_text())["runs"]]
+    assert len(runs) == 25
+    assert all(r["summary"]["n"] == (30 if r["protocol"] == "independent" else 20) for r in runs)
+
+
+def test_relation_spillover_rows_and_split_agree():
+    runs = json.loads((RESULTS / "relation_spillover.json").read_text())["runs"]
+    assert [r["data"] for r in runs] == ["zsre", "counterfact", "recent"]
+    for r in runs:
+        k, f = r["methods"]["kne"], r["methods"]["ft-m"]
+        assert [x["index"] for x in k["rows"]] == [x["index"] for x in f["rows"]] == [a["index"] for a in r["asked"]]
+        sp = r["split"]
+        for half in ("ftm_moved_at_least", "ftm_moved_less"):
+            v = sp[half]
+            assert all((f_row["moved"] >= 0.5) == (half == "ftm_moved_at_least")
+                       for f_row in f["rows"] if f_row["index"] in v["records"])
+    cf = runs[1]["split"]
+    assert (len(cf["ftm_moved_at_least"]["records"]), len(cf["ftm_moved_less"]["records"])) == (17, 33)
+
+
+def test_quality_files_name_their_records():
+    for name, skip, limit in (("quality_independent.json", 20, 50), ("quality_sequential.json", 20, 20),
+                              ("quality_heldout.json", 70, 30)):
+        d = json.loads((RESULTS / name).read_text())
+        assert (d["skip"], d["limit"]) == (skip, limit)
+        for r in d["runs"]:
+            idx = [rec["index"] for rec in r["records"]]
+            assert idx == list(range(skip, skip + limit)), (name, r["method"], r["data"])

@@ -1,0 +1,464 @@
+"""Render the result tables of README.md and docs/ from the files in benchmarks/results/.
+
+    python tools/render_docs.py            # rewrite every rendered table in place
+    python tools/render_docs.py --check    # exit 1, naming each table that differs from its files
+
+A rendered table sits between two markers in a page::
+
+    <!-- table: quality-headline -->
+    | data | method | ... |
+    <!-- /table -->
+
+and everything between them is what :data:`TABLES` [name] makes of the results files; nothing in
+a rendered table is typed by hand. ``tests/test_docs.py`` runs ``--check``. The prose around a table
+may quote its numbers; the tables are the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+FILES = {"ZsRE-test-all.json": "ZsRE", "wiki_counterfact-train.json": "counterfact", "wiki_recent-train.json": "recent",
+         "zsre": "ZsRE", "counterfact": "counterfact", "recent": "recent"}
+METRIC_COLUMNS = (("edit_succ", "Edit Succ.", "rewrite_acc"), ("rephrase", "Rephrase", "rephrase_acc"),
+                  ("portability", "Portability", "portability"), ("locality", "Locality", "locality"))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+
+
+def rows_of(name: str) -> List[dict]:
+    with open(RESULTS / name, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def method_label(method: str) -> str:
+    """``kne (local, revision 2, --exclude-edge-layers 1)`` -> ``kne, `local`, revision 2, `--exclude-edge-layers 1```."""
+    if method == "ft-m":
+        return "FT-M"
+    if method == "ft-m+kl":
+        return "FT-M + neighbour KL"
+    m = re.fullmatch(r"kne \((.*)\)", method)
+    if not m:
+        return method
+    parts = m.group(1).split(", ")
+    out = [f"`{parts[0]}`"] + [f"`{p}`" if p.startswith("--") else p for p in parts[1:]]
+    return "kne, " + ", ".join(out)
+
+
+def table(header: Sequence[str], align: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def runs_of(name: str, methods: Optional[Sequence[str]] = None) -> List[dict]:
+    """The runs of an eval results file, by data file in the KnowEdit order, then ``methods``'
+    order (default: the file's)."""
+    runs = load(name)["runs"]
+    order = list(dict.fromkeys(FILES))
+    if methods is not None:
+        runs = [r for r in runs if r["method"] in methods]
+        return sorted(runs, key=lambda r: (order.index(r["data"]), list(methods).index(r["method"])))
+    return sorted(runs, key=lambda r: order.index(r["data"]))
+
+
+def mean_steps(run: dict) -> Optional[float]:
+    steps = [r.get("steps") for r in run.get("records", []) if r.get("steps") is not None]
+    return sum(steps) / len(steps) if steps else None
+
+
+def eval_table(name: str, methods: Optional[Sequence[str]] = None, data_suffix: str = "", seconds: bool = False,
+               steps: bool = False, fluency: bool = False) -> Tuple[List[str], List[str], List[List[str]]]:
+    header = ["data", "method"] + [c[1] for c in METRIC_COLUMNS]
+    align = ["l", "l"] + ["r"] * len(METRIC_COLUMNS)
+    if fluency:
+        header.append("Fluency")
+        align.append("r")
+    if steps:
+        header.append("steps")
+        align.append("r")
+    if seconds:
+        header.append("s/edit")
+        align.append("r")
+    rows = []
+    for run in runs_of(name, methods):
+        s = run["summary"]
+        row = [FILES[run["data"]] + data_suffix, method_label(run["method"])] + [pct(s[c[0]]) for c in METRIC_COLUMNS]
+        if fluency:
+            row.append(pct(s.get("fluency")))
+        if steps:
+            n = mean_steps(run)
+            row.append("-" if n is None else f"{n:.1f}")
+        if seconds:
+            row.append(f"{run['seconds_per_edit']:.2f}")
+        rows.append(row)
+    return header, align, rows
+
+
+# ------------------------------------------------------------------------------------------ quality
+HEADLINE = ("kne (local)", "kne (tuned)", "kne (authors)", "ft-m")
+
+
+def quality_headline() -> str:
+    """README: records 20-69, the three presets and FT-M."""
+    return table(*eval_table("quality_independent.json", HEADLINE))
+
+
+def quality_independent() -> str:
+    return table(*eval_table("quality_independent.json", seconds=True))
+
+
+def quality_sequential() -> str:
+    return table(*eval_table("quality_sequential.json"))
+
+
+def quality_heldout() -> str:
+    h, a, rows = eval_table("quality_heldout.json")
+    rows += eval_table("quality_heldout_sequential.json", data_suffix=", sequential (70-89)")[2]
+    return table(h, a, rows)
+
+
+def quality_fluency_10() -> str:
+    return table(*eval_table("quality_fluency.json", fluency=True))
+
+
+def quality_ftm_kl() -> str:
+    """FT-M + the neighbour KL on records 20-44, beside FT-M and kne on the same records (the first
+    25 records of their 50-record runs in quality_independent.json)."""
+    from kne.metrics import mean_present, record_value
+
+    header, align, rows = ["data", "method"] + [c[1] for c in METRIC_COLUMNS] + ["steps"], ["l", "l"] + ["r"] * 5, []
+    kl = {r["data"]: r for r in load("quality_ftm_kl.json")["runs"]}
+    full = runs_of("quality_independent.json",
+                   ("ft-m", "kne (local)", "kne (local, revision 2)", "kne (local, first revision)"))
+    for data in kl:
+        indices = {rec["index"] for rec in kl[data]["records"]}
+        for run in [r for r in full if r["data"] == data and r["method"] == "ft-m"] + [kl[data]] + \
+                [r for r in full if r["data"] == data and r["method"] != "ft-m"]:
+            recs = [rec for rec in run["records"] if rec["index"] in indices]
+            cells = [pct(mean_present([record_value(rec, c[2]) for rec in recs])) for c in METRIC_COLUMNS]
+            n = mean_steps(dict(records=recs))
+            rows.append([FILES[data], method_label(run["method"])] + cells + ["-" if n is None else f"{n:.1f}"])
+    return table(header, align, rows)
+
+
+def quality_fluency_50() -> str:
+    """Fluency over records 20-69: mean, standard error, median, generations below 450 (loops)."""
+    header = ["data", "method"] + [c[1] for c in METRIC_COLUMNS] + ["Fluency (mean ± s.e.)", "median", "below 450",
+                                                                     "against FT-M", "steps"]
+    align = ["l", "l"] + ["r"] * 9
+    runs = runs_of("quality_fluency_50.json")
+    ftm = {r["data"]: r["summary"]["fluency"] for r in runs if r["method"] == "ft-m"}
+    rows = []
+    for run in runs:
+        s = run["summary"]
+        flu = [100 * rec["fluency"] for rec in run["records"] if rec.get("fluency") is not None]
+        se = statistics.stdev(flu) / math.sqrt(len(flu))
+        vs = "" if run["method"] == "ft-m" else f"{100 * (s['fluency'] / ftm[run['data']] - 1):+.1f}%"
+        n = mean_steps(run)
+        rows.append([FILES[run["data"]], method_label(run["method"])] + [pct(s[c[0]]) for c in METRIC_COLUMNS] +
+                    [f"{100 * s['fluency']:.1f} ± {se:.1f}", f"{statistics.median(flu):.1f}",
+                     str(sum(f < 450 for f in flu)), vs, "-" if n is None else f"{n:.1f}"])
+    return table(header, align, rows)
+
+
+def _interval(r: dict, few: int) -> str:
+    cell = f"{100 * r['diff']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+    if r["low"] > 0 or r["high"] < 0:
+        cell = f"**{cell}**"
+    return cell + (f" ({r['n']} records)" if r["n"] < few else "")
+
+
+def quality_intervals() -> str:
+    """kne compare of `local` against FT-M on records 20-69 (10,000 resamples, seed 0)."""
+    from kne.compare import compare_runs, load_runs, pair_runs
+
+    runs = load_runs(RESULTS / "quality_independent.json")
+    rows = []
+    for a, b in pair_runs(runs, runs, "kne (local)", "ft-m"):
+        by = {r["metric"]: r for r in compare_runs(a, b)}
+        n = max(r["n"] for r in by.values())
+        rows.append([FILES[a["data"]]] + [_interval(by[c[0]], n) if c[0] in by else "-" for c in METRIC_COLUMNS])
+    return table(["data"] + [c[1] for c in METRIC_COLUMNS], ["l"] + ["r"] * len(METRIC_COLUMNS), rows)
+
+
+def relation_spillover() -> str:
+    runs = load("relation_spillover.json")["runs"]
+    rows = []
+    for r in runs:
+        k, f = r["methods"]["kne"], r["methods"]["ft-m"]
+        d = r["moved_difference"]
+        lo, hi = d["bootstrap95"]
+        cell = f"{100 * d['kne_minus_ftm']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        if lo > 0 or hi < 0:
+            cell = f"**{cell}**"
+        rows.append([FILES[r["data"]], f"{100 * k['own']:.1f} / {100 * k['moved']:.1f}",
+                     f"{100 * f['own']:.1f} / {100 * f['moved']:.1f}", cell])
+    return table(["records 20-69", "`local`: own / moved", "FT-M: own / moved", "moved, `local` - FT-M"],
+                 ["l", "l", "l", "l"], rows)
+
+
+def spillover() -> str:
+    got: Dict[str, Dict[str, str]] = {}
+    for r in load("spillover.json")["runs"]:
+        for m, v in r["methods"].items():
+            if m == "ft-m":
+                label = "FT-M"
+            elif r.get("variant"):
+                label = f"`local` `{r['variant']}`"
+            elif r.get("revision", 2) == 2:
+                label = "`local` revision 2" + (" `--exclude-edge-layers 1`" if r["overrides"] else "")
+            else:
+                label = "`local`"
+            got.setdefault(label, {})[r["data"]] = f"{100 * v['own']:.1f} / {100 * v['others']:.1f}"
+    order = ["`local`"] + sorted(k for k in got if k not in ("`local`", "FT-M")) + ["FT-M"]
+    return table(["records 20-39: own / others", "ZsRE", "counterfact"], ["l", "l", "l"],
+                 [[k, got[k].get("zsre", "-"), got[k].get("counterfact", "-")] for k in order if k in got])
+
+
+# ------------------------------------------------------------------------------------------ speed
+def _edit_rows() -> Dict[Tuple[str, str, str], dict]:
+    return {(r["section"], r["provider"], r["metric"]): r for r in rows_of("edit_cpu.csv")}
+
+
+def _s(r: dict) -> str:
+    return f"{float(r['median']):.3g} s" if float(r["median"]) < 10 else f"{float(r['median']):.1f} s"
+
+
+def performance_edit() -> str:
+    """The edit benchmark (benchmarks/speed/bench_edit.py): kne against the reference and FT-M."""
+    e = _edit_rows()
+    steps = lambda p: int(float(e[("default edit", p, "total seconds")]["steps"]))  # noqa: E731
+    ftm = e[("default edit", "ft-m", "total seconds")]
+    rows = []
+    for ig in (1, 8):
+        k, r = e[(f"locate ig_steps={ig}", "kne.locate", "seconds")], e[(f"locate ig_steps={ig}", "kne.reference.locate", "seconds")]
+        rows.append([f"localisation, `ig_steps={ig}`" + (", layerwise" if ig > 1 else ""), _s(k), _s(r),
+                     f"{float(k['vs_reference']):.2f}x", "identical ensembles" if k["identical_ensembles"] == "True" else "ensembles differ"])
+    k, r = e[("edit loop (30 steps)", "kne.fast_edit", "seconds/step")], e[("edit loop (30 steps)", "kne.reference.edit", "seconds/step")]
+    fl = e[("edit loop (30 steps)", "floor (fwd+bwd to delta)", "seconds/step")]
+    rows.append(["edit loop, 30 forced steps, per step", _s(k), _s(r), f"{float(k['vs_reference']):.2f}x",
+                 f"floor (forward + backward to a delta) {_s(fl)}: {float(k['vs_floor']):.2f}x the floor"])
+    k, r = e[("default edit", "kne.fast_edit", "total seconds")], e[("default edit", "kne.reference.edit", "total seconds")]
+    rows.append([f"`authors` edit ({steps('kne.fast_edit')} steps)", _s(k), _s(r), f"{float(k['vs_reference']):.2f}x",
+                 f"FT-M: {_s(ftm)} ({steps('ft-m')} steps)"])
+    for preset in ("tuned", "local"):
+        k = e[("default edit", f"kne.fast_edit {preset}", "total seconds")]
+        ratio = float(ftm["median"]) / float(k["median"])
+        rows.append([f"`{preset}` edit ({steps(f'kne.fast_edit {preset}')} steps)", _s(k), "", "",
+                     f"{ratio:.2f}x faster than FT-M" if ratio >= 1 else f"{1 / ratio:.2f}x FT-M's time"])
+    mem = {p: e[("peak memory", p, "added over forward")] for p in
+           ("kne.fast_edit", "kne.fast_edit tuned", "kne.fast_edit local", "kne.reference.edit", "ft-m")}
+    mb = lambda p: f"{float(mem[p]['median']):.1f} MB ({100 * float(mem[p]['share_of_model']):.1f}% of the model)"  # noqa: E731
+    rows.append(["peak memory added over a forward pass, `authors` edit", mb("kne.fast_edit"), mb("kne.reference.edit"), "",
+                 f"FT-M {float(mem['ft-m']['median']):.1f} MB; `tuned` {float(mem['kne.fast_edit tuned']['median']):.1f} MB; "
+                 f"`local` {mb('kne.fast_edit local')}"])
+    return table(["what (1 thread)", "`kne`", "reference", "ratio", "note"], ["l", "r", "r", "r", "l"], rows)
+
+
+def performance_headline() -> str:
+    """README: one line per preset, FT-M and the two localisation cases, from the edit benchmark."""
+    e = _edit_rows()
+    ftm = e[("default edit", "ft-m", "total seconds")]
+    ref = e[("default edit", "kne.reference.edit", "total seconds")]
+    rows = []
+    for preset, prov in (("local", "kne.fast_edit local"), ("tuned", "kne.fast_edit tuned"), ("authors", "kne.fast_edit")):
+        k = e[("default edit", prov, "total seconds")]
+        mem = e[("peak memory", prov, "added over forward")]
+        rows.append([f"kne, `{preset}`", f"{_s(k)} ({int(float(k['steps']))} steps)",
+                     f"{float(ftm['median']) / float(k['median']):.2f}x",
+                     f"{float(ref['median']) / float(k['median']):.2f}x" if preset == "authors" else "",
+                     f"{float(mem['median']):.1f} MB"])
+    rows.append(["FT-M", f"{_s(ftm)} ({int(float(ftm['steps']))} steps)", "", "",
+                 f"{float(e[('peak memory', 'ft-m', 'added over forward')]['median']):.1f} MB"])
+    for ig in (1, 8):
+        k = e[(f"locate ig_steps={ig}", "kne.locate", "seconds")]
+        rows.append([f"kne localisation alone, `ig_steps={ig}`", _s(k), "", f"{float(k['vs_reference']):.2f}x", ""])
+    return table(["one edit", "time", "speed-up over FT-M", "over the reference", "memory beyond a forward pass"],
+                 ["l", "r", "r", "r", "r"], rows)
+
+
+def performance_kernels() -> str:
+    rows = rows_of("kernels_cpu.csv")
+    by: Dict[Tuple[str, str, str, str], Dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault((r["op"], r["shape"], r["dtype"], r["baseline"]), {})[r["threads"]] = r
+    out = []
+    for (op, shape, dtype, base), t in by.items():
+        cells = [f"`{op}` {shape} {dtype}", f"`{base}`"]
+        for th in ("1", "2"):
+            r = t.get(th)
+            if r is None:
+                cells += ["-", "-"]
+            else:
+                ms = 1000 * float(r["median_s"])
+                cells += [f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1000:.2f} s", f"{float(r['speedup']):.1f}x"]
+        out.append(cells)
+    return table(["op (shape, dtype)", "baseline", "kne 1 thread", "ratio", "kne 2 threads", "ratio"],
+                 ["l", "l", "r", "r", "r", "r"], out)
+
+
+def performance_overhead() -> str:
+    rows = rows_of("overhead_cpu.csv")
+    by: Dict[Tuple[str, str], Dict[str, str]] = {}
+    for r in rows:
+        by.setdefault((r["op"], r["shape"]), {})[r["provider"]] = f"{float(r['median']):.1f} us"
+    return table(["op (tiny input)", "`cpu`", "`torch`"], ["l", "r", "r"],
+                 [[f"`{op}` {shape}", t.get("kne_kernels[cpu]", "-"), t.get("kne_kernels[torch]", "-")]
+                  for (op, shape), t in by.items()])
+
+
+def soak() -> str:
+    s = rows_of("soak_summary.csv")[0]
+    f = lambda k, d=2: f"{float(s[k]):.{d}f}"  # noqa: E731
+    return table(["edits", "failures", "all finite after each", "s/edit, first / last decile",
+                  "s/(step+1), first / last decile", "RSS after edit 1 / last", "RSS per edit", "undo data per edit",
+                  "restore bit-exact"], ["r", "r", "l", "r", "r", "r", "r", "r", "l"],
+                 [[s["edits"], s["failures"], "yes" if s["all_finite"] == "True" else "no",
+                   f"{f('s_per_edit_first_decile')} / {f('s_per_edit_last_decile')} s",
+                   f"{f('s_per_step_first_decile')} / {f('s_per_step_last_decile')} s",
+                   f"{f('rss_after_first_mib', 0)} / {f('rss_after_last_mib', 0)} MiB",
+                   f"+{f('rss_growth_mib_per_edit')} MiB", f"{f('undo_data_mib_per_edit')} MiB",
+                   f"yes ({f('restore_seconds')} s)" if s["restore_bit_exact"] == "True" else "no"]])
+
+
+# ------------------------------------------------------------------------------------------ settings
+def settings() -> str:
+    """Every KNEConfig field: its value in the local preset (an edit's default) and in KNEConfig()
+    (the authors'), and its help (what ``kne edit --help`` prints). Rendered from the code."""
+    import dataclasses
+
+    from kne.config import DEFAULT_PRESET, KNEConfig
+
+    local, authors = KNEConfig.preset(DEFAULT_PRESET), KNEConfig()
+    fmt = lambda v: f"`{v!r}`".replace("|", "\\|")  # noqa: E731
+    rows = [[f"`{f.name}`", fmt(getattr(local, f.name)), fmt(getattr(authors, f.name)),
+             f.metadata["help"].replace("|", "\\|")] for f in dataclasses.fields(KNEConfig)]
+    return table(["field", f"`{DEFAULT_PRESET}` (no config)", "`KNEConfig()` (`authors`)", "meaning"],
+                 ["l", "l", "l", "l"], rows)
+
+
+# ------------------------------------------------------------------------------------------ tuning logs
+def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
+    """A tuning log as it is: one row per run (what was changed, on which file), its metrics
+    (with ``fluency``, x100 as in the quality tables) and mean steps."""
+
+    def render() -> str:
+        rows = []
+        for run in load(name)["runs"]:
+            s = run["summary"]
+            data = run.get("data") or ("ZsRE-test-all.json" if "zsre" in run.get("run", "") else "wiki_counterfact-train.json")
+            what = run.get("what") or re.sub(r"^kne \((.*)\)$", r"\1", run.get("method", ""))
+            if (run.get("protocol") == "sequential" or "seq" in run.get("run", "")) and "sequential" not in what:
+                what += " (sequential)"
+            n = run.get("mean_steps") or mean_steps(run)
+            row = [what.replace("|", "/"), FILES.get(data, data)] + [pct(s[c[0]]) for c in METRIC_COLUMNS]
+            if fluency:
+                row.append("-" if s.get("fluency") is None else f"{100 * s['fluency']:.1f}")
+            rows.append(row + ["-" if n is None else f"{n:.1f}"])
+        extra = ["Fluency"] if fluency else []
+        return table(["run", "data"] + [c[1] for c in METRIC_COLUMNS] + extra + ["steps"],
+                     ["l", "l"] + ["r"] * (5 + len(extra)), rows)
+
+    return render
+
+
+#: name -> (renderer, the files it reads: named under the table it renders)
+TABLES: Dict[str, Tuple[Callable[[], str], Tuple[str, ...]]] = {
+    "quality-headline": (quality_headline, ("quality_independent.json",)),
+    "quality-independent": (quality_independent, ("quality_independent.json",)),
+    "quality-intervals": (quality_intervals, ("quality_independent.json",)),
+    "quality-relation-spillover": (relation_spillover, ("relation_spillover.json",)),
+    "quality-heldout": (quality_heldout, ("quality_heldout.json", "quality_heldout_sequential.json")),
+    "quality-ftm-kl": (quality_ftm_kl, ("quality_ftm_kl.json", "quality_independent.json")),
+    "quality-sequential": (quality_sequential, ("quality_sequential.json",)),
+    "quality-fluency-10": (quality_fluency_10, ("quality_fluency.json",)),
+    "quality-fluency-50": (quality_fluency_50, ("quality_fluency_50.json",)),
+    "spillover": (spillover, ("spillover.json",)),
+    "performance-headline": (performance_headline, ("edit_cpu.csv",)),
+    "performance-edit": (performance_edit, ("edit_cpu.csv",)),
+    "performance-kernels": (performance_kernels, ("kernels_cpu.csv",)),
+    "performance-overhead": (performance_overhead, ("overhead_cpu.csv",)),
+    "soak": (soak, ("soak_summary.csv",)),
+    "settings": (settings, ()),
+    "tuning-rev3": (tuning("local_rev3_tuning.json"), ("local_rev3_tuning.json",)),
+    "tuning-rev2": (tuning("local_rev2_tuning.json"), ("local_rev2_tuning.json",)),
+    "tuning-margin": (tuning("local_margin_tuning.json"), ("local_margin_tuning.json",)),
+    "tuning-portability": (tuning("local_portability_tries.json"), ("local_portability_tries.json",)),
+    "tuning-answer-end": (tuning("answer_end_tuning.json", fluency=True), ("answer_end_tuning.json",)),
+    "tuning-sequential-keep": (tuning("sequential_keep_tuning.json"), ("sequential_keep_tuning.json",)),
+}
+
+
+def rendered(name: str) -> str:
+    """The text between a table's markers: the table, and the files it was rendered from."""
+    fn, files = TABLES[name]
+    text = fn()
+    if files:
+        text += "\n(" + ", ".join(f"`benchmarks/results/{f}`" for f in files) + "; `tools/render_docs.py`)\n"
+    return text
+
+
+def render_page(text: str, page: str) -> Tuple[str, List[str]]:
+    """``text`` with every marked table rendered, and the names of those that changed."""
+    changed = []
+
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"render_docs: {page} marks an unknown table {name!r} (known: {', '.join(TABLES)})")
+        new = rendered(name)
+        if new != m.group(3):
+            changed.append(name)
+        return m.group(1) + new + m.group(4)
+
+    return MARK.sub(sub, text), changed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a rendered table is stale")
+    args = ap.parse_args(argv)
+    stale, used = [], set()
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        used |= {m.group(2) for m in MARK.finditer(text)}
+        new, changed = render_page(text, page.relative_to(ROOT).as_posix())
+        if changed:
+            stale += [f"{page.relative_to(ROOT)}: {name}" for name in changed]
+            if not args.check:
+                page.write_text(new, encoding="utf-8")
+    unused = sorted(set(TABLES) - used)
+    if unused:
+        print(f"render_docs: no page marks {', '.join(unused)}", file=sys.stderr)
+        return 1
+    if stale:
+        verb = "differ from the results files (python tools/render_docs.py)" if args.check else "rendered"
+        print("render_docs: " + verb + ":\n  " + "\n  ".join(stale), file=sys.stderr)
+        return 1 if args.check else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "python"))
+    sys.exit(main())
