@@ -177,3 +177,25 @@ def test_a_wheel_build_writes_nothing_into_the_source_tree(tmp_path):
     assert len(list((tmp_path / "dist").glob("kne-*.whl"))) == 1
     after = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
     assert after == before, sorted(set(after) ^ set(before))
+
+
+def test_the_lock_satisfies_pyproject_ranges():
+    """requirements/lock-cpu.txt pins every requirement of pyproject.toml (and make's torch and model
+    package) inside its range: a range changed without `make lock` fails here."""
+    run = subprocess.run([sys.executable, "tools/lock.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import lock
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    bad = ROOT / "requirements" / "lock-cpu.txt"
+    text = bad.read_text(encoding="utf-8").replace("\ntransformers==", "\n# transformers==")
+    other = Path(os.environ.get("TMPDIR", "/tmp")) / f"kne-lock-{os.getpid()}.txt"
+    other.write_text(text.replace("numpy==", "numpy==1.26.0  # was "), encoding="utf-8")
+    try:
+        problems = lock.check(other, "torch==2.13.0")
+    finally:
+        other.unlink()
+    assert "transformers is not in the lock" in problems
+    assert any(p.startswith("numpy==1.26.0 is outside") for p in problems), problems
