@@ -131,7 +131,7 @@ EDIT_KINDS = ("index", "new", "orig")
 
 
 def edit_digest(meta: dict, tensors: Dict[str, torch.Tensor]) -> str:
-    """The content digest of a kne.edit/2 file as its documentation defines it, written out here on
+    """The content digest of a kne.edit/2 or /3 file as its documentation defines it, written out here on
     its own: sha256 of the metadata without 'digest' (JSON, sorted keys, compact separators), then of
     each tensor site by site (index, new, orig) as 'name:dtype:shape' between newlines and its bytes."""
     import hashlib
@@ -151,7 +151,7 @@ def edit_digest(meta: dict, tensors: Dict[str, torch.Tensor]) -> str:
 
 def rewrite_edit(src, dst, mutate=None, fmt: str = None):
     """Copy the edit file ``src`` to ``dst`` after ``mutate(meta, tensors)`` (in place), as a file of
-    format ``fmt`` (default: the source's). A kne.edit/2 copy gets a digest that matches its new
+    format ``fmt`` (default: the source's). A kne.edit/2 or /3 copy gets a digest that matches its new
     contents (a consistent file with a bad field, as a buggy writer would make it); a kne.edit/1
     copy has neither digest nor value fingerprint (what kne 0.2.0 wrote)."""
     import json

@@ -235,3 +235,43 @@ def test_eval_warns_only_of_the_records_it_reads(tmp_path):
     with pytest.warns(kne._warn.KNEWarning, match=r"recs.json: 1 probe\(s\) without any answer were left out: "
                                                    r"record 4 locality"):
         assert len(kne.load_knowedit(f, skip=3)) == 3
+
+
+BAD_RESULTS = {
+    "runs holding a string": ({"runs": "x"}, "field runs must be a non-empty list of runs, got str"),
+    "runs holding an int": ({"runs": 3}, "field runs must be a non-empty list of runs, got int"),
+    "a metric that is a list": (("records", "rewrite_acc", [1, 2]), r"field runs[0].records[0].rewrite_acc must be a number"),
+    "locality holding a string": (("records", "locality", "high"), r"field runs[0].records[0].locality must be a number"),
+    "summary an int": ({"method": "a", "data": "d", "protocol": "p", "summary": 3}, "field summary must be an object"),
+    "a summary value that is a list": (("summary", "locality", [0.5]), "field runs[0].summary.locality must be a number"),
+    "a NaN record value": (("records", "portability", {"x": float("nan")}), "runs[0].records[0].portability.x is nan"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RESULTS))
+@pytest.mark.parametrize("command", ["compare", "plot"])
+def test_wrongly_shaped_results_json_is_one_line_naming_the_field(case, command, tmp_path, capsys):
+    """kne compare / kne plot on a results JSON of the wrong shape: one line naming the bad field
+    (before, a traceback, or for NaN a '+nan *' difference marked significant with exit status 0)."""
+    import copy
+
+    results = ROOT_RESULTS
+    spec, want = BAD_RESULTS[case]
+    if isinstance(spec, tuple):
+        payload = copy.deepcopy(json.loads(results.read_text()))
+        where, key, value = spec
+        run = payload["runs"][0]
+        (run["records"][0] if where == "records" else run["summary"])[key] = value
+    else:
+        payload = spec
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(payload))
+    args = (["compare", str(f), "--a-method", "kne (authors)", "--b-method", "ft-m", "--boots", "50"]
+            if command == "compare" else ["plot", str(f), "-o", str(tmp_path / "r.png")])
+    rc = cli.main(args)
+    line = _one_line(capsys, rc, 2, f"kne {command}: error: {f}: ")
+    assert want in line, (want, line)
+
+
+ROOT_RESULTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
+    "quality_independent.json"

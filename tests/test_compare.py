@@ -128,20 +128,20 @@ def test_pair_runs_by_file_and_protocol_with_clear_errors():
 
 
 def test_load_runs_errors(tmp_path):
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="results JSON .*none.json' does not exist"):
         load_runs(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(ValueError, match="not JSON"):
         load_runs(bad)
     bad.write_text(json.dumps({"summary": {}}))
-    with pytest.raises(ValueError, match="no 'runs' list"):
+    with pytest.raises(ValueError, match="the file lacks field method"):
         load_runs(bad)
     bad.write_text(json.dumps({"runs": [{"method": "kne"}]}))
-    with pytest.raises(ValueError, match="lacks data, protocol, records"):
+    with pytest.raises(ValueError, match=r"runs\[0\] lacks field data"):
         load_runs(bad)
     bad.write_text(json.dumps({"runs": [_run("kne", [{"rewrite_acc": 1.0}])]}))
-    with pytest.raises(ValueError, match="records without an integer 'index'"):
+    with pytest.raises(ValueError, match=r"field runs\[0\]\.records\[0\]\.index must be an integer"):
         load_runs(bad)
 
 

@@ -21,7 +21,7 @@ def test_save_apply_revert_round_trip_bit_exact(model_type, axis, tiny_model, to
     edited = snapshot(model)
     path = res.save(tmp_path / "edit.safetensors")
     meta, tensors = kne.read_edit(path)
-    assert meta["format"] == "kne.edit/2" and meta["requests"][0]["target_new"] == "Rome"
+    assert meta["format"] == "kne.edit/3" and meta["requests"][0]["target_new"] == "Rome"
     assert len(meta["sites"]) == len(res._saved) > 0
     # only what changed: the file holds the edited rows twice (new, orig) plus indices
     n_rows = sum(t.numel() for k, t in tensors.items() if not k.endswith(".index"))
@@ -93,7 +93,7 @@ def test_embedded_model_edit_file_is_small(embedded, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- issue 10
 # Each of these failed before edit files were verified and applied all-or-nothing.
-FORMATS = ["kne.edit/1", "kne.edit/2"]
+FORMATS = ["kne.edit/1", "kne.edit/3"]
 
 
 @pytest.fixture
@@ -336,16 +336,113 @@ def test_value_fingerprint_ignores_edits_and_sees_other_weights(saved, tiny_mode
     model, path, orig, edited = saved
     from kne.editfile import value_fingerprint
 
-    fp = value_fingerprint(model)
-    assert fp["parameters"] > 1
+    kinds = ["mlp.up_proj", "mlp.down_proj"]
+    fp = value_fingerprint(model, kinds)
+    assert fp["parameters"] > 1 and fp["excluded"] == sorted(kinds)
     kne.apply_edit(model, path)
-    assert value_fingerprint(model) == fp, "an edit changed the value fingerprint"
+    assert value_fingerprint(model, kinds) == fp, "an edit changed the value fingerprint"
     kne.revert_edit(model, path)
     other = tiny_model("llama")
-    assert value_fingerprint(other) == fp
+    assert value_fingerprint(other, kinds) == fp
     with torch.no_grad():
         other.model.norm.weight[3] += 1e-3  # one norm value of another model
-    assert value_fingerprint(other) != fp
+    assert value_fingerprint(other, kinds) != fp
+
+
+@pytest.mark.parametrize("change", ["attention rows nudged (a merged attention-only LoRA)", "up_proj fine-tuned",
+                                    "gate_proj fine-tuned", "lm_head changed"])
+def test_a_file_refuses_a_model_fine_tuned_elsewhere(tiny_model, tok, tmp_path, change):
+    """kne.edit/3 fingerprints every weight but the edited kind: a file made on one model is refused
+    by a copy of it whose other weights were fine-tuned (kne.edit/2 files accepted both cases:
+    only embeddings, norms and biases were fingerprinted), unless forced."""
+    import copy
+
+    model = tiny_model("llama")
+    res = kne.fast_edit(model, tok, REQ, AUTHORS, percentile=90.0, steps=3, lr=5e-2)  # rows of mlp.down_proj
+    path = res.save(tmp_path / "e.safetensors")
+    res.restore()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        if change.startswith("attention"):
+            other.model.layers[1].self_attn.q_proj.weight[:4] += 1e-3
+        elif change.startswith("up_proj"):
+            other.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+        elif change.startswith("gate_proj"):
+            other.model.layers[2].mlp.gate_proj.weight[0, 0] += 1e-4
+        else:
+            other.lm_head.weight[5] += 1e-3
+    snap = snapshot(other)
+    _refused(other, path, snap, r"this file was made for another model \(fingerprint [0-9a-f]{16} of every weight but "
+                                r"the edited kind \(mlp.down_proj\).*pass force=True \(--force\)")
+    with pytest.warns(UserWarning, match="apply with force=True on a model the file was not made for"):
+        assert kne.apply_edit(other, path, force=True) == len(res._saved)
+    with pytest.warns(UserWarning, match="revert with force=True"):
+        kne.revert_edit(other, path, force=True)
+    assert_state_bits(other, snap, "forced apply then revert")
+
+
+def test_stacked_edit_files_apply_in_either_order(tiny_model, tok, tmp_path):
+    """Two edit files of one model (rows of mlp.down_proj, possibly in the same layers) apply and
+    revert in any order: the fingerprint leaves out every layer's mlp.down_proj."""
+    model = tiny_model("llama")
+    orig = snapshot(model)
+    a = kne.fast_edit(model, tok, REQ, AUTHORS, percentile=90.0, steps=3, lr=5e-2)
+    pa = a.save(tmp_path / "a.safetensors")
+    a.restore()
+    b = kne.fast_edit(model, tok, {"prompt": "Gold is a", "target_new": "gas"}, AUTHORS, percentile=95.0, steps=3,
+                      lr=5e-2, layers=(0,))
+    pb = b.save(tmp_path / "b.safetensors")
+    b.restore()
+    overlap = any(torch.isin(ia, ib).any() for (_, _, ia, _), (_, _, ib, _) in zip(a._saved, b._saved))
+    if overlap:
+        pytest.skip("the two ensembles share a row: the files then conflict by design")
+    kne.apply_edit(model, pb)
+    kne.apply_edit(model, pa)
+    kne.revert_edit(model, pb)
+    kne.revert_edit(model, pa)
+    assert_state_bits(model, orig, "two files applied and reverted out of order")
+
+
+def test_version_2_files_keep_their_own_fingerprint(saved, tmp_path):
+    """A kne.edit/2 file (embeddings, norms and biases fingerprinted) still applies and reverts."""
+    model, path, orig, edited = saved
+    from kne.editfile import _value_fingerprint_v2
+
+    def v2(meta, t):
+        meta["values"] = {"sha256": _value_fingerprint_v2(model), "parameters": 1, "sample": 65536}
+
+    old = rewrite_edit(path, tmp_path / "v2.safetensors", v2, "kne.edit/2")
+    assert kne.apply_edit(model, old) > 0
+    assert_state_bits(model, edited, "a kne.edit/2 file applies")
+    kne.revert_edit(model, old)
+    assert_state_bits(model, orig)
+
+
+def test_a_site_tied_to_another_weight_is_refused(saved, tmp_path, tiny_model, tok):
+    """A crafted file that writes rows of lm_head, tied to the input embeddings: refused at apply
+    (before, it applied and could never be reverted)."""
+    model, path, orig, _ = saved
+    tied = tiny_model("gpt2")  # GPT-2 ties lm_head to the token embeddings
+    assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
+    res = kne.fast_edit(tied, tok, REQ, AUTHORS, percentile=90.0, steps=2, lr=5e-2)
+    good = res.save(tmp_path / "g.safetensors")
+    res.restore()
+    snap = snapshot(tied)
+
+    def to_lm_head(meta, t):
+        s = meta["sites"][0]
+        w = tied.lm_head.weight
+        s.update(path="lm_head", transposed=False, dim=0, weight_shape=list(w.shape), dtype=str(w.dtype))
+        i = s["i"]
+        t[f"{i}.index"] = torch.tensor([1, 2], dtype=torch.int64)
+        t[f"{i}.orig"] = w[[1, 2]].detach().clone()
+        t[f"{i}.new"] = t[f"{i}.orig"] + 1.0
+        meta["sites"] = [s]
+        for k in [k for k in t if not k.startswith(f"{i}.")]:
+            del t[k]
+
+    bad = rewrite_edit(good, tmp_path / "lm.safetensors", to_lm_head)
+    _refused(tied, bad, snap, r"lm_head \(field sites\[0\]\.path\) shares its weight with transformer\.wte\.weight")
 
 
 def test_old_format_files_still_apply_with_a_warning(saved, tmp_path):
@@ -362,7 +459,7 @@ def test_old_format_files_still_apply_with_a_warning(saved, tmp_path):
 def test_unknown_format_names_the_versions(saved, tmp_path):
     model, path, orig, _ = saved
     bad = rewrite_edit(path, tmp_path / "v9.safetensors", None, "kne.edit/9")
-    _refused(model, bad, orig, r"unknown edit format 'kne\.edit/9' \(field 'format'\); this kne reads kne\.edit/2, kne\.edit/1")
+    _refused(model, bad, orig, r"unknown edit format 'kne\.edit/9' \(field 'format'\); this kne reads kne\.edit/3, kne\.edit/2, kne\.edit/1")
 
 
 def test_apply_and_revert_reach_offloaded_weights(tiny_model, tok, tmp_path):

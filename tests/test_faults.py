@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 import signal
 
 import pytest
@@ -626,3 +627,58 @@ def test_fast_edit_fault_while_the_corpus_statistics_are_built(tiny_model, tok, 
     kne.fast_edit(fresh, tok, REQ, AUTHORS, preserve_prompts=PRESERVE, **kw)
     assert_state_bits(fresh, edited)
     assert n_faults == 16
+
+
+# ---------------------------------------------------------------------------------------------- the writer
+WRITER_FAULTS = [("regular", "in the writer"), ("regular", "ctrl-c in the writer"), ("regular", "at the rename"),
+                 ("new", "in the writer"), ("new", "at the rename"), ("fifo", "in the writer"),
+                 ("fifo", "ctrl-c in the writer"), ("fifo", "at the copy into it")]
+
+
+@pytest.mark.parametrize("target,where", WRITER_FAULTS)
+def test_writer_fault_at_every_step_leaves_the_target_as_it_was(tmp_path, monkeypatch, target, where):
+    """kne.io.write_atomic with a fault injected at each of its steps: an exception (or a Ctrl-C)
+    leaves a regular target with its old bytes, a new one absent, a FIFO a FIFO, and no temporary
+    file beside the target or in the temporary folder."""
+    import stat as stat_
+    import tempfile
+    import threading
+
+    from kne import io as kio
+
+    out = tmp_path / "out.json"
+    if target == "regular":
+        out.write_bytes(b"old")
+    elif target == "fifo":
+        os.mkfifo(out)
+    exc = KeyboardInterrupt if where.startswith("ctrl-c") else OSError
+
+    def fail(*a, **k):
+        raise exc("injected")
+
+    if where == "at the rename":
+        monkeypatch.setattr(kio.os, "replace", fail)
+    reader = None
+    if where == "at the copy into it":  # the FIFO is opened for writing, so a reader must be there
+        monkeypatch.setattr(kio.shutil, "copyfileobj", fail)
+        reader = threading.Thread(target=lambda: out.read_bytes(), daemon=True)
+        reader.start()
+
+    def writer(tmp):
+        tmp.write_bytes(b"new, half")
+        if where.endswith("in the writer"):
+            raise exc("injected")
+
+    before = set(Path(tempfile.gettempdir()).glob(".kne-*"))
+    with pytest.raises(exc):
+        kio.write_atomic(out, writer)
+    if reader is not None:
+        reader.join(10)
+    if target == "regular":
+        assert out.read_bytes() == b"old"
+    elif target == "new":
+        assert not out.exists()
+    else:
+        assert stat_.S_ISFIFO(os.stat(out).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if target == "new" else ["out.json"])
+    assert set(Path(tempfile.gettempdir()).glob(".kne-*")) == before, "a temporary file was left"

@@ -43,7 +43,8 @@ def test_plot_results_of_kne_eval(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
     out = kne.plots.plot_file(tmp_path / "r.json", tmp_path / "r.png")
     assert _png_size(out)[0] > 5000
-    (tmp_path / "empty.json").write_text(json.dumps({"runs": [{"summary": {"n": 0}}]}))
+    (tmp_path / "empty.json").write_text(json.dumps({"runs": [{"method": "kne", "data": "d", "protocol": "independent",
+                                                                "summary": {"n": 0}}]}))
     with pytest.raises(ValueError, match="no metric"):
         kne.plots.plot_file(tmp_path / "empty.json")
 

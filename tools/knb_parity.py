@@ -89,8 +89,8 @@ def setup(repo: str, dest: str, commit: str) -> None:
     arch = subprocess.run(["git", "-C", repo, "archive", sha, *AUTHORS_FILES], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(dest_p)], input=arch.stdout, check=True)
     for sub in ("easyeditor", "easyeditor/models", "easyeditor/util"):
-        (dest_p / sub / "__init__.py").write_text("")  # their package __init__s import all of EasyEdit
-    (dest_p / "SOURCE").write_text(f"{AUTHORS_REPO} {sha}\n")
+        _write(dest_p / sub / "__init__.py", "")  # their package __init__s import all of EasyEdit
+    _write(dest_p / "SOURCE", f"{AUTHORS_REPO} {sha}\n")
     print(f"their KNB trainer ({sha}) in {dest_p}; now: pip install --no-deps --target {dest_p / 'site'} "
           f"peft=={PEFT_VERSION}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import subprocess
@@ -127,13 +126,13 @@ def main(argv=None) -> int:
             print(f"lock: {p}", file=sys.stderr)
         return 1 if problems else 0
     text = render(resolve(requirements(args.torch)), args.torch)
+    # kne's one writer, read from the checkout: make lock runs with any Python, kne installed or not
+    # (kne.io imports no torch)
+    sys.path.insert(0, str(ROOT / "python"))
+    from kne.io import write_text
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(args.out, text)
     print(f"lock: wrote {args.out} ({sum(1 for ln in text.splitlines() if _LINE.match(ln))} packages)", file=sys.stderr)
     return 0
 

@@ -142,7 +142,9 @@ def main() -> int:
            "tiny": score(ns, parity.parity_model(tok), tok, reqs)}
     model, tok = parity.smollm2_with_bos()
     out["smollm2"] = score(ns, model, tok, reqs)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    from kne.io import write_text
+
+    write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     for key in ("tiny", "smollm2"):
         print(key, [(r["target_new"], r["rewrite_acc"], r["rephrase_acc"]) for r in out[key]["records"]],

@@ -436,6 +436,8 @@ def render_page(text: str, page: str) -> Tuple[str, List[str]]:
 
 
 def main(argv=None) -> int:
+    from kne.io import write_text
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a rendered table is stale")
     args = ap.parse_args(argv)
@@ -447,7 +449,7 @@ def main(argv=None) -> int:
         if changed:
             stale += [f"{page.relative_to(ROOT)}: {name}" for name in changed]
             if not args.check:
-                page.write_text(new, encoding="utf-8")
+                write_text(page, new)  # whole or not at all (kne.io)
     unused = sorted(set(TABLES) - used)
     if unused:
         print(f"render_docs: no page marks {', '.join(unused)}", file=sys.stderr)

@@ -12,6 +12,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._exclusive import own_thread
+
 
 def training_flags(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
     """Every module's own ``training`` flag, for :func:`restore_training`."""
@@ -147,7 +149,7 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
             h = args[0]
             return (h[rows.to(h.device), pos.to(h.device)].unsqueeze(0),) + tuple(args[1:])
 
-        handle = head.register_forward_pre_hook(pick)
+        handle = head.register_forward_pre_hook(own_thread(pick))
         try:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=0).logits
         finally:

@@ -299,3 +299,53 @@ def resolve_sites(model: nn.Module, target_modules: Sequence[str],
     if len(set(suffixes)) != len(suffixes):
         raise ValueError(f"target_modules {tuple(target_modules)} name the same module twice (alias and suffix)")
     return out
+
+
+def distinct_sites(sites) -> None:
+    """Refuse two sites that are one module object (a module shared by two layers) or one weight
+    (tied weights): an edit would write it twice, and the model would not be the one trained."""
+    seen: Dict[int, str] = {}
+    for s in sites:
+        keys = [id(s.module)]
+        w = getattr(s.module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.device.type != "meta":
+            keys.append(w.untyped_storage().data_ptr())
+        for k in keys:
+            if k in seen and seen[k] != s.path:
+                raise ValueError(f"{s.path} is the same module (or weight) as {seen[k]}: the model shares one module "
+                                 "between layers, and an edit would write it twice; give each layer its own module "
+                                 "(copy.deepcopy it) or leave one of the layers out (KNEConfig.layers)")
+        for k in keys:
+            seen[k] = s.path
+
+
+def check_model(model: nn.Module, config):
+    """The checks an attribution or edit runs on the model before any work; returns ``config``
+    with ``layers`` as non-negative indices (``-1`` is the last layer, as in Python).
+
+    The model has kne's adapter and loaded weights (a parameter on the meta device that Accelerate
+    does not offload is refused: it holds no values), ``config.layers`` are layers of this model,
+    each named once, and no two target sites are one module or one weight (:func:`distinct_sites`)."""
+    get_architecture(model)
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            if _offload_hook(owner) is None:
+                raise ValueError(f"the model's parameter {name} is on the meta device: it holds no values (the "
+                                 "model was built without loading its weights). Load them first (from_pretrained, or "
+                                 "model.to_empty(device=...) then load_state_dict), or use device_map='auto'")
+    n = num_layers(model)
+    layers = config.layers
+    if layers is not None:
+        bad = [l for l in layers if not -n <= l < n]
+        if bad:
+            raise ValueError(f"KNEConfig.layers={tuple(layers)} has indices {bad} outside this model's {n} layers: use "
+                             f"indices in [0, {n - 1}] (or -{n}..-1, counted from the end), or None for all layers")
+        norm = tuple(l % n for l in layers)
+        if len(set(norm)) != len(norm):
+            raise ValueError(f"KNEConfig.layers={tuple(layers)} names a layer twice (as {norm}: -1 is layer {n - 1})")
+        if norm != tuple(layers):
+            config = config.replace(layers=norm)
+    sites = resolve_sites(model, config.target_modules, config.layers, config.exclude_edge_layers)
+    distinct_sites(s for ss in sites.values() for s in ss)
+    return config

@@ -22,10 +22,11 @@ from torch import nn
 
 import kne_kernels
 
+from ._exclusive import holds_model, own_thread
 from ._text import Batch, answer_logprobs, check_lengths, check_tokenizer, encode
 from ._utils import (Timer, answer_logits, as_int, frozen, input_device, kernel_backend, max_positions,
                      require_backend)
-from .adapters import ModuleSite, resolve_sites
+from .adapters import ModuleSite, check_model, resolve_sites
 from .config import KNEConfig, resolve_config
 from .ensemble import Ensemble
 from .requests import EditRequest, as_requests
@@ -113,7 +114,7 @@ class _Capture:
 
 
 def _run_pass(model, batch: Batch, captures: List[_Capture], objective: str) -> List[torch.Tensor]:
-    handles = [c.site.module.register_forward_hook(c) for c in captures]
+    handles = [c.site.module.register_forward_hook(own_thread(c)) for c in captures]
     try:
         obj = objective_value(answer_logprobs(answer_logits(model, batch), batch), objective)
         ys = [c.y for c in captures]
@@ -151,7 +152,7 @@ class _PrefixCache:
                     self.ok = False
             return hook
 
-        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
+        handles = [layer.register_forward_hook(own_thread(keep(i))) for i, layer in enumerate(self.layers)]
         try:
             with torch.no_grad():
                 answer_logits(model, batch)
@@ -198,6 +199,7 @@ def _length_order(tokenizer, reqs: Sequence[EditRequest], config: KNEConfig) -> 
     return sorted(range(len(reqs)), key=lambda i: lens[i])
 
 
+@holds_model("kne.attribute")
 def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               batch_size: int = 16, progress: Optional[bool] = None, **overrides: Any) -> Attribution:
     """Score every neuron of the target modules for each request (fast path).
@@ -213,6 +215,7 @@ def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     """
     cfg = resolve_config(config, overrides)
     check_tokenizer(tokenizer)
+    cfg = check_model(model, cfg)  # loaded weights, layers of this model, no shared module
     reqs = as_requests(requests)
     batch_size = as_int(batch_size, "batch_size", 1)
     timer = Timer()

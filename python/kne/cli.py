@@ -90,6 +90,10 @@ def _check_args(args) -> None:
         raise NotADirectoryError(f"--save-model {model_dir}: is a file; give a folder for the edited model")
     for flag in ("out", "table"):
         _check_output(getattr(args, flag, None), f"--{flag}", create=False)
+    if args.command == "apply":
+        from .editfile import read_edit
+
+        read_edit(args.file)  # a missing, damaged or hand-edited file fails before the model loads
     if args.command == "eval":
         if args.skip < 0:
             raise ValueError(f"--skip must be >= 0, got {args.skip}")
@@ -265,15 +269,45 @@ def cmd_edit(args) -> int:
     if args.save_model:
         out = Path(args.save_model)
         args.writing = str(out)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        _save_model(model, tok, out)
         res.ensemble.save(out / "kne_ensemble.json")
         meta = {"request": req.to_dict(), "config": cfg.to_dict(), "stats": st, "base_model": args.model}
-        (out / "kne_edit.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        write_text(out / "kne_edit.json", json.dumps(meta, indent=1, default=str) + "\n")
         args.writing = None
         args.wrote.append(str(out))
         print(f"saved   the edited model, its ensemble and an edit record to {out}")
+    return 0
+
+
+def _save_model(model, tok, out: Path) -> None:
+    """``save_pretrained`` of the model and tokenizer into ``out``; a full disk or a read-only folder
+    is one ``OSError`` naming the folder (safetensors raises its own error type)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    except OSError as e:
+        raise OSError(f"cannot write the model to {out}: {e.strerror or e}") from None
+    except Exception as e:  # safetensors' SafetensorError: a full disk, a read-only folder
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"cannot write the model to {out}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ apply
+def cmd_apply(args) -> int:
+    import kne
+
+    model, tok = _load(args)
+    fn = kne.revert_edit if args.revert else kne.apply_edit
+    n = fn(model, args.file, force=args.force)
+    print(f"{'reverted' if args.revert else 'applied'} {args.file} ({n} module(s) written)")
+    out = Path(args.save_model)
+    args.writing = str(out)
+    _save_model(model, tok, out)
+    args.writing = None
+    args.wrote.append(str(out))
+    print(f"saved   the model to {out}")
     return 0
 
 
@@ -435,6 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(e)
     e.set_defaults(func=cmd_edit)
 
+    a = sub.add_parser("apply", help="apply (or revert) an edit file and save the model",
+                       description="Apply an edit file written by kne edit --save (or EditResult.save) to a model, or "
+                                   "revert it, and save the result with save_pretrained. The file is verified first "
+                                   "(content digest, the model's fingerprints, the current rows bit for bit) and "
+                                   "written all or nothing.")
+    _common(a)
+    a.add_argument("file", help="the edit file (.safetensors)")
+    a.add_argument("--save-model", required=True, metavar="DIR", help="folder for the model after the edit")
+    a.add_argument("--revert", action="store_true", help="revert the edit instead of applying it")
+    a.add_argument("--force", action="store_true",
+                   help="apply even when the file's fingerprints do not match this model (with a warning; the rows "
+                        "it writes must still hold the values it expects)")
+    a.set_defaults(func=cmd_apply)
+
     v = sub.add_parser("eval", help="evaluate methods on KnowEdit files (EasyEdit's metrics)",
                        description="Independent edits (per record: evaluate, edit, evaluate again, restore) or "
                                    "sequential edits (all edits kept, evaluated at the end), with EasyEdit's "
@@ -498,7 +546,7 @@ def _one_line(e: BaseException) -> str:
 
 def _interrupted(args) -> str:
     where = " during start-up" if args.phase == "start-up" else ""
-    if args.command not in ("demo", "edit", "eval"):
+    if args.command not in ("demo", "edit", "eval", "apply"):
         return f"kne {args.command}: interrupted{where}"
     if args.writing:
         files = f"; {args.writing} was being written and may be incomplete"

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .metrics import METRICS, record_value
+from .io import check_input
+from .metrics import METRICS, check_results, record_value
 
 __all__ = ["FEW", "load_runs", "paired_difference", "compare_runs", "pair_runs", "format_comparison"]
 
@@ -30,26 +31,21 @@ FEW = 10
 
 def load_runs(path) -> List[Dict[str, Any]]:
     """The runs of a ``kne eval --out`` JSON (or of a merged results file with the same ``runs``
-    list), each with its ``method``, ``data``, ``protocol`` and ``records``."""
-    p = Path(path)
+    list), each with its ``method``, ``data``, ``protocol`` and ``records``, checked field by field
+    (:func:`kne.metrics.check_results`: a bad field is one ``ValueError`` naming it; NaN refused)."""
+    p = check_input(path, "results JSON")
     try:
-        payload = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{p}: no such file (give a results JSON written by kne eval --out)") from None
+        payload = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text (byte {e.start}); give a results JSON written by kne eval --out") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not JSON ({e.msg} at line {e.lineno}); give a results JSON written by "
                          "kne eval --out") from None
-    runs = payload.get("runs") if isinstance(payload, dict) else None
-    if not isinstance(runs, list) or not runs:
-        raise ValueError(f"{p}: holds no 'runs' list; give a results JSON written by kne eval --out")
-    for r in runs:
-        missing = [k for k in ("method", "data", "protocol", "records") if k not in r]
-        if missing:
-            raise ValueError(f"{p}: a run lacks {', '.join(missing)}; give a results JSON written by kne eval --out")
-        if not isinstance(r["records"], list) or not all(isinstance(x, dict) and isinstance(x.get("index"), int)
-                                                         for x in r["records"]):
-            raise ValueError(f"{p}: run {r['method']} on {r['data']} has records without an integer 'index' (the "
-                             "record's position in its file, which pairs it); give a results JSON written by kne eval --out")
+    runs = check_results(payload, p)
+    for i, r in enumerate(runs):
+        if not isinstance(r.get("records"), list):
+            raise ValueError(f"{p}: runs[{i}] ({r['method']} on {r['data']}) has no records list to pair; give a "
+                             "results JSON written by kne eval --out")
     return runs
 
 

@@ -13,6 +13,9 @@ import numpy as np
 __all__ = ["KNEConfig", "resolve_config", "edit_config", "DEFAULT_PRESET", "PRESETS"]
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed / Generator.manual_seed accept
+#: the largest learning rate per optimizer, and the largest alpha, an edit can use (KNEConfig refuses more)
+LR_MAX = {"adamw": 10.0, "ngd": 1000.0}
+ALPHA_MAX = 1000.0
 
 _CHOICES = {
     "neuron_axis": ("out", "in"),
@@ -220,8 +223,14 @@ class KNEConfig:
         _int(self, "preserve_others", 0)
         _num(self, "percentile", lo=0.0, hi=100.0, hi_open=True,
              fix="a number in [0, 100); 99 keeps about 1% of neurons")
-        _num(self, "lr", lo=0.0, lo_open=True, fix="a positive learning rate such as 5e-3")
-        _num(self, "alpha", lo=0.0, lo_open=True, fix="a positive scale such as 1.0")
+        # What an edit can use: AdamW moves every coordinate by up to about lr per step (weights are
+        # O(0.01-1)); ngd's lr is the length of a step of the whole delta; alpha scales the delta.
+        # Beyond these an edit only diverges (lr=1e30 wrecked the model), so they are refused.
+        lr_max = LR_MAX[self.optimizer]
+        _num(self, "lr", lo=0.0, lo_open=True, hi=lr_max,
+             fix=f"a positive learning rate up to {lr_max:g} with optimizer={self.optimizer!r}, such as "
+                 f"{5e-3 if self.optimizer == 'adamw' else 20:g}")
+        _num(self, "alpha", lo=0.0, lo_open=True, hi=ALPHA_MAX, fix=f"a positive scale up to {ALPHA_MAX:g}, such as 1.0")
         _num(self, "dropout", lo=0.0, hi=1.0, hi_open=True, fix="a probability in [0, 1)")
         _num(self, "weight_decay", lo=0.0, fix="a non-negative number such as 0.0")
         _num(self, "ngd_momentum", lo=0.0, hi=1.0, hi_open=True, fix="a momentum in [0, 1) such as 0.9")

@@ -8,8 +8,11 @@ rows or columns, each once), ``{i}.new`` (the edited rows/columns, weight dtype,
 
 * ``model``: the architecture fingerprint (``model_type``, parameter count, a sha256 of the config
   and of every parameter's name, shape and dtype): the same for every model of one architecture;
-* ``values``: the value fingerprint (:func:`value_fingerprint`): a sha256 of values an edit never
-  changes, so it tells this model from another one with the same shapes but other weights;
+* ``values``: the value fingerprint (:func:`value_fingerprint`): a sha256 of sampled values of every
+  parameter except the weights of the module kind the edit writes (say every layer's
+  ``mlp.down_proj``, which this and other edits may write), so it tells this model from another one
+  with the same shapes but other weights: another checkpoint, a fine-tune of any other weight
+  (attention, another FFN projection, a merged LoRA), embeddings, norms or biases;
 * ``sites``: one entry per module instance (``i``, module ``path``, ``dim``, ``weight_shape``,
   ``dtype``, ``transposed``: GPT-2 ``Conv1D`` stores its weight ``[in, out]``), and the edit's
   ``config``, ``requests`` and ``stats``;
@@ -24,30 +27,39 @@ every site first (module, shape, dtype, fingerprints, current values bit for bit
 on a refusal; if a write fails or is interrupted (``KeyboardInterrupt`` too), the sites already
 written are put back, so the model is either fully changed or bit-exact as before.
 
-Files of format ``kne.edit/1`` (kne 0.2.0) carry no digest and no value fingerprint: they are still
-read and applied, with every other check, and a warning says what is not verified.
+``force=True`` applies or reverts a file whose fingerprints do not match this model, with a
+warning (every other check stays: the rows it writes must hold the values it expects). A site the
+model ties to another parameter (an output projection tied to the input embeddings) is refused: a
+write there would change that parameter too.
+
+Files of format ``kne.edit/2`` carry the older value fingerprint (parameters with fewer than two
+dimensions and the input embeddings only) and are checked with it; ``kne.edit/1`` (kne 0.2.0)
+files carry no digest and no value fingerprint: they are still read and applied, with every other
+check, and a warning says what is not verified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._exclusive import holds_model, writing
 from ._guard import undo_writes
+from .io import check_input, write_bytes
 
 __all__ = ["save_edit", "read_edit", "apply_edit", "revert_edit", "fingerprint", "value_fingerprint"]
 
-FORMAT = "kne.edit/2"
+FORMAT = "kne.edit/3"
+FORMAT_V2 = "kne.edit/2"
 FORMAT_V1 = "kne.edit/1"
-READABLE = (FORMAT, FORMAT_V1)
+READABLE = (FORMAT, FORMAT_V2, FORMAT_V1)
 KINDS = ("index", "new", "orig")
 VALUE_SAMPLE = 65536  # values per parameter that enter the value fingerprint (all of a smaller one)
 _VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -86,38 +98,65 @@ def _param_value(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
     return hook.weights_map[local]
 
 
-def value_fingerprint(model: nn.Module) -> Dict[str, Any]:
-    """A sha256 of parameter values that no kne edit changes: every parameter with fewer than two
-    dimensions (norm scales, biases) and the input embedding matrix. kne only writes rows or
-    columns of 2-D projection weights inside the decoder layers, so applying or reverting any
-    number of edits leaves this fingerprint unchanged, while another model of the same shapes
-    (another checkpoint, another seed, a fine-tune) gets another one.
+def _sampled(h, model: nn.Module, name: str, p: torch.Tensor) -> None:
+    flat = _param_value(model, name, p).detach().reshape(-1)
+    n = flat.numel()
+    if n > VALUE_SAMPLE:
+        pick = (torch.arange(VALUE_SAMPLE, dtype=torch.int64) * n) // VALUE_SAMPLE
+        flat = flat.index_select(0, pick.to(flat.device))
+    flat = flat.cpu().contiguous()
+    h.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
+    h.update(flat.view(torch.uint8).numpy())
 
-    Each parameter enters with its name, shape and dtype and at most ``VALUE_SAMPLE`` (65,536) of its
-    values, evenly spaced over the flattened tensor (all of them for smaller parameters), so the
-    cost stays at a few milliseconds for any model size."""
-    emb = None
-    try:
-        emb_mod = model.get_input_embeddings()
-        emb = getattr(emb_mod, "weight", None)
-    except (AttributeError, NotImplementedError):
-        pass
+
+def _written_by(name: str, suffixes) -> bool:
+    return any(name.endswith(f".{s}.weight") or name == f"{s}.weight" for s in suffixes)
+
+
+def value_fingerprint(model: nn.Module, edited: Sequence[str]) -> Dict[str, Any]:
+    """A sha256 of sampled values of every parameter except the weights of the module kinds
+    ``edited`` names (module suffixes such as ``"mlp.down_proj"``: in every layer, since other edits
+    may have written those rows). Applying or reverting edits of those kinds leaves it unchanged;
+    another model of the same shapes (another checkpoint, another seed, a fine-tune or a merged
+    adapter of any other weight) gets another one.
+
+    Each parameter enters with its name, shape and dtype and at most ``VALUE_SAMPLE`` (65,536) of
+    its values, evenly spaced over the flattened tensor (all of them for smaller parameters), so the
+    cost stays at tens of milliseconds for any model size."""
+    edited = sorted(set(edited))
     h = hashlib.sha256()
     count = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if _written_by(name, edited):
+                continue
+            _sampled(h, model, name, p)
+            count += 1
+    return {"sha256": h.hexdigest(), "parameters": count, "sample": VALUE_SAMPLE, "excluded": edited}
+
+
+def _value_fingerprint_v2(model: nn.Module) -> str:
+    """``kne.edit/2``'s value fingerprint: parameters with fewer than two dimensions and the input
+    embedding matrix only."""
+    emb = None
+    try:
+        emb = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        pass
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
             if p.dim() >= 2 and p is not emb:
                 continue
-            flat = _param_value(model, name, p).detach().reshape(-1)
-            n = flat.numel()
-            if n > VALUE_SAMPLE:
-                pick = (torch.arange(VALUE_SAMPLE, dtype=torch.int64) * n) // VALUE_SAMPLE
-                flat = flat.index_select(0, pick.to(flat.device))
-            flat = flat.cpu().contiguous()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
-            h.update(flat.view(torch.uint8).numpy())
-            count += 1
-    return {"sha256": h.hexdigest(), "parameters": count, "sample": VALUE_SAMPLE}
+            _sampled(h, model, name, p)
+    return h.hexdigest()
+
+
+def tied_to(model: nn.Module, weight: torch.Tensor, name: str) -> List[str]:
+    """The other parameters of ``model`` that share ``weight``'s storage (tied weights)."""
+    ptr = weight.untyped_storage().data_ptr()
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if n != name and p.device == weight.device and p.untyped_storage().data_ptr() == ptr]
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -157,8 +196,9 @@ def _tensor_names(sites: List[Dict[str, Any]]) -> List[str]:
 def save_edit(result, path: Union[str, Path]) -> Path:
     """Write ``result`` (a :class:`kne.EditResult` that is not restored) to ``path`` (a file name;
     its folder is created). The file is written to a temporary name and renamed, so an interrupted
-    save never leaves a partial file at ``path``."""
-    from safetensors.torch import save_file
+    save never leaves a partial file at ``path``; a full disk or a read-only folder is an
+    ``OSError`` naming the path (:mod:`kne.io`)."""
+    from safetensors.torch import save as safetensors_bytes
 
     if result.restored:
         raise ValueError("this edit was restored: there is nothing to save (save before restore())")
@@ -181,7 +221,8 @@ def save_edit(result, path: Union[str, Path]) -> Path:
         tensors[f"{i}.orig"] = base.detach().cpu().contiguous()
         sites.append({"i": i, "path": site.path, "layer": site.layer, "suffix": site.suffix, "dim": dim,
                       "transposed": site.transposed, "weight_shape": list(w.shape), "dtype": str(w.dtype)})
-    meta = {"format": FORMAT, "model": fingerprint(result.model), "values": value_fingerprint(result.model),
+    meta = {"format": FORMAT, "model": fingerprint(result.model),
+            "values": value_fingerprint(result.model, [s["suffix"] for s in sites]),
             "sites": sites, "config": result.config.to_dict() if result.config is not None else None,
             "requests": [r.to_dict() for r in result.requests],
             "stats": {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
@@ -189,15 +230,12 @@ def save_edit(result, path: Union[str, Path]) -> Path:
     doc["digest"] = {"sha256": _digest(doc, tensors, _tensor_names(sites)),
                      "covers": "the kne metadata without 'digest' (JSON, sorted keys) and every tensor "
                                "(name:dtype:shape, bytes), site by site"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = safetensors_bytes(tensors, metadata={"kne": json.dumps(doc)})
     try:
-        save_file(tensors, str(tmp), metadata={"kne": json.dumps(doc)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: cannot make its folder {path.parent} ({e.strerror})") from None
+    return write_bytes(path, data)
 
 
 class _Fields:
@@ -224,8 +262,7 @@ def _read_raw(path: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
 
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not an edit file: pass the .safetensors file itself")
-    if not path.is_file():
-        raise FileNotFoundError(f"edit file {str(path)!r} does not exist")
+    check_input(path, "edit file")  # missing, a symlink loop, unreadable: said as such
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("kne")
@@ -255,9 +292,13 @@ def _validate(path: Path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]
     model = F.get(meta, "model", "model", dict, "an object (the architecture fingerprint)")
     F.get(model, "sha256", "model.sha256", str, "a hex string")
     F.get(model, "params", "model.params", int, "an integer")
-    if fmt == FORMAT:
+    if fmt != FORMAT_V1:
         values = F.get(meta, "values", "values", dict, "an object (the value fingerprint)")
         F.get(values, "sha256", "values.sha256", str, "a hex string")
+        if fmt == FORMAT:
+            excluded = F.get(values, "excluded", "values.excluded", list, "a list of module suffixes")
+            if not all(isinstance(x, str) and x for x in excluded):
+                raise F.fail("values.excluded", f"must hold module suffixes, got {excluded!r}")
         digest = F.get(meta, "digest", "digest", dict, "an object")
         F.get(digest, "sha256", "digest.sha256", str, "a hex string")
     raw_sites = F.get(meta, "sites", "sites", list, "a list")
@@ -321,7 +362,7 @@ def _validate(path: Path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]
     extra = sorted(set(tensors) - expected)
     if extra:
         raise F.fail(extra[0], "is a tensor that belongs to no site")
-    if fmt == FORMAT:
+    if fmt != FORMAT_V1:
         actual = _digest(meta, tensors, _tensor_names(raw_sites))
         if actual != meta["digest"]["sha256"]:
             raise ValueError(f"{path}: the content digest does not match (field 'digest.sha256': file says "
@@ -330,7 +371,7 @@ def _validate(path: Path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]
     else:
         warnings.warn(f"{path.name} is a {FORMAT_V1} file (kne 0.2.0): it carries no content digest and no value "
                       "fingerprint, so a damaged copy or another model with the same shapes is caught only by the "
-                      f"checks of every row; edits saved by this kne ({FORMAT}) carry both", UserWarning, stacklevel=4)
+                      f"checks of every row; edits saved by this kne ({FORMAT}) carry both", UserWarning, stacklevel=5)
     return sites
 
 
@@ -344,17 +385,33 @@ def read_edit(path: Union[str, Path]):
 
 
 # ---------------------------------------------------------------------------------------------- apply / revert
-def _check_model(path: Path, meta: Dict[str, Any], model: nn.Module) -> None:
+def _check_model(path: Path, meta: Dict[str, Any], model: nn.Module, force: bool, verb: str) -> None:
+    """The model is the one the file was made on (architecture and value fingerprints); with
+    ``force`` a mismatch is a warning instead of a refusal."""
+    problems = []
     fp, want = fingerprint(model), meta["model"]
     if fp != want:
         diff = ", ".join(f"{k}: file {want.get(k)!r} vs model {fp.get(k)!r}" for k in fp if fp.get(k) != want.get(k))
-        raise ValueError(f"{path}: this file was made for another model (architecture fingerprint differs: {diff})")
+        problems.append(f"architecture fingerprint differs: {diff}")
     if meta["format"] == FORMAT:
-        vf, vwant = value_fingerprint(model)["sha256"], meta["values"]["sha256"]
+        excluded = meta["values"]["excluded"]
+        vf, vwant = value_fingerprint(model, excluded)["sha256"], meta["values"]["sha256"]
         if vf != vwant:
-            raise ValueError(f"{path}: this file was made for another model (fingerprint {vwant[:16]} of the weights "
-                             f"no edit changes -- embeddings, norms, biases; this model's is {vf[:16]}): same "
-                             "architecture and shapes, other weights. Apply it to the model it was saved from")
+            problems.append(f"fingerprint {vwant[:16]} of every weight but the edited kind ({', '.join(excluded)}); "
+                            f"this model's is {vf[:16]}: same architecture and shapes, other weights (another "
+                            "checkpoint, or a fine-tune or merged adapter of some other weight)")
+    elif meta["format"] == FORMAT_V2:
+        vf, vwant = _value_fingerprint_v2(model), meta["values"]["sha256"]
+        if vf != vwant:
+            problems.append(f"fingerprint {vwant[:16]} of the weights no edit changes -- embeddings, norms, biases; "
+                            f"this model's is {vf[:16]}: same architecture and shapes, other weights")
+    if not problems:
+        return
+    if not force:
+        raise ValueError(f"{path}: this file was made for another model ({'; '.join(problems)}). Apply it to the "
+                         f"model it was saved from, or pass force=True (--force) to {verb} it anyway")
+    warnings.warn(f"{path.name}: {verb} with force=True on a model the file was not made for ({'; '.join(problems)}); "
+                  "the rows it writes hold the values it expects, nothing else was checked", UserWarning, stacklevel=5)
 
 
 def _weight(model: nn.Module, site: _Site, path: Path) -> torch.Tensor:
@@ -375,6 +432,11 @@ def _weight(model: nn.Module, site: _Site, path: Path) -> torch.Tensor:
     w = _offloaded_weight(mod)
     if w is None:
         w = mod.weight
+        tied = tied_to(model, w, f"{site.path}.weight")
+        if tied:
+            raise ValueError(f"{path}: {site.path} (field {site.field}.path) shares its weight with "
+                             f"{', '.join(tied)} (tied weights): a write there would change those too, and kne edits "
+                             "only weights of their own; this file was not made by kne for this model")
     w = w.t() if transposed else w
     if tuple(w.shape) != site.weight_shape or w.dtype != site.dtype:
         raise ValueError(f"{path}: {site.path} is {tuple(w.shape)} {w.dtype} in the model but "
@@ -397,11 +459,13 @@ def _write_rows(weight: torch.Tensor, dim: int, index: torch.Tensor, rows: torch
     weight.index_copy_(dim, index, rows)
 
 
-def _transfer(model: nn.Module, path: Union[str, Path], expect: str, write: str, verb: str) -> int:
+def _transfer(model: nn.Module, path: Union[str, Path], expect: str, write: str, verb: str, force: bool = False) -> int:
     path = Path(path)
+    if not isinstance(force, bool):
+        raise ValueError(f"force={force!r} is invalid: use True or False")
     meta, tensors = _read_raw(path)
     sites = _validate(path, meta, tensors)
-    _check_model(path, meta, model)
+    _check_model(path, meta, model, force, verb)
     # Every check before the first write: modules, shapes, dtypes, current values bit for bit.
     plan = []
     with torch.no_grad():
@@ -421,14 +485,15 @@ def _transfer(model: nn.Module, path: Union[str, Path], expect: str, write: str,
             plan.append((site, w, idx, now, getattr(site, write).to(w.device)))
     # All or nothing: a failure or an interrupt while writing puts back every site touched so far.
     done = []
-    try:
-        with torch.no_grad():
-            for site, w, idx, now, rows in plan:
-                done.append((site, w, idx, now))  # before the write: a write that fails half-way is undone too
-                _write_rows(w, site.dim, idx, rows)
-    except BaseException as e:
-        _rollback(done, path, verb, e)
-        raise
+    with writing(model):  # other threads' forwards wait: none sees a half-applied file
+        try:
+            with torch.no_grad():
+                for site, w, idx, now, rows in plan:
+                    done.append((site, w, idx, now))  # before the write: a write that fails half-way is undone too
+                    _write_rows(w, site.dim, idx, rows)
+        except BaseException as e:
+            _rollback(done, path, verb, e)
+            raise
     return len(plan)
 
 
@@ -436,16 +501,19 @@ def _rollback(done, path: Path, verb: str, error: BaseException) -> None:
     undo_writes([(site.path, w, site.dim, idx, now) for site, w, idx, now in done], f"{verb} {path.name}", error)
 
 
-def apply_edit(model: nn.Module, path: Union[str, Path]) -> int:
+@holds_model("kne.apply_edit")
+def apply_edit(model: nn.Module, path: Union[str, Path], *, force: bool = False) -> int:
     """Apply the edit stored at ``path`` to ``model`` in place; returns the module instances written.
 
     Refuses (``ValueError``, nothing written) a damaged file, a model that is not the one the edit
-    was made on (architecture or value fingerprint), and rows that do not hold the original values.
+    was made on (architecture or value fingerprint; ``force=True`` applies it anyway, with a
+    warning), a site tied to another parameter, and rows that do not hold the original values.
     All or nothing: if writing fails or is interrupted, the model is put back as it was."""
-    return _transfer(model, path, expect="orig", write="new", verb="apply")
+    return _transfer(model, path, expect="orig", write="new", verb="apply", force=force)
 
 
-def revert_edit(model: nn.Module, path: Union[str, Path]) -> int:
+@holds_model("kne.revert_edit")
+def revert_edit(model: nn.Module, path: Union[str, Path], *, force: bool = False) -> int:
     """Undo the edit stored at ``path`` (bit for bit); refuses a model that does not hold it. All or
-    nothing, as :func:`apply_edit`."""
-    return _transfer(model, path, expect="new", write="orig", verb="revert")
+    nothing, as :func:`apply_edit` (and ``force`` as there)."""
+    return _transfer(model, path, expect="new", write="orig", verb="revert", force=force)

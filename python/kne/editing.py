@@ -23,15 +23,16 @@ from torch import nn
 import kne_kernels
 from kne_kernels import adamw_update_
 
+from ._exclusive import holds_model, own_thread, writing
 from ._guard import undo_writes
 from ._text import check_lengths, check_tokenizer
 from ._utils import EditDropout, Timer, frozen, input_device, kernel_backend, logits_at, max_positions, require_backend
-from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
+from .adapters import ModuleSite, check_model, distinct_sites, get_architecture, num_layers, resolve_sites
 from .attribution import locate
 from .config import KNEConfig, describe, edit_config
 from .ensemble import Ensemble, _match_suffix
 from .nullspace import edit_bases, kept_texts
-from .objective import EditObjective, edit_loss
+from .objective import EditObjective, collapse, edit_loss, prompt_predictions, runaway_loss
 from .requests import EditRequest, as_requests
 from .result import EditError, EditResult
 
@@ -182,6 +183,7 @@ def check_keep(keep, tokenizer, cfg: KNEConfig) -> List[Tuple[List[int], int, in
     return kept_texts(keep, tokenizer, cfg)
 
 
+@holds_model("kne.fast_edit")
 def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
               preserve_prompts: Optional[List[str]] = None, keep=None, **overrides: Any) -> EditResult:
@@ -195,7 +197,14 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     (for instance a dataset-level ensemble from ``kne.locate`` over many requests) its modules,
     layers and ``neuron_axis`` are used as they are. Several requests are edited together (the
     loss is the mean of their per-request losses). The model is left exactly as it was if the edit
-    fails or is interrupted (a non-finite loss raises :class:`EditError`).
+    fails or is interrupted. A runaway edit raises :class:`EditError` and writes nothing (or puts
+    back what it wrote): a non-finite loss or merged row, an answer loss that ends more than 1%
+    above where it started, or a next-token distribution on the edit prompt that collapsed to one
+    token.
+
+    One model, one call at a time: a second kne call that changes this model, from another thread,
+    raises ``kne.ModelBusyError`` at once. Forwards in other threads during the edit see the model
+    without the edit, and wait during the merge (``docs/robustness.md``).
 
     All or nothing: every input is checked against the model before any work (requests, config,
     tokenizer, text lengths, the ensemble's layers, indices and shapes, the kernel backend); the
@@ -220,6 +229,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     """
     cfg = edit_config(config, overrides)
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
+    cfg = check_model(model, cfg)  # loaded weights, layers of this model, no shared module
     held = check_keep(keep, tokenizer, cfg)
     total = Timer()
     if ensemble is None:
@@ -229,6 +239,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         locate_seconds = 0.0
     axis = ensemble.neuron_axis
     pairs = ensemble.sites(model)
+    distinct_sites(site for site, _ in pairs)
     if not pairs:
         raise EditError("the ensemble is empty: no neuron scored above the percentile threshold; lower "
                         f"KNEConfig.percentile (now {cfg.percentile}) or set positive_only=False")
@@ -318,7 +329,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                                              [s.site for s in slots] if cfg.project else ())
                 if cfg.project:  # with the earlier edits' keys (keep=), read from the model as it is now
                     bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=held)
-            handles = [s.site.module.register_forward_hook(make_hook(s)) for s in slots]
+            before = prompt_predictions(model, objective.edit_batch)  # for the collapse check after the merge
+            handles = [s.site.module.register_forward_hook(own_thread(make_hook(s))) for s in slots]
             losses, steps, stopped = _train(forward, deltas, cfg, step_fn, on_step)
         for h in handles:
             h.remove()
@@ -342,11 +354,21 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         }
         if keep is not None:
             stats["kept_sequences"] = len(held)
-        with torch.no_grad():
-            for s in slots:  # the merge, the only write: W[idx] = base + s * delta, in place
-                w = s.site.weight()
-                written.append((s.site.path, w, dim, s.idx, s.base))  # first: a write that fails half-way is undone
-                w.index_copy_(dim, s.idx, s.merged.to(w.device))
+        refuse_runaway(cfg, stats["edit_losses"], steps, [(s.site.path, s.merged) for s in slots])
+        with torch.no_grad(), writing(model):  # other threads' forwards wait: none sees a half merge
+            try:
+                for s in slots:  # the merge, the only write: W[idx] = base + s * delta, in place
+                    w = s.site.weight()
+                    written.append((s.site.path, w, dim, s.idx, s.base))  # first: a write that fails half-way is undone
+                    w.index_copy_(dim, s.idx, s.merged.to(w.device))
+                with frozen(model):
+                    why = collapse(before, prompt_predictions(model, objective.edit_batch), tokenizer)
+                if why:
+                    raise EditError(runaway_message(why, cfg))
+            except BaseException as e:
+                undo_writes(written, "kne.fast_edit", e)
+                written = []
+                raise
         stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), **stats}
         result = EditResult(model, ensemble, stats, cfg, reqs, saved, method="kne.fast_edit")
     except BaseException as e:
@@ -356,6 +378,22 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
             undo_writes(written, "kne.fast_edit", e)
         raise
     return result
+
+
+def runaway_message(why: str, cfg: KNEConfig) -> str:
+    return (f"{why}; the edit was refused and the model left as it was. Lower the step size (lr={cfg.lr:g}, "
+            f"optimizer {cfg.optimizer}; alpha={cfg.alpha:g}): the presets' values are in docs/usage.md")
+
+
+def refuse_runaway(cfg: KNEConfig, edit_losses: List[float], steps: int, merged: List[Tuple[str, torch.Tensor]]) -> None:
+    """Before the merge: a finite result whose answer loss did not rise (more than
+    ``kne.objective.RUNAWAY_RISE``), else :class:`EditError`."""
+    for path, rows in merged:
+        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+            raise EditError(runaway_message(f"the edited rows of {path} hold NaN or infinity", cfg))
+    why = runaway_loss(edit_losses, steps)
+    if why:
+        raise EditError(runaway_message(why, cfg))
 
 
 def _target_params(model: nn.Module, ensemble: Ensemble) -> int:

@@ -17,6 +17,7 @@ import kne_kernels
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from ._utils import selection_backend
 from .config import KNEConfig, resolve_config
+from .io import check_input
 
 __all__ = ["Ensemble"]
 
@@ -156,10 +157,12 @@ class Ensemble:
                 "config": self.config}
 
     def save(self, path: Union[str, Path]) -> Path:
+        """Write the ensemble as JSON (whole or not at all: :func:`kne.io.write_text`); missing folders are made."""
+        from .io import write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        return path
+        return write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, Path], neuron_axis: Optional[str] = None) -> "Ensemble":
@@ -169,8 +172,7 @@ class Ensemble:
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory, not an ensemble file: pass the JSON file itself "
                                     "(written by Ensemble.save, or the authors' knb_dict)")
-        if not path.is_file():
-            raise FileNotFoundError(f"ensemble file {str(path)!r} does not exist")
+        check_input(path, "ensemble file")  # missing, a symlink loop, unreadable: said as such
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

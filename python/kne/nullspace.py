@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._exclusive import own_thread
 from ._text import check_lengths, check_tokenizer, pad_batch, pad_id
 from ._utils import as_int, frozen, input_device, max_positions, new_folder
 from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
@@ -245,7 +246,7 @@ def _accumulate(model, tokenizer, seqs, sites, accs, batch_size, bar) -> None:
             accs[i].add_((x.t() @ x).double().cpu())  # one batch in float32, the running sum in float64
         return hook
 
-    handles = [s.module.register_forward_hook(grab(i)) for i, s in enumerate(sites)]
+    handles = [s.module.register_forward_hook(own_thread(grab(i))) for i, s in enumerate(sites)]
     try:
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
@@ -277,7 +278,7 @@ class KeyCapture:
                 self._keys[i] = x[self.rows.to(x.device)].detach().float()
             return hook
 
-        self._handles = [s.module.register_forward_hook(grab(i)) for i, s in enumerate(self.sites)]
+        self._handles = [s.module.register_forward_hook(own_thread(grab(i))) for i, s in enumerate(self.sites)]
         return self
 
     def __exit__(self, *exc) -> None:

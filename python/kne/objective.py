@@ -25,14 +25,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ._text import Batch, answer_logprobs, answer_margins, answer_predictions, encode, per_sequence_mean
-from ._utils import forward_logits, frozen
+from ._utils import forward_logits, frozen, logits_at
 from .preservation import Preservation, build_preservation
 
 # The pieces of an edit step, public for code that builds its own (kne's benchmarks do): ``encode``
 # (kne's tokenisation of prompt + answer into a padded ``Batch``), ``forward_logits`` (the model's logits of
 # a batch, without a KV cache), ``frozen`` (no parameter requires a gradient inside it)
 # and ``edit_loss`` (the NLL of the answer tokens).
-__all__ = ["EditObjective", "edit_loss", "encode", "Batch", "forward_logits", "frozen"]
+__all__ = ["EditObjective", "edit_loss", "encode", "Batch", "forward_logits", "frozen", "prompt_predictions",
+           "runaway_loss", "collapse"]
 
 
 def edit_loss(logits: torch.Tensor, batch: Batch, reduction: str = "request") -> torch.Tensor:
@@ -68,9 +69,11 @@ class EditObjective:
         elif preserve_prompts is not None:
             raise ValueError("preserve_prompts was given but neither KNEConfig.preserve_weight > 0 nor project=True: "
                              "set one (for instance KNEConfig.preset('local')) to preserve them")
-        self.batch = self.preservation.edit if self.kl_on else \
-            encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
-                   add_special_tokens=config.add_special_tokens, always_space=config.always_space, device=device)
+        #: the edit's own sequences (prompt + answer), without neighbours: what the runaway check reads
+        self.edit_batch = encode(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                                 add_special_tokens=config.add_special_tokens, always_space=config.always_space,
+                                 device=device)
+        self.batch = self.preservation.edit if self.kl_on else self.edit_batch
         self.neighbours = self.preservation  # every kept neighbour (preservation: those the KL holds)
         self.edit_losses: List[float] = []
         self.kls: List[float] = []
@@ -155,3 +158,58 @@ class EditObjective:
             out.update(preserve_kl=self.kls[-1] if self.kls else None, preserve_kls=list(self.kls),
                        neighbor_flips=self.flips, kl_neighbours=list(self.preservation.prompts))
         return out
+
+
+# ---------------------------------------------------------------------------------------------- runaway edits
+#: an answer loss that ends more than this share above where it started marks a runaway edit (a
+#: regularised edit can end a hair above its start, 5.420 -> 5.425 nats; a runaway one ends far above,
+#: 7.6 -> 48 with ngd's lr=1000 on the embedded model)
+RUNAWAY_RISE = 0.01
+
+
+def runaway_loss(edit_losses: Sequence[float], steps: int) -> Optional[str]:
+    """Why an edit whose answer loss (its NLL) ended more than :data:`RUNAWAY_RISE` above where it
+    started is refused (``None`` when it did not): the settings made the training diverge."""
+    if steps < 1 or len(edit_losses) < 2:
+        return None
+    first, last = float(edit_losses[0]), float(edit_losses[-1])
+    if last > first * (1 + RUNAWAY_RISE) + 1e-9:
+        return (f"the edit loss rose from {first:.4g} to {last:.4g} over {steps} step(s): the training diverged "
+                "instead of learning the answer")
+    return None
+
+
+def prompt_predictions(model, batch: Batch) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(top token, its probability)`` at every position of the edit sequences' prompts that
+    predicts the next prompt token, from one forward without gradients; ``None`` when no prompt has
+    two tokens. The answer's positions are not read: there the edit is meant to change the model."""
+    rows, pos = [], []
+    for r in range(batch.size_answers):
+        first = int(batch.cols[batch.rows == r].min())  # the first answer token's position
+        rows += [r] * max(0, first - 1)
+        pos += list(range(max(0, first - 1)))
+    if not rows:
+        return None
+    dev = batch.input_ids.device
+    with torch.no_grad():
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, torch.tensor(rows, device=dev),
+                           torch.tensor(pos, device=dev), gather=True)
+    top = logits.float().softmax(-1).max(-1)
+    return top.indices.cpu(), top.values.cpu()
+
+
+def collapse(before: Optional[Tuple[torch.Tensor, torch.Tensor]],
+             after: Optional[Tuple[torch.Tensor, torch.Tensor]], tokenizer=None) -> Optional[str]:
+    """Why an edited model whose next-token distribution on the edit prompt collapsed is refused
+    (``None`` when it did not): after the edit one token is the top prediction at every prompt
+    position, each time with probability 0.5 or more, where before the edit the predictions varied
+    -- the model then says that token whatever it reads (a runaway learning rate or scale)."""
+    if before is None or after is None or after[0].numel() < 2:
+        return None
+    tok, p = after
+    if bool((tok == tok[0]).all()) and bool((p >= 0.5).all()) and not bool((before[0] == tok[0]).all()):
+        name = repr(tokenizer.convert_ids_to_tokens(int(tok[0]))) if tokenizer is not None else f"id {int(tok[0])}"
+        return (f"the edited model predicts the token {name} at all {tok.numel()} positions of the edit prompt "
+                f"(probability {float(p.min()):.2f} or more), where the unedited model's predictions varied: its "
+                "next-token distribution collapsed")
+    return None

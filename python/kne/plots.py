@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .metrics import METRICS
+from .io import check_input, write_atomic
+from .metrics import METRICS, check_results
 
 __all__ = ["plot_ensemble", "plot_results", "plot_file"]
 
@@ -56,8 +57,10 @@ def plot_ensemble(ensemble, out: Union[str, Path], *, n_layers: Optional[int] = 
     ax.set_title(title or f"KNE ensemble: {len(ensemble)} neurons (axis {ensemble.neuron_axis})", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))  # whole or not at all; special files in place
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -87,8 +90,10 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
     ax.set_title(title or "KnowEdit evaluation", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))  # whole or not at all; special files in place
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -99,8 +104,7 @@ def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None) ->
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give an ensemble JSON or a results JSON of kne eval")
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: give an ensemble JSON or a results JSON of kne eval")
+    check_input(path, "ensemble or results JSON")  # missing, a symlink loop, unreadable: said as such
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -111,6 +115,10 @@ def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None) ->
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of {out} does not exist: create it first")
     if isinstance(data, dict) and ("runs" in data or "summary" in data):
-        runs = data.get("runs") or [data]
+        runs = check_results(data, path)  # one line naming a bad field; NaN refused
+        missing = [f"runs[{i}]" for i, r in enumerate(runs) if not isinstance(r.get("summary"), dict)]
+        if missing:
+            raise ValueError(f"{path}: {', '.join(missing)} lack a summary object to plot; give a results JSON "
+                             "written by kne eval --out")
         return plot_results(runs, out, title=f"{path.name}")
     return plot_ensemble(Ensemble.load(path), out, title=None)

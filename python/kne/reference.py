@@ -23,15 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._exclusive import holds_model, own_thread, writing
 from ._guard import undo_writes
 from ._text import answer_logprobs, check_lengths, check_tokenizer, encode
 from ._utils import EditDropout, Timer, forward_logits, input_device, max_positions, restore_training, training_flags
-from .adapters import require_resident, resolve_sites
+from .adapters import check_model, distinct_sites, require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, describe, edit_config, resolve_config
-from .editing import check_call, check_keep, delta_scale, initial_delta, merged_rows
+from .editing import check_call, check_keep, delta_scale, initial_delta, merged_rows, refuse_runaway, runaway_message
 from .nullspace import edit_bases
-from .objective import EditObjective
+from .objective import EditObjective, collapse, prompt_predictions
 from .ensemble import Ensemble
 from .requests import as_requests
 from .result import EditError, EditResult
@@ -44,10 +45,12 @@ def _objective(model, batch, objective: str) -> torch.Tensor:
     return lp.exp().sum() if objective == "prob" else lp.sum()
 
 
+@holds_model("kne.reference.attribute")
 def attribute(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, **overrides: Any) -> Attribution:
     """Reference attribution: autograd on the scaled weights, ``W * G`` summed per neuron."""
     cfg = resolve_config(config, overrides)
     check_tokenizer(tokenizer)
+    cfg = check_model(model, cfg)
     reqs = as_requests(requests)
     timer = Timer()
     sites = resolve_sites(model, cfg.target_modules, cfg.layers, cfg.exclude_edge_layers)
@@ -132,6 +135,7 @@ def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = 
                     n_layers=n_layers, config=cfg.to_dict(), seconds=att.seconds)
 
 
+@holds_model("kne.reference.edit")
 def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
          ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None, keep=None,
          **overrides: Any) -> EditResult:
@@ -141,6 +145,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     ``KNEConfig.preset("local")``, as for :func:`kne.fast_edit`."""
     cfg = edit_config(config, overrides)
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
+    cfg = check_model(model, cfg)
     held = check_keep(keep, tokenizer, cfg)
     total = Timer()
     locate_seconds = 0.0
@@ -150,6 +155,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     timer = Timer()
     axis = ensemble.neuron_axis
     pairs = ensemble.sites(model)
+    distinct_sites(site for site, _ in pairs)
     if not pairs:
         raise EditError("the ensemble is empty: lower KNEConfig.percentile or set positive_only=False")
     require_resident([s for s, _ in pairs], "kne.reference.edit")
@@ -219,7 +225,8 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                     n = edits[0]["D"].shape[1]
                     B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
                     projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())
-        handles = [e["site"].module.register_forward_hook(make_hook(e)) for e in edits]
+        prompt_before = prompt_predictions(model, objective.edit_batch)
+        handles = [e["site"].module.register_forward_hook(own_thread(make_hook(e))) for e in edits]
         for it in range(cfg.steps + 1):
             loss, done = objective(logits(), lambda: sum(((e["s"] * e["D"] * e["mask"]) ** 2).sum()
                                                          for e in edits))
@@ -262,13 +269,25 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                  **objective.stats()}
         if keep is not None:
             stats["kept_sequences"] = len(held)
+        merged = []
         with torch.no_grad():
             for e in edits:  # W[idx] += s * D[idx]
                 W = e["site"].weight()
                 before = W.index_select(dim, e["idx"])
-                rows = merged_rows(before, e["s"], e["D"].index_select(dim, e["idx"]))
-                written.append((e["site"].path, W, dim, e["idx"], before))
-                W.index_copy_(dim, e["idx"], rows.to(W.dtype))
+                merged.append((e, W, before, merged_rows(before, e["s"], e["D"].index_select(dim, e["idx"]))))
+        refuse_runaway(cfg, stats["edit_losses"], steps, [(e["site"].path, rows) for e, _, _, rows in merged])
+        with torch.no_grad(), writing(model):  # other threads' forwards wait: none sees a half merge
+            try:
+                for e, W, before, rows in merged:
+                    written.append((e["site"].path, W, dim, e["idx"], before))
+                    W.index_copy_(dim, e["idx"], rows.to(W.dtype))
+                why = collapse(prompt_before, prompt_predictions(model, objective.edit_batch), tokenizer)
+                if why:
+                    raise EditError(runaway_message(why, cfg))
+            except BaseException as e:
+                undo_writes(written, "kne.reference.edit", e)
+                written = []
+                raise
         stats = {"locate_seconds": locate_seconds, "edit_seconds": timer(), "total_seconds": total(), **stats}
         result = EditResult(model, ensemble, stats, cfg, reqs, saved, method="kne.reference.edit")
     except BaseException as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ._warn import warn
+from .io import check_input
 
 __all__ = ["EditRequest", "as_request", "as_requests", "first_alias", "load_knowedit"]
 
@@ -198,14 +199,21 @@ def load_knowedit(path: Union[str, Path], limit: Optional[int] = None, skip: int
     ``[[]]``); those probes of the records read are left out with one warning naming them by their
     index in the file (the records are kept).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"KnowEdit file {str(path)!r} does not exist")
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = path.read_text(encoding="utf-8")
+    path = check_input(path, "KnowEdit file")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = path.read_text(encoding="utf-8")
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a gzip file ({e}), though its name ends in .gz: give the JSON file itself, or "
+                         "gzip it") from None
+    except UnicodeDecodeError as e:
+        bom = " (it starts with a UTF-16 byte-order mark: save it as UTF-8)" if e.object[:2] in (b"\xff\xfe",
+                                                                                                 b"\xfe\xff") else ""
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}){bom}; KnowEdit files are UTF-8 "
+                         "JSON") from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._exclusive import exclusive, writing
 from ._guard import undo_writes
 from .adapters import ModuleSite
 from .config import KNEConfig
@@ -140,6 +141,10 @@ class EditResult:
         wrote -- a later edit changed them -- and names that later edit: restore later edits first,
         newest first. ``force=True`` writes the original rows anyway. All or nothing: a failure or
         a Ctrl-C while writing puts back what was written (a second Ctrl-C waits for that)."""
+        with exclusive(self.model, f"restore of {self.describe()}"):
+            return self._restore(force)
+
+    def _restore(self, force: bool) -> nn.Module:
         if self.restored:
             return self.model
         changed = [] if force else self._changed_sites()
@@ -149,20 +154,21 @@ class EditResult:
                 return self.model
             raise self._conflict("restore", changed)
         done = []
-        try:
-            with torch.no_grad():
-                for site, dim, idx, base in reversed(self._saved):
-                    w = site.weight()
-                    i = idx.to(w.device)
-                    done.append((site.path, w, dim, i, w.index_select(dim, i)))
-                    w.index_copy_(dim, i, base.to(w.device))
-                self._done()
-        except BaseException as e:
-            self.restored = False
-            with _LOCK:
-                _LIVE[self.number] = self
-            undo_writes(done, f"restore of {self.describe()}", e)
-            raise
+        with writing(self.model):  # other threads' forwards wait: none sees a half restore
+            try:
+                with torch.no_grad():
+                    for site, dim, idx, base in reversed(self._saved):
+                        w = site.weight()
+                        i = idx.to(w.device)
+                        done.append((site.path, w, dim, i, w.index_select(dim, i)))
+                        w.index_copy_(dim, i, base.to(w.device))
+                    self._done()
+            except BaseException as e:
+                self.restored = False
+                with _LOCK:
+                    _LIVE[self.number] = self
+                undo_writes(done, f"restore of {self.describe()}", e)
+                raise
         return self.model
 
     def _holds_originals(self) -> bool:

@@ -12,6 +12,7 @@ batch) to FT-M's loss: the fair baseline for KNE's ``local`` preset.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -21,14 +22,16 @@ from torch import nn
 from .._text import check_lengths, check_tokenizer
 from .._utils import Timer, as_float, as_int, input_device, max_positions, restore_training, training_flags
 from ..adapters import num_layers, require_resident, resolve_sites
+from .._exclusive import holds_model, writing
 from .._guard import undo_writes
 from ..result import EditError, EditResult
-from ..objective import EditObjective
+from ..objective import EditObjective, collapse, prompt_predictions
 from ..requests import as_requests
 
 __all__ = ["ft_m"]
 
 
+@holds_model("FT-M")
 def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int]] = None, module: str = "ffn_out",
          lr: float = 5e-4, steps: int = 25, stop_loss: float = 1e-2, weight_decay: float = 0.0,
          add_special_tokens: bool = False, preserve_weight: float = 0.0, preserve_count: int = 16,
@@ -36,7 +39,9 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     """Edit ``model`` in place with FT-M; returns an :class:`kne.EditResult` (``restore()`` puts the
     fine-tuned weights back bit for bit; ``ensemble`` is ``None``). ``preserve_weight`` (> 0) adds
     the neighbour KL of ``kne.preservation`` (``preserve_count`` templates per request, or
-    ``preserve_prompts``)."""
+    ``preserve_prompts``). FT-M writes the weights at every step, so forwards in other threads wait
+    for the whole edit (``docs/robustness.md``); a non-finite result or a collapsed next-token
+    distribution on the edit prompt raises :class:`kne.EditError` with the model put back."""
     from ..config import KNEConfig
 
     check_tokenizer(tokenizer)
@@ -71,6 +76,8 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # the caller's gradients are kept
     modes = training_flags(model)
     losses, n_steps = [], 0
+    held = contextlib.ExitStack()
+    held.enter_context(writing(model))  # every step writes: other threads' forwards wait until the edit is whole
     try:
         model.eval()
         for p, _, _ in flags:
@@ -79,6 +86,8 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        with torch.no_grad():
+            prompt_before = prompt_predictions(model, objective.edit_batch)
         if objective.preservation is not None:
             with torch.no_grad():
                 objective.capture(logits)
@@ -93,6 +102,13 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
             n_steps += 1
             if done:  # EasyEdit's FT stops after the step whose loss was under stop_loss
                 break
+        for s, p in zip(sites, params):
+            if not bool(torch.isfinite(p).all()):
+                raise EditError(f"FT-M left NaN or infinity in {s.path}: the edit was refused and the model put back "
+                                f"(lower lr={lr:g})")
+        why = collapse(prompt_before, prompt_predictions(model, objective.edit_batch), tokenizer)
+        if why:
+            raise EditError(f"{why}; the FT-M edit was refused and the model put back (lower lr={lr:g})")
         edited = sum(p.numel() for p in params)
         n_total = sum(p.numel() for p in model.parameters())
         stats = {"locate_seconds": 0.0, "edit_seconds": timer(), "total_seconds": timer(), "steps": n_steps,
@@ -108,6 +124,7 @@ def ft_m(model: nn.Module, tokenizer, requests, *, layers: Optional[Sequence[int
         undo_writes([(s.path + ".weight", p, 0, None, o) for s, p, o in zip(sites, params, originals)], "FT-M", e)
         raise
     finally:
+        held.close()
         for p, f, g in flags:
             p.requires_grad_(f)
             p.grad = g
