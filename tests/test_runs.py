@@ -121,7 +121,7 @@ def _benchmark(name):
     return mod
 
 
-@pytest.mark.parametrize("name", ["sequential_curve", "spillover", "relation_spillover"])
+@pytest.mark.parametrize("name", ["sequential_curve", "spillover", "relation_spillover", "measures_cost"])
 def test_benchmark_scripts_check_out_before_the_run(name, tmp_path, monkeypatch):
     """A --out the run could not write is refused before the model loads, not after the run."""
     mod = _benchmark(name)
@@ -203,41 +203,43 @@ def test_csv_text_is_what_a_csv_file_writer_writes(tmp_path):
         kio.csv_text([{"op": "a", "other": 1}], ["op"])
 
 
-def test_relation_spillover_plan(monkeypatch):
-    """benchmarks/quality/relation_spillover.py's plan: each edited record is asked of the other subjects
-    whose record shares its template (not its own subject, each once, those already answering the
-    new target left out, at most --others); a record that cannot be asked is listed with why."""
+def test_relation_spillover_reads_eval_runs(tmp_path, capsys):
+    """benchmarks/quality/relation_spillover.py --from: the rows are the records that were asked of other
+    subjects (others_moved not None), the mean is over them, and the split comes from the same runs."""
+    import json
+
     mod = _benchmark("relation_spillover")
-    R = kne.EditRequest
-    reqs = [R("The capital of France is", "Rome", subject="France"),
-            R("The capital of Spain is", "Madrid", subject="Spain"),
-            R("The capital of Italy is", "Rome", subject="Italy"),   # already answers Rome
-            R("The capital of Spain is", "Lisbon", subject="Spain"),  # Spain again: asked once
-            R("The capital of Peru is", "Lima", subject="Peru"),
-            R("Paris is a city", "yes", subject="Berlin"),          # subject not in its prompt
-            R("The mayor of Oslo is", "Ann", subject="Oslo"),        # a template no one else has
-            R("The capital of France is", "Bern", subject="France")]  # its own subject elsewhere
-    asked = []
 
-    def fake_answered(model, tok, prompts, target):
-        asked.append((list(prompts), target))
-        return [target == "Rome" and "Italy" in p for p in prompts]
+    def rec(i, moved, port):
+        return {"index": i, "rewrite_acc": 1.0, "portability": {"A": port},
+                "others": {"template": "The capital of {} is", "subjects": ["Spain", "Peru"]},
+                "others_moved": moved}
 
-    monkeypatch.setattr(mod, "answered", fake_answered)
-    jobs, skipped = mod.plan(reqs, 0, 7, 2, None, None)
-    assert {s["index"]: s["why"] for s in skipped} == {5: "its subject is not once in its prompt",
-                                                       6: "no other record shares its template"}
-    by = {j["index"]: j for j in jobs}
-    assert sorted(by) == [0, 1, 2, 3, 4]
-    assert by[0]["template"] == "The capital of {} is"
-    assert by[0]["prompts"] == ["The capital of Spain is", "The capital of Peru is"] and by[0]["already"] == 1
-    assert by[1]["prompts"] == ["The capital of France is", "The capital of Italy is"]  # --others 2
-    assert all("France" not in p for p in by[0]["prompts"]) and all("Spain" not in p for p in by[3]["prompts"])
-    assert ["The capital of Spain is", "The capital of Italy is", "The capital of Peru is"] == asked[0][0]
-    monkeypatch.setattr(kne, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(kne.datasets, "knowedit", lambda name: reqs[5:7])
-    with pytest.raises(ValueError, match="none of records"):
-        mod.main(["--limit", "2", "--quiet"])
+    runs = [{"method": "kne (local)", "data": "d.json", "protocol": "independent",
+             "records": [rec(0, 0.0, 0.2), rec(1, 0.5, 0.4), {"index": 2, "others_moved": None, "rewrite_acc": 1.0,
+                                                              "portability": {"A": 1.0}}]},
+            {"method": "ft-m", "data": "d.json", "protocol": "independent",
+             "records": [rec(0, 1.0, 0.6), rec(1, 0.0, 0.0), rec(2, 1.0, 1.0)]},
+            {"method": "ft-m", "data": "d.json", "protocol": "sequential", "records": [rec(0, 1.0, 0.0)]}]
+    for r in runs:
+        r["summary"] = {"n": len(r["records"])}
+    src = tmp_path / "eval.json"
+    src.write_text(json.dumps({"runs": runs}))
+    out = tmp_path / "rel.json"
+    assert mod.main(["--from", str(src), "--out", str(out)]) == 0
+    (d,) = json.loads(out.read_text())["runs"]
+    assert [x["index"] for x in d["methods"]["kne (local)"]["rows"]] == [0, 1]
+    assert d["methods"]["kne (local)"]["moved"] == pytest.approx(0.25)
+    assert d["methods"]["ft-m"]["moved"] == pytest.approx(2 / 3)
+    assert d["split"]["ftm_moved_at_least"] == {"records": [0], "kne": 0.2, "ft-m": 0.6}
+    assert d["split"]["ftm_moved_less"] == {"records": [1], "kne": 0.4, "ft-m": 0.0}
+    assert "other subjects moved to the new target 25.0%" in capsys.readouterr().out
+    for r in runs:
+        for x in r["records"]:
+            x["others_moved"] = None
+    src.write_text(json.dumps({"runs": runs}))
+    with pytest.raises(ValueError, match="no run was asked of other subjects"):
+        mod.main(["--from", str(src)])
 
 
 def test_relation_spillover_portability_split():
@@ -259,8 +261,10 @@ def test_relation_spillover_portability_split():
 @pytest.mark.slow
 def test_relation_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
     """benchmarks/quality/relation_spillover.py on two recent records: ``moved`` is what editing and asking
-    by hand gives, and the model is restored after every edit."""
+    the shipped other subjects by hand gives, and the model is restored after every edit."""
     import json
+
+    from kne.others import other_subject_prompts
 
     mod = _benchmark("relation_spillover")
     model, tok = embedded
@@ -270,20 +274,21 @@ def test_relation_spillover_benchmark(embedded, tmp_path, monkeypatch, capsys):
     assert mod.main(["--data", "recent", "--skip", "63", "--limit", "2", "--others", "4", "--method", "kne",
                      "--out", str(out), "--quiet"]) == 0
     assert_state_equal(model, orig)
-    res = json.loads(out.read_text())
+    (res,) = json.loads(out.read_text())["runs"]
     reqs = kne.datasets.knowedit("recent")
-    asked = {a["index"]: a for a in res["asked"]}
-    assert set(asked) | {s["index"] for s in res["skipped"]} == {63, 64}
-    rows = res["methods"]["kne"]["rows"]
-    assert [r["index"] for r in rows] == sorted(asked) and rows
+    rows = res["methods"]["kne (local)"]["rows"]
+    assert rows and {r["index"] for r in rows} <= {63, 64}
     for row in rows:
-        r, a = reqs[row["index"]], asked[row["index"]]
-        assert 1 <= len(a["prompts"]) <= 4 and all(r.subject not in p for p in a["prompts"])
+        r = reqs[row["index"]]
+        t, subs, prompts = other_subject_prompts(r, 4)
+        assert t == row["template"] and r.subject not in subs
+        pre = kne.evaluate(model, tok, [kne.EditRequest(p, r.target_new) for p in prompts]).records
+        asked = [p for p, x in zip(prompts, pre) if x["rewrite_acc"] < 1.0]
+        assert len(asked) == row["others"]
         edit = kne.fast_edit(model, tok, [r], kne.KNEConfig.preset("local"))
-        ev = kne.evaluate(model, tok, [kne.EditRequest(p, r.target_new) for p in a["prompts"]]).records
+        ev = kne.evaluate(model, tok, [kne.EditRequest(p, r.target_new) for p in asked]).records
         edit.restore()
         assert row["moved"] == pytest.approx(sum(x["rewrite_acc"] >= 1.0 for x in ev) / len(ev))
-        assert row["own"] is True
     assert_state_equal(model, orig)
     assert "other subjects moved to the new target" in capsys.readouterr().out
 

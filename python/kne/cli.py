@@ -95,6 +95,11 @@ def _check_args(args) -> None:
 
         read_edit(args.file)  # a missing, damaged or hand-edited file fails before the model loads
     if args.command == "eval":
+        if not 0 <= args.other_subjects <= 8:
+            raise ValueError(f"--other-subjects must be 0..8 (the shipped templates hold 8 subjects each), got "
+                             f"{args.other_subjects}")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.skip < 0:
             raise ValueError(f"--skip must be >= 0, got {args.skip}")
         if args.limit is not None and args.limit < 1:
@@ -325,6 +330,16 @@ def cmd_eval(args) -> int:
         requests = kne.load_knowedit(f, limit=args.limit, skip=args.skip)  # warns of the records read only
         if not requests:
             raise ValueError(f"{f}: no records to evaluate (the file holds none)")
+        if args.other_subjects:
+            from kne.others import relation_template
+
+            have = sum(relation_template(r) is not None for r in requests)
+            if not have:
+                raise ValueError(f"--other-subjects: no shipped template asks the relation of any of the {len(requests)} "
+                                 f"records of {f.name} (or they have no subject), so no other subject can be asked; "
+                                 "leave --other-subjects out for this file")
+            print(f"other   subjects asked of {have} of {len(requests)} records of {f.name} (the others' relations "
+                  "have no shipped template)", file=sys.stderr)
         data.append((f, requests))
     protocols = ("independent", "sequential") if args.protocol == "both" else (args.protocol,)
     rank, world = distributed()
@@ -347,7 +362,9 @@ def cmd_eval(args) -> int:
                           + (f"; {world} processes" if world > 1 else ""), file=sys.stderr)
                 res = run_edits(model, tok, [requests[i] for i in mine], method, cfg, protocol=protocol,
                                 fluency=args.fluency, progress=not args.no_progress and rank == 0,
-                                indices=[args.skip + i for i in mine], keep_earlier=args.keep_earlier)
+                                indices=[args.skip + i for i in mine], keep_earlier=args.keep_earlier,
+                                generate=args.generate, max_new_tokens=args.max_new_tokens,
+                                other_subjects=args.other_subjects, drift=args.drift)
                 if world > 1:
                     import torch.distributed as dist
 
@@ -369,7 +386,9 @@ def cmd_eval(args) -> int:
         print(f"wrote {args.table}")
     if args.out:
         payload = {"model": args.model, "limit": args.limit, "skip": args.skip, "config": cfg.to_dict(),
-                   "keep_earlier": args.keep_earlier,
+                   "preset": kne.config.describe(cfg), "keep_earlier": args.keep_earlier,
+                   "measures": {"generate": args.generate, "max_new_tokens": args.max_new_tokens,
+                                "other_subjects": args.other_subjects, "drift": args.drift},
                    "processes": world,
                    "runs": runs}
         if len(runs) == 1:
@@ -503,6 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential edits with the projection on (--preset local): do not keep the earlier edits "
                         "(by default each edit is kept off their prompts' and neighbours' keys, fast_edit's keep=)")
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
+    v.add_argument("--generate", action="store_true",
+                   help="also grade generated answers, EasyEdit's protocol: the chat template, greedy until '.', "
+                        "newline or EOS, SQuAD-normalised exact match (Gen. Succ./Rephrase/Portability/Locality)")
+    v.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
+                   help="with --generate: at most N new tokens per answer, more where a graded answer's truth is "
+                        "longer (its length + 4) (default 16; EasyEdit: 512)")
+    v.add_argument("--other-subjects", type=int, default=0, metavar="N",
+                   help="also ask the edited relation of N other subjects from the shipped templates (at most 8): "
+                        "Others moved, the share that answer the new target after the edit (lower is better)")
+    v.add_argument("--drift", action="store_true",
+                   help="also score a fixed held-out text: Drift, the mean NLL increase per token (nats), and the "
+                        "share of its tokens whose argmax changed")
     v.add_argument("--out", default=None, help="write the results JSON here (its folder must exist)")
     v.add_argument("--table", default=None, help="write the markdown table here (its folder must exist)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .io import check_input
-from .metrics import METRICS, check_results, record_value
+from .metrics import METRICS, UNSCALED, check_results, record_value
 
 __all__ = ["FEW", "load_runs", "paired_difference", "compare_runs", "pair_runs", "format_comparison"]
 
@@ -134,7 +134,8 @@ def _span(by: Dict[int, Any]) -> str:
 
 def format_comparison(results: Sequence[Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]],
                       level: float = 0.95) -> str:
-    """A markdown table: metrics in points (x100) except fluency (as EasyEdit's tables print it);
+    """A markdown table: metrics in points (x100) except fluency (as EasyEdit's tables print it) and
+    drift (nats per token, four decimals);
     an interval that leaves out 0 is marked ``*``; a difference over fewer than :data:`FEW` paired
     records is marked ``(few)`` instead: a bootstrap of a handful of records says little."""
     pct = f"{round(level * 100)}%"
@@ -142,13 +143,14 @@ def format_comparison(results: Sequence[Tuple[Dict[str, Any], Dict[str, Any], Li
              "|---|---|---|---|---|---:|---:|---:|---:|---|"]
     for a, b, rows in results:
         for r in rows:
-            s = 1.0 if r["metric"] == "fluency" else 100.0
+            s = 1.0 if r["metric"] in UNSCALED else 100.0
+            d = 4 if r["metric"] == "drift" else 2
             if r["n"] < FEW:
                 mark = " (few)"
             else:
                 mark = " *" if r["low"] > 0 or r["high"] < 0 else ""
             n = f"{r['n']}" + (f" ({r['unpaired']} unpaired)" if r["unpaired"] else "")
             lines.append(f"| {a['data']} | {a['protocol']} | {r['name']} | {_label(a)} | {_label(b)} | {n} | "
-                         f"{r['a'] * s:.2f} | {r['b'] * s:.2f} | {r['diff'] * s:+.2f}{mark} | "
-                         f"[{r['low'] * s:+.2f}, {r['high'] * s:+.2f}] |")
+                         f"{r['a'] * s:.{d}f} | {r['b'] * s:.{d}f} | {r['diff'] * s:+.{d}f}{mark} | "
+                         f"[{r['low'] * s:+.{d}f}, {r['high'] * s:+.{d}f}] |")
     return "\n".join(lines)

@@ -23,6 +23,21 @@ always_space=False)`` gives kne 0.2's numbers, tokenised as the edit's own train
   tables print it times 100. Words are split with NLTK's Treebank tokenizer (EasyEdit uses
   ``nltk.word_tokenize``, which also splits sentences first: it needs the ``punkt`` download).
 
+Beyond teacher forcing (each opt-in, each a column of ``kne eval``, ``kne compare`` and ``kne plot``):
+
+* ``generate=True``: generated answers, EasyEdit's protocol (:mod:`kne.generation`: the chat
+  template, greedy until ``"."``, ``"\n"`` or EOS, SQuAD-normalised exact match).
+  ``gen_rewrite_acc``, ``gen_rephrase_acc`` and ``gen_portability`` (per kind) are the exact match
+  of the generated answer with the target or ground truth; ``gen_locality`` (per kind) whether the
+  generated answer after the edit equals the one before it (it needs ``pre``). The texts are kept
+  in ``generated``.
+* ``other_subjects=N``: the edited relation asked of up to N other subjects from the shipped
+  templates (:mod:`kne.others`); ``others_moved`` is the share that answer the new target after the
+  edit (lower is better; needs ``pre``, which leaves out the subjects already answering it).
+* ``drift=True``: the mean NLL increase per token of the model on a fixed held-out text, and the
+  share of its tokens whose argmax changed (:mod:`kne.drift`; ``drift`` and ``drift_flips``, the
+  same for every request of the call; needs ``pre``).
+
 Summary (as EasyEdit's KnowEdit runner): the mean over records of each per-record value.
 """
 
@@ -44,7 +59,7 @@ from ._text import answer_predictions, check_lengths, check_tokenizer, encode
 from ._utils import answer_logits, as_int, input_device, max_positions, restore_training, training_flags
 from .requests import as_requests
 
-__all__ = ["EvalResult", "evaluate", "ngram_entropy", "generate_topk", "METRICS", "mean_present", "record_value"]
+__all__ = ["EvalResult", "evaluate", "measure_before", "ngram_entropy", "generate_topk", "METRICS", "mean_present", "record_value"]
 
 
 @dataclass
@@ -152,7 +167,8 @@ def generate_topk(model, tokenizer, prompt: str, *, max_len: int = 100, top_k: i
 
 def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = None, *, fluency: bool = False,
              seed: int = 0, add_special_tokens: bool = True, always_space: bool = True,
-             batch_size: int = 16) -> EvalResult:
+             batch_size: int = 16, generate: bool = False, max_new_tokens: int = 16, template: str = "auto",
+             other_subjects: int = 0, drift=False) -> EvalResult:
     """Evaluate ``requests`` on ``model`` with EasyEdit's definitions (see the module docstring).
 
     Call it once before the edit and pass that result as ``pre`` after it: locality compares the
@@ -163,11 +179,27 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
     a space; the tokenizer's special tokens, so BOS where it adds one). ``add_special_tokens=False``
     leaves BOS out; ``always_space=False`` joins without a second space when the answer starts with
     whitespace -- both ``False`` is kne 0.2's evaluation and the edit's own training tokenisation.
+
+    ``generate``, ``other_subjects`` and ``drift`` add the measures of the module docstring
+    (``max_new_tokens`` and ``template`` shape the generation; ``drift`` may also be a list of the
+    held-out sequences to score). Each compares with ``pre``, which must have been evaluated with
+    the same options. The teacher-forced metrics are the same with or without them.
     """
     check_tokenizer(tokenizer)
     reqs = as_requests(requests)
     seed = as_int(seed, "seed")
     batch_size = as_int(batch_size, "batch_size", 1)
+    other_subjects = as_int(other_subjects, "other_subjects", 0)
+    max_new_tokens = as_int(max_new_tokens, "max_new_tokens", 1)
+    if other_subjects:
+        from .others import other_subject_prompts
+
+        asked = [other_subject_prompts(r, other_subjects) for r in reqs]
+        if not any(t for t, _, _ in asked):
+            raise ValueError(f"other_subjects={other_subjects}: no shipped template asks the relation of "
+                             f"{'this request' if len(reqs) == 1 else 'any of these requests'} ("
+                             + ("it has no subject" if not reqs[0].subject else f"{reqs[0].prompt!r}") +
+                             "); other subjects can be asked only of the relations kne/data/preservation.json ships")
     if pre is not None and len(pre.records) != len(reqs):
         raise ValueError(f"pre has {len(pre.records)} records but {len(reqs)} requests were given: evaluate the "
                          "same requests before and after the edit")
@@ -216,6 +248,153 @@ def evaluate(model: nn.Module, tokenizer, requests, pre: Optional[EvalResult] = 
             if fluency:
                 rec["fluency"] = ngram_entropy(generate_topk(model, tokenizer, reqs[i].prompt, seed=seed + i,
                                                              add_special_tokens=add_special_tokens))
+        if generate:
+            _generated(model, tokenizer, reqs, records, pre, max_new_tokens, batch_size, template)
+        if other_subjects:
+            _other_subjects(model, tokenizer, reqs, records, pre, asked, add_special_tokens, batch_size, always_space)
+        if drift is not False:
+            _drift(model, tokenizer, records, pre, drift, batch_size)
         return EvalResult(records)
     finally:
         restore_training(modes)
+
+
+def _pre_record(pre: Optional[EvalResult], i: int, key: str, what: str) -> Optional[Dict[str, Any]]:
+    if pre is None:
+        return None
+    got = pre.records[i].get(key)
+    if got is None:
+        raise ValueError(f"pre lacks {what} of request {i}: evaluate the unedited model with the same options "
+                         f"({what} on) and pass that result as pre")
+    return got
+
+
+def measure_before(model: nn.Module, tokenizer, requests, *, generate: bool = False, max_new_tokens: int = 16,
+                   template: str = "auto", other_subjects=0, add_special_tokens: bool = True,
+                   always_space: bool = True, batch_size: int = 16) -> List[Dict[str, Any]]:
+    """What the measures need of the unedited model, for each request, all batched together: the
+    generated locality answers (``generated``) and the other subjects already answering the new
+    target (``others``). Merged into the records of a teacher-forced ``evaluate(model, tok, [req])``
+    it is a ``pre`` for ``evaluate(..., pre=pre, generate=..., other_subjects=...)`` after the edit,
+    without generating the answers that only the edited model is graded on. ``other_subjects``: a
+    number for every request, or one per request (0: not asked). The model is not modified."""
+    reqs = as_requests(requests)
+    counts = list(other_subjects) if isinstance(other_subjects, (list, tuple)) else [other_subjects] * len(reqs)
+    if len(counts) != len(reqs):
+        raise ValueError(f"{len(counts)} other_subjects counts for {len(reqs)} requests")
+    counts = [as_int(c, "other_subjects", 0) for c in counts]
+    records: List[Dict[str, Any]] = [{} for _ in reqs]
+    modes = training_flags(model)
+    model.eval()
+    try:
+        if generate:
+            _generated(model, tokenizer, reqs, records, None, as_int(max_new_tokens, "max_new_tokens", 1),
+                       as_int(batch_size, "batch_size", 1), template, fields=("locality",))
+        if any(counts):
+            from .others import other_subject_prompts
+
+            asked = [other_subject_prompts(r, c) if c else (None, [], []) for r, c in zip(reqs, counts)]
+            _other_subjects(model, tokenizer, reqs, records, None, asked, add_special_tokens,
+                            as_int(batch_size, "batch_size", 1), always_space)
+    finally:
+        restore_training(modes)
+    return [{k: rec[k] for k in ("generated", "others") if k in rec} for rec in records]
+
+
+_FIELDS = ("rewrite", "rephrase", "portability", "locality")
+
+
+def _generated(model, tokenizer, reqs, records, pre, max_new_tokens: int, batch_size: int, template: str,
+               fields=_FIELDS) -> None:
+    from .generation import answer_limit, exact_match, generate_answers
+
+    prompts, where = [], []  # (request, field, kind, truth)
+    for i, r in enumerate(reqs):
+        if "rewrite" in fields:
+            prompts.append(r.prompt); where.append((i, "rewrite", None, r.target_new))
+        if r.rephrase_prompt and "rephrase" in fields:
+            prompts.append(r.rephrase_prompt); where.append((i, "rephrase", None, r.target_new))
+        for kind, probes in r.portability.items() if "portability" in fields else ():
+            for pr in probes:
+                prompts.append(pr["prompt"]); where.append((i, "portability", kind, pr["ground_truth"]))
+        for kind, probes in r.locality.items():
+            for pr in probes:
+                prompts.append(pr["prompt"]); where.append((i, "locality", kind, None))
+    limits = [max_new_tokens if truth is None else answer_limit(tokenizer, truth, max_new_tokens)
+              for _, _, _, truth in where]
+    texts, used = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, template=template, limits=limits)
+    for rec in records:
+        rec["generated"] = {"template": used, "rewrite": None, "rephrase": None, "portability": {}, "locality": {}}
+        if fields == _FIELDS:
+            rec.update(gen_rewrite_acc=None, gen_rephrase_acc=None, gen_portability={}, gen_locality={})
+    port: List[Dict[str, List[float]]] = [{} for _ in reqs]
+    for (i, fld, kind, truth), text in zip(where, texts):
+        g, rec = records[i]["generated"], records[i]
+        if fld in ("rewrite", "rephrase"):
+            g[fld] = text
+            rec[f"gen_{fld}_acc"] = float(exact_match(text, truth))
+        else:
+            g[fld].setdefault(kind, []).append(text)
+            if fld == "portability":
+                port[i].setdefault(kind, []).append(float(exact_match(text, truth)))
+    if fields != _FIELDS:
+        return
+    for i, rec in enumerate(records):
+        rec["gen_portability"] = {k: sum(v) / len(v) for k, v in port[i].items()}
+        before = _pre_record(pre, i, "generated", "the generated answers")
+        if before is not None:
+            for kind, outs in rec["generated"]["locality"].items():
+                was = before["locality"].get(kind, [])
+                if len(was) != len(outs):
+                    raise ValueError(f"pre lacks the generated locality answers of request {i} ({kind!r})")
+                rec["gen_locality"][kind] = sum(float(a == b) for a, b in zip(outs, was)) / len(outs)
+
+
+def _other_subjects(model, tokenizer, reqs, records, pre, asked, add_special_tokens: bool, batch_size: int,
+                    always_space: bool) -> None:
+    pairs, where = [], []
+    for i, (r, (t, subs, prompts)) in enumerate(zip(reqs, asked)):
+        before = _pre_record(pre, i, "others", "the other subjects")
+        if before is not None:  # ask what the unedited model was asked, less what already answered the target
+            subs = [s for s, a in zip(before["subjects"], before["already"]) if not a]
+            prompts = [before["template"].format(s) for s in subs] if before["template"] else []
+        records[i]["others"] = {"template": t if before is None else before["template"], "subjects": subs}
+        for p in prompts:
+            pairs.append((p, r.target_new)); where.append(i)
+    check_lengths(tokenizer, pairs, max_positions(model), add_special_tokens)
+    preds = _predict(model, tokenizer, pairs, add_special_tokens, batch_size, always_space)
+    hits: List[List[bool]] = [[] for _ in reqs]
+    for i, (pred, tgt) in zip(where, preds):
+        hits[i].append(pred == tgt)  # every target token the argmax: the subject now answers the target
+    for i, rec in enumerate(records):
+        o = rec["others"]
+        if pre is None:
+            o["already"] = hits[i]
+        else:
+            o["moved"] = hits[i]
+            rec["others_moved"] = (sum(hits[i]) / len(hits[i])) if hits[i] else None
+
+
+def _drift(model, tokenizer, records, pre, drift, batch_size: int) -> None:
+    from .drift import compare, drift_text, token_scores
+
+    text = drift_text(model, tokenizer)
+    if drift is True:
+        rows = list(range(len(text.sequences)))
+    else:
+        rows = [as_int(r, "drift rows", 0) for r in drift]
+        bad = [r for r in rows if r >= len(text.sequences)]
+        if bad or not rows:
+            raise ValueError(f"drift rows {bad or rows} are not sequences of the held-out text (0..{len(text.sequences) - 1})")
+    if pre is not None and pre.records:
+        state = pre.records[0].get("drift_state")
+        if state is None or state[0] != rows:
+            raise ValueError("pre lacks the drift scores of these sequences: evaluate the unedited model with the "
+                             "same drift option and pass that result as pre")
+    scores = token_scores(model, tokenizer, text, rows, batch_size=max(batch_size, 32))
+    for rec in records:
+        if pre is None:
+            rec["drift_state"] = (rows, scores)  # not JSON: kne.runs drops it from the records it keeps
+        else:
+            rec["drift"], rec["drift_flips"] = compare(pre.records[0]["drift_state"][1], scores)

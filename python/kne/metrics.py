@@ -14,7 +14,22 @@ METRICS: Tuple[Tuple[str, str, str], ...] = (
     ("portability", "Portability", "portability"),
     ("locality", "Locality", "locality"),
     ("fluency", "Fluency", "fluency"),
+    # generated answers (EasyEdit's generation protocol, exact match), kne.generation
+    ("gen_edit_succ", "Gen. Succ.", "gen_rewrite_acc"),
+    ("gen_rephrase", "Gen. Rephrase", "gen_rephrase_acc"),
+    ("gen_portability", "Gen. Portability", "gen_portability"),
+    ("gen_locality", "Gen. Locality", "gen_locality"),
+    # the edited relation asked of other subjects (lower is better), kne.others
+    ("others_moved", "Others moved", "others_moved"),
+    # a fixed held-out text: mean NLL increase per token (nats) and share of changed argmaxes, kne.drift
+    ("drift", "Drift (nats)", "drift"),
+    ("drift_flips", "Drift flips", "drift_flips"),
 )
+
+#: metrics that are not shares of 1 (printed as they are, not in points)
+UNSCALED = ("fluency", "drift")
+#: per-record fields that may hold one value per kind (KnowEdit's portability and locality kinds)
+PER_KIND = ("portability", "locality", "gen_portability", "gen_locality")
 
 
 def mean_present(xs):
@@ -117,5 +132,5 @@ def check_results(payload: Any, path="results") -> List[Dict[str, Any]]:
                                    f"which pairs it), got {idx!r}")
             for f in _FIELDS:
                 if f in rec:
-                    _value(path, f"{at}.{f}", rec[f], f in ("portability", "locality"))
+                    _value(path, f"{at}.{f}", rec[f], f in PER_KIND)
     return runs

@@ -85,7 +85,7 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
         for b, (_, v) in zip(bars, have):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(metrics)), [n for _, n in metrics])
-    ax.set_ylabel("%  (fluency: entropy x 100)")
+    ax.set_ylabel("%  (fluency: entropy x 100; drift: nats x 100)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or "KnowEdit evaluation", fontsize=9)
     fig.tight_layout()

@@ -11,7 +11,7 @@ from torch import nn
 from ._guard import deferred_interrupt
 from .config import KNEConfig
 from .result import EditError, EditResult
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult, evaluate, measure_before
 from .requests import EditRequest
 
 __all__ = ["METHODS", "distributed", "edit_with", "format_table", "keeps_earlier", "merge_runs", "pct", "run_edits"]
@@ -59,7 +59,8 @@ def pct(x: Optional[float], digits: int = 2) -> str:
 def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], method: str, config: KNEConfig, *,
               protocol: str = "independent", fluency: bool = False, progress: bool = True,
               desc: Optional[str] = None, ensemble=None, indices: Optional[Sequence[int]] = None,
-              evaluation: Optional[Dict[str, Any]] = None, keep_earlier: bool = True) -> Dict[str, Any]:
+              evaluation: Optional[Dict[str, Any]] = None, keep_earlier: bool = True, generate: bool = False,
+              other_subjects: int = 0, drift: bool = False, max_new_tokens: int = 16) -> Dict[str, Any]:
     """Edit every request with ``method`` and evaluate with EasyEdit's metrics.
 
     ``independent``: for each request evaluate, edit, evaluate again, restore (the model is never
@@ -73,8 +74,13 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     records (default ``0..n-1``; a data-parallel shard passes its global indices). ``evaluation``:
     keyword options for every :func:`kne.evaluate` call (default EasyEdit's tokenisation, whatever
     the edit's ``config.add_special_tokens``; ``{"add_special_tokens": False, "always_space": False}``
-    gives kne 0.2's numbers). Returns ``{"method", "protocol", "summary", "seconds_per_edit",
-    "failures", "records"}``; the model is left as it was.
+    gives kne 0.2's numbers). ``generate``, ``other_subjects`` and ``drift`` add those measures
+    (:func:`kne.evaluate`): the generated answers and the other subjects per record (a record whose
+    relation no shipped template asks gets no other-subjects value); drift once per run on the
+    unedited model, then after each independent edit on a window of
+    :data:`kne.drift.WINDOW` held-out sequences that moves with the record index (a sequential run:
+    once, on every sequence, after the last edit). Returns ``{"method", "protocol", "summary",
+    "seconds_per_edit", "failures", "records"}``; the model is left as it was.
     """
     from tqdm.auto import tqdm
 
@@ -82,11 +88,30 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
         raise ValueError(f"protocol must be 'independent' or 'sequential', got {protocol!r}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    from . import drift as driftmod
+    from .others import relation_template
+
     indices = list(range(len(requests))) if indices is None else list(indices)
-    ev = dict(evaluation or {})
-    keep_earlier = keep_earlier and protocol == "sequential" and keeps_earlier(method, config)
     if len(indices) != len(requests):
         raise ValueError(f"{len(indices)} indices for {len(requests)} requests")
+    ev = dict(evaluation or {})
+    tf = dict(ev)  # the teacher-forced evaluation before the edit: the measures' part is measured once, below
+    if generate:
+        ev.update(generate=True, max_new_tokens=max_new_tokens)
+    asks = [bool(other_subjects) and relation_template(r) is not None for r in requests]
+    # what the unedited model answers (locality, generated) and which other subjects already give the
+    # target: one batched pass over every request, not one per edit
+    before = (measure_before(model, tokenizer, requests, generate=generate, max_new_tokens=max_new_tokens,
+                             other_subjects=[other_subjects if a else 0 for a in asks],
+                             **{k: v for k, v in tf.items() if k in ("add_special_tokens", "always_space",
+                                                                     "batch_size", "template")})
+              if generate or any(asks) else [{} for _ in requests])
+
+    text = base = None
+    if drift:
+        text = driftmod.drift_text(model, tokenizer, progress=progress)
+        base = driftmod.token_scores(model, tokenizer, text)  # the unedited model, every sequence, once
+    keep_earlier = keep_earlier and protocol == "sequential" and keeps_earlier(method, config)
     records: List[Dict[str, Any]] = []
     seconds: List[float] = []
     failures: List[Dict[str, Any]] = []
@@ -96,6 +121,7 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     def record(i: int, req: EditRequest, post: EvalResult, res: Optional[EditResult]) -> Dict[str, Any]:
         rec = dict(post.records[0])
         rec.pop("locality_output", None)
+        rec.pop("drift_state", None)
         rec.update(index=indices[i], prompt=req.prompt, target_new=req.target_new)
         if res is not None:
             rec.update(steps=res.stats["steps"], seconds=res.stats["total_seconds"], final_loss=res.stats["losses"][-1])
@@ -110,14 +136,24 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             bar.update(1)
             return None
 
+    def drift_after(rows):
+        after = driftmod.token_scores(model, tokenizer, text, rows)
+        return driftmod.compare(driftmod.select(base, text, rows), after)
+
     if protocol == "independent":
         for i, req in enumerate(requests):
-            pre = evaluate(model, tokenizer, [req], **ev)
+            o = other_subjects if asks[i] else 0
+            pre = evaluate(model, tokenizer, [req], **tf)
+            pre.records[0].update(before[i])
             res = attempt(i, req)
             if res is None:
                 continue
             try:
-                post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i], **ev)
+                post = evaluate(model, tokenizer, [req], pre=pre, fluency=fluency, seed=config.seed + indices[i],
+                                other_subjects=o, **ev)
+                if drift:
+                    rows = driftmod.window(indices[i], driftmod.WINDOW, len(text.sequences))
+                    post.records[0]["drift"], post.records[0]["drift_flips"] = drift_after(rows)
             finally:
                 with deferred_interrupt():  # a Ctrl-C waits until the model is restored
                     res.restore()
@@ -127,7 +163,10 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             bar.set_postfix(succ=pct(s["edit_succ"], 1), loc=pct(s["locality"], 1))
             bar.update(1)
     else:
-        pre = evaluate(model, tokenizer, list(requests), **ev)
+        o = other_subjects if any(asks) else 0
+        pre = evaluate(model, tokenizer, list(requests), **tf)
+        for rec, extra in zip(pre.records, before):
+            rec.update(extra)
         results: Dict[int, EditResult] = {}  # request position -> its edit, in the order applied
         try:
             for i, req in enumerate(requests):
@@ -137,9 +176,12 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
                 results[i] = res
                 seconds.append(res.stats["total_seconds"])
                 bar.update(1)
+            shift = drift_after(list(range(len(text.sequences)))) if drift and results else None
             for i, res in results.items():
                 post = evaluate(model, tokenizer, [requests[i]], pre=EvalResult([pre.records[i]]), fluency=fluency,
-                                seed=config.seed + indices[i], **ev)
+                                seed=config.seed + indices[i], other_subjects=o if asks[i] else 0, **ev)
+                if shift is not None:
+                    post.records[0]["drift"], post.records[0]["drift_flips"] = shift
                 records.append(record(i, requests[i], post, res))
         finally:
             with deferred_interrupt():  # a Ctrl-C waits until every edit is restored, newest first
@@ -179,16 +221,25 @@ def distributed() -> Tuple[int, int]:
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    """Markdown table of evaluation summaries (percentages; fluency x100 as in the KnowEdit tables)."""
-    head = "| data | method | protocol | n | Edit Succ. | Rephrase | Portability | Locality | Fluency | s/edit |"
-    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    """Markdown table of evaluation summaries: percentages (fluency x100 as in the KnowEdit tables;
+    drift in nats per token). The generated-answer, other-subject and drift columns appear when a
+    run has them."""
+    from .metrics import METRICS
+
+    base = ["edit_succ", "rephrase", "portability", "locality", "fluency"]
+    extra = [k for k, _, _ in METRICS if k not in base and any((r["summary"] or {}).get(k) is not None for r in rows)]
+    names = {k: n for k, n, _ in METRICS}
+    cols = base + extra
+    head = "| data | method | protocol | n | " + " | ".join(names[k] for k in cols) + " | s/edit |"
+    sep = "|---|---|---|---:|" + "---:|" * len(cols) + "---:|"
     lines = [head, sep]
     for r in rows:
         s = r["summary"]
         if not s.get("n"):
-            lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | 0 | "
+                         + " | ".join("-" for _ in cols) + " | - |")
             continue
+        cells = [("-" if s.get(k) is None else f"{s[k]:.4f}") if k == "drift" else pct(s.get(k)) for k in cols]
         lines.append(f"| {r['data']} | {r['method']} | {r.get('protocol', 'independent')} | {s['n']} | "
-                     f"{pct(s['edit_succ'])} | {pct(s['rephrase'])} | {pct(s['portability'])} | "
-                     f"{pct(s['locality'])} | {pct(s['fluency'])} | {r['seconds_per_edit']:.2f} |")
+                     + " | ".join(cells) + f" | {r['seconds_per_edit']:.2f} |")
     return "\n".join(lines)
