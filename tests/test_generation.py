@@ -25,6 +25,57 @@ def test_normalisation_is_easyedits():
     assert exact_match("The Eiffel Tower.", "eiffel tower") and not exact_match("Paris, France", "Paris")
 
 
+def test_contains_match():
+    from kne.generation import contains_match
+
+    assert contains_match("Malia and Sasha Obama are the names of Barack Obama's children", "Malia and Sasha Obama")
+    assert contains_match("The capital of France is Rome", "Rome") and contains_match("Rome.", "rome")
+    assert not contains_match("The gender of X is female", "male")  # whole words only
+    assert not contains_match("Sri Lanka Sri Lanka Sri Lanka", "Sri Lanka")  # a repeated answer
+    assert not contains_match("anything", "the") and not contains_match("Rome", "")
+
+
+def test_grade_generated_from_the_texts():
+    from kne.evaluation import grade_generated
+
+    req = kne.EditRequest(prompt="The capital of France is", target_new="Rome", rephrase_prompt="France's capital:",
+                          portability={"P": [{"prompt": "a", "ground_truth": "Italy"}, {"prompt": "b", "ground_truth": "x"}]})
+    g = {"rewrite": "Rome", "rephrase": "It is Rome", "portability": {"P": ["In Italy", "y"]}, "locality": {}}
+    got = grade_generated(req, g)
+    assert got["gen_rewrite_acc"] == 1.0 and got["gen_rephrase_acc"] == 0.0 and got["gen_rephrase_contains"] == 1.0
+    assert got["gen_portability"] == {"P": 0.0} and got["gen_portability_contains"] == {"P": 0.5}
+    with pytest.raises(ValueError, match="1 generated answers for the 2 'P' portability probes"):
+        grade_generated(req, {**g, "portability": {"P": ["x"]}})
+
+
+def test_regrade_a_results_file(tmp_path):
+    """tools/regrade_generated.py: the grades a file lacks come from its texts; a grade the file holds
+    that its texts do not give is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regrade", Path(__file__).resolve().parents[1] / "tools" /
+                                                  "regrade_generated.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    req = kne.datasets.knowedit("zsre")[20]
+    gen = {"template": "chat", "rewrite": f"It is {req.target_new}", "rephrase": req.target_new,
+           "portability": {k: ["no"] * len(v) for k, v in req.portability.items()}, "locality": {}}
+    rec = {"index": 20, "prompt": req.prompt, "target_new": req.target_new, "rewrite_acc": 1.0, "generated": gen,
+           "gen_rewrite_acc": 0.0}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"runs": [{"method": "kne", "data": "ZsRE-test-all.json", "protocol": "independent",
+                                       "summary": {"n": 1}, "records": [rec]}]}))
+    assert mod.main([str(f)]) == 0
+    run = json.loads(f.read_text())["runs"][0]
+    assert run["records"][0]["gen_rewrite_contains"] == 1.0 and run["records"][0]["gen_rephrase_acc"] == 1.0
+    assert run["summary"]["gen_edit_contains"] == 1.0 and run["summary"]["edit_succ"] == 1.0
+    rec["gen_rewrite_acc"] = 1.0  # not what "It is ..." grades to
+    f.write_text(json.dumps({"runs": [{"method": "kne", "data": "ZsRE-test-all.json", "protocol": "independent",
+                                       "summary": {"n": 1}, "records": [rec]}]}))
+    with pytest.raises(ValueError, match="gen_rewrite_acc is 1.0 in the file and 0.0 from its texts"):
+        mod.main([str(f)])
+
+
 @pytest.mark.slow
 def test_generated_answers_are_easyedits(embedded):
     """The texts EasyEdit's generate_texts made one prompt at a time without a KV cache (512 new

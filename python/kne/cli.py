@@ -524,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
     v.add_argument("--generate", action="store_true",
                    help="also grade generated answers, EasyEdit's protocol: the chat template, greedy until '.', "
-                        "newline or EOS, SQuAD-normalised exact match (Gen. Succ./Rephrase/Portability/Locality)")
+                        "newline or EOS, SQuAD-normalised exact match (Gen. Succ./Rephrase/Portability/Locality), "
+                        "and whether the answer states the truth once (the '(contains)' columns)")
     v.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
                    help="with --generate: at most N new tokens per answer, more where a graded answer's truth is "
                         "longer (its length + 4) (default 16; EasyEdit: 512)")

@@ -28,7 +28,9 @@ Beyond teacher forcing (each opt-in, each a column of ``kne eval``, ``kne compar
 * ``generate=True``: generated answers, EasyEdit's protocol (:mod:`kne.generation`: the chat
   template, greedy until ``"."``, ``"\n"`` or EOS, SQuAD-normalised exact match).
   ``gen_rewrite_acc``, ``gen_rephrase_acc`` and ``gen_portability`` (per kind) are the exact match
-  of the generated answer with the target or ground truth; ``gen_locality`` (per kind) whether the
+  of the generated answer with the target or ground truth, and ``gen_rewrite_contains``,
+  ``gen_rephrase_contains``, ``gen_portability_contains`` whether the answer states it once
+  (:func:`kne.generation.contains_match`); ``gen_locality`` (per kind) whether the
   generated answer after the edit equals the one before it (it needs ``pre``). The texts are kept
   in ``generated``.
 * ``other_subjects=N``: the edited relation asked of up to N other subjects from the shipped
@@ -59,7 +61,7 @@ from ._text import answer_predictions, check_lengths, check_tokenizer, encode
 from ._utils import answer_logits, as_int, input_device, max_positions, restore_training, training_flags
 from .requests import as_requests
 
-__all__ = ["EvalResult", "evaluate", "measure_before", "ngram_entropy", "generate_topk", "METRICS", "mean_present", "record_value"]
+__all__ = ["EvalResult", "evaluate", "measure_before", "grade_generated", "ngram_entropy", "generate_topk", "METRICS", "mean_present", "record_value"]
 
 
 @dataclass
@@ -306,7 +308,7 @@ _FIELDS = ("rewrite", "rephrase", "portability", "locality")
 
 def _generated(model, tokenizer, reqs, records, pre, max_new_tokens: int, batch_size: int, template: str,
                fields=_FIELDS) -> None:
-    from .generation import answer_limit, exact_match, generate_answers
+    from .generation import answer_limit, generate_answers
 
     prompts, where = [], []  # (request, field, kind, truth)
     for i, r in enumerate(reqs):
@@ -326,22 +328,17 @@ def _generated(model, tokenizer, reqs, records, pre, max_new_tokens: int, batch_
                                    batch_size=batch_size, template=template, limits=limits)
     for rec in records:
         rec["generated"] = {"template": used, "rewrite": None, "rephrase": None, "portability": {}, "locality": {}}
-        if fields == _FIELDS:
-            rec.update(gen_rewrite_acc=None, gen_rephrase_acc=None, gen_portability={}, gen_locality={})
-    port: List[Dict[str, List[float]]] = [{} for _ in reqs]
-    for (i, fld, kind, truth), text in zip(where, texts):
-        g, rec = records[i]["generated"], records[i]
+    for (i, fld, kind, _), text in zip(where, texts):
+        g = records[i]["generated"]
         if fld in ("rewrite", "rephrase"):
             g[fld] = text
-            rec[f"gen_{fld}_acc"] = float(exact_match(text, truth))
         else:
             g[fld].setdefault(kind, []).append(text)
-            if fld == "portability":
-                port[i].setdefault(kind, []).append(float(exact_match(text, truth)))
     if fields != _FIELDS:
         return
     for i, rec in enumerate(records):
-        rec["gen_portability"] = {k: sum(v) / len(v) for k, v in port[i].items()}
+        rec.update(grade_generated(reqs[i], rec["generated"]))
+        rec["gen_locality"] = {}
         before = _pre_record(pre, i, "generated", "the generated answers")
         if before is not None:
             for kind, outs in rec["generated"]["locality"].items():
@@ -349,6 +346,34 @@ def _generated(model, tokenizer, reqs, records, pre, max_new_tokens: int, batch_
                 if len(was) != len(outs):
                     raise ValueError(f"pre lacks the generated locality answers of request {i} ({kind!r})")
                 rec["gen_locality"][kind] = sum(float(a == b) for a, b in zip(outs, was)) / len(outs)
+
+
+def grade_generated(request, generated: Dict[str, Any]) -> Dict[str, Any]:
+    """The grades of one request's generated answers (``generated``, as a record keeps them): for
+    the rewrite, the rephrase and each portability kind, EasyEdit's exact match (``gen_*_acc``,
+    ``gen_portability``) and :func:`kne.generation.contains_match` (``gen_*_contains``,
+    ``gen_portability_contains``). A pure function of the texts: a results file can be graded
+    again from the texts it keeps."""
+    from .generation import contains_match, exact_match
+
+    req = as_requests([request])[0]
+    out: Dict[str, Any] = {"gen_rewrite_acc": None, "gen_rephrase_acc": None, "gen_rewrite_contains": None,
+                           "gen_rephrase_contains": None, "gen_portability": {}, "gen_portability_contains": {}}
+    for fld, truth in (("rewrite", req.target_new), ("rephrase", req.target_new if req.rephrase_prompt else None)):
+        text = generated.get(fld)
+        if text is not None and truth is not None:
+            out[f"gen_{fld}_acc"] = float(exact_match(text, truth))
+            out[f"gen_{fld}_contains"] = float(contains_match(text, truth))
+    for kind, probes in req.portability.items():
+        texts = generated.get("portability", {}).get(kind, [])
+        if len(texts) != len(probes):
+            raise ValueError(f"{len(texts)} generated answers for the {len(probes)} {kind!r} portability probes")
+        if probes:
+            truths = [pr["ground_truth"] for pr in probes]
+            out["gen_portability"][kind] = sum(float(exact_match(t, g)) for t, g in zip(texts, truths)) / len(probes)
+            out["gen_portability_contains"][kind] = (sum(float(contains_match(t, g)) for t, g in zip(texts, truths))
+                                                     / len(probes))
+    return out
 
 
 def _other_subjects(model, tokenizer, reqs, records, pre, asked, add_special_tokens: bool, batch_size: int,

@@ -16,7 +16,8 @@ EasyEdit's generation protocol (``easyeditor/evaluate/evaluate_utils.py``: ``gen
 * the new tokens decoded as they are (special tokens included), then ``"."``, ``"\\n"`` and the EOS
   text each removed once from the end, in that order;
 * graded by exact match after SQuAD's normalisation: lower case, punctuation removed, the articles
-  ``a``/``an``/``the`` removed, whitespace collapsed.
+  ``a``/``an``/``the`` removed, whitespace collapsed. (Also graded by :func:`contains_match`, the
+  truth stated once in the answer: EasyEdit's other grade is an LLM judge, which needs an API key.)
 
 EasyEdit generates one prompt at a time without a KV cache; :func:`generate_answers` batches the
 prompts (left padding, with the KV cache) and cuts each row where a single prompt would have
@@ -36,7 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCrite
 from ._utils import input_device
 
 __all__ = ["SYSTEM_MESSAGE", "STOP_STRINGS", "MAX_NEW_TOKENS", "GRADE_SLACK", "normalize_answer", "exact_match",
-           "prompt_text", "answer_limit", "generate_answers"]
+           "contains_match", "prompt_text", "answer_limit", "generate_answers"]
 
 SYSTEM_MESSAGE = "You are a helpful assistant."
 MAX_NEW_TOKENS = 16  # new tokens per answer by default (EasyEdit: 512; SmolLM2 answers in sentences)
@@ -56,6 +57,21 @@ def normalize_answer(s: str) -> str:
 def exact_match(prediction: str, truth: str) -> bool:
     """EasyEdit's ``exact_match_score``: the two normalised texts are equal."""
     return normalize_answer(prediction) == normalize_answer(truth)
+
+
+def contains_match(prediction: str, truth: str) -> bool:
+    """The normalised truth occurs in the normalised answer exactly once, as whole words.
+
+    A judge-free stand-in for the two rules of EasyEdit's LLM-judge rubric
+    (``test_prediction_acc_LLM_judge``) that a sentence answer meets or breaks most often: an answer
+    that states the gold target in a sentence is correct ("Malia and Sasha Obama are the names of
+    ..."), a repeated answer is not. It does not see contradictions ("... is not male" contains
+    "male"), so it is lenient where the judge is not; exact match is EasyEdit's own grade, and a
+    chat model that answers in sentences scores near 0 on it."""
+    t = normalize_answer(truth)
+    if not t:
+        return False
+    return f" {normalize_answer(prediction)} ".count(f" {t} ") == 1
 
 
 def prompt_text(tokenizer, prompt: str, template: str = "auto") -> Tuple[str, str]:

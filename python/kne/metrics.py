@@ -19,6 +19,10 @@ METRICS: Tuple[Tuple[str, str, str], ...] = (
     ("gen_rephrase", "Gen. Rephrase", "gen_rephrase_acc"),
     ("gen_portability", "Gen. Portability", "gen_portability"),
     ("gen_locality", "Gen. Locality", "gen_locality"),
+    # the same answers, the truth stated once in them (kne.generation.contains_match)
+    ("gen_edit_contains", "Gen. Succ. (contains)", "gen_rewrite_contains"),
+    ("gen_rephrase_contains", "Gen. Rephrase (contains)", "gen_rephrase_contains"),
+    ("gen_portability_contains", "Gen. Portability (contains)", "gen_portability_contains"),
     # the edited relation asked of other subjects (lower is better), kne.others
     ("others_moved", "Others moved", "others_moved"),
     # a fixed held-out text: mean NLL increase per token (nats) and share of changed argmaxes, kne.drift
@@ -29,7 +33,7 @@ METRICS: Tuple[Tuple[str, str, str], ...] = (
 #: metrics that are not shares of 1 (printed as they are, not in points)
 UNSCALED = ("fluency", "drift")
 #: per-record fields that may hold one value per kind (KnowEdit's portability and locality kinds)
-PER_KIND = ("portability", "locality", "gen_portability", "gen_locality")
+PER_KIND = ("portability", "locality", "gen_portability", "gen_locality", "gen_portability_contains")
 
 
 def mean_present(xs):
