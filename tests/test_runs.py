@@ -254,6 +254,7 @@ def test_relation_spillover_portability_split():
     sp = mod.portability_split(kne_rows, ftm_rows, runs, "d.json", "kne (local)")
     assert sp["ftm_moved_at_least"] == {"records": [0, 1], "kne": pytest.approx(0.3), "ft-m": pytest.approx(0.5)}
     assert sp["ftm_moved_less"] == {"records": [2], "kne": 1.0, "ft-m": 0.0}
+    assert sp["kne_label"] == "kne (local)"
     with pytest.raises(ValueError, match="no independent run of 'kne' on d.json"):
         mod.portability_split(kne_rows, ftm_rows, runs, "d.json", "kne")
 

@@ -66,6 +66,7 @@ def portability_split(rows_kne, rows_ftm, runs, data_file, kne_label, threshold=
         out[name] = {"records": idx, "kne": statistics.mean(pk[i] for i in idx) if idx else None,
                      "ft-m": statistics.mean(pf[i] for i in idx) if idx else None}
     out["threshold"] = threshold
+    out["kne_label"] = kne_label  # the run whose portability is "kne" above
     return out
 
 
