@@ -120,8 +120,17 @@ HEADLINE = ("kne (local)", "kne (tuned)", "kne (authors)", "ft-m")
 
 
 def quality_headline() -> str:
-    """README: records 20-69, the three presets and FT-M."""
-    return table(*eval_table("quality_independent.json", HEADLINE))
+    """README: records 20-69, the three presets and FT-M; teacher-forced and generated (the truth
+    stated once), other subjects and drift."""
+    header = ["data", "method", "Edit Succ.", "gen.", "Rephrase", "gen.", "Portability", "gen.", "Locality", "gen.",
+              "Others moved ↓", "Drift ↓"]
+    rows = []
+    for run in runs_of(MEASURES, HEADLINE):
+        s = run["summary"]
+        cells = [_cell(s, k) for tf, exact, contains in TWINS for k in (tf, contains or exact)]
+        rows.append([FILES[run["data"]], method_label(run["method"])] + cells +
+                    [_cell(s, "others_moved"), _cell(s, "drift")])
+    return table(header, ["l", "l"] + ["r"] * (len(header) - 2), rows)
 
 
 def quality_independent() -> str:
@@ -202,6 +211,111 @@ def quality_intervals() -> str:
     return table(["data"] + [c[1] for c in METRIC_COLUMNS], ["l"] + ["r"] * len(METRIC_COLUMNS), rows)
 
 
+# the measures beyond teacher forcing (generated answers, other subjects, drift): records 20-69
+MEASURES = "quality_measures.json"
+#: each teacher-forced metric and its generated twins (exact match; the truth stated once)
+TWINS = (("edit_succ", "gen_edit_succ", "gen_edit_contains"), ("rephrase", "gen_rephrase", "gen_rephrase_contains"),
+         ("portability", "gen_portability", "gen_portability_contains"), ("locality", "gen_locality", None))
+
+
+def _cell(s: dict, key: Optional[str]) -> str:
+    v = None if key is None else s.get(key)
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if key == "drift" else f"{100 * v:.1f}"
+
+
+def quality_measures() -> str:
+    """Records 20-69, the three presets and FT-M: each teacher-forced metric beside its generated
+    twins, the other subjects moved, drift (nats) and its flips."""
+    header = ["data", "method", "Edit Succ.: forced / exact / contains", "Rephrase: f / e / c",
+              "Portability: f / e / c", "Locality: forced / gen.", "Others moved ↓", "Drift ↓", "Drift flips ↓"]
+    rows = []
+    for run in runs_of(MEASURES, HEADLINE):
+        s = run["summary"]
+        cells = []
+        for tf, exact, contains in TWINS:
+            keys = [tf, exact] + ([contains] if contains else [])
+            cells.append("-" if s.get(tf) is None else " / ".join(_cell(s, k) for k in keys))
+        rows.append([FILES[run["data"]], method_label(run["method"])] + cells +
+                    [_cell(s, "others_moved"), _cell(s, "drift"), _cell(s, "drift_flips")])
+    return table(header, ["l", "l"] + ["r"] * (len(header) - 2), rows)
+
+
+def _order(runs: List[dict], key: str) -> Optional[str]:
+    """The methods from best to worst on ``key``, to one decimal (ties share a place: ``a = b``)."""
+    got = [(round(100 * r["summary"][key], 1) if r["summary"].get(key) is not None else None,
+            method_label(r["method"]).replace("kne, ", "")) for r in runs]
+    if any(v is None for v, _ in got):
+        return None
+    got.sort(key=lambda x: -x[0])
+    out = got[0][1]
+    for (v0, _), (v, m) in zip(got, got[1:]):
+        out += (" = " if v == v0 else " > ") + m
+    return out
+
+
+def quality_ranks() -> str:
+    """The order of the four methods on each teacher-forced metric and on its generated twin (the
+    truth stated once; locality: the same answer), records 20-69."""
+    from kne.metrics import METRICS
+
+    names = {k: n for k, n, _ in METRICS}
+    rows = []
+    runs = runs_of(MEASURES, HEADLINE)
+    for data in dict.fromkeys(r["data"] for r in runs):
+        mine = [r for r in runs if r["data"] == data]
+        for tf, exact, contains in TWINS:
+            gen = contains or exact
+            a, b = _order(mine, tf), _order(mine, gen)
+            if a is None or b is None:
+                continue
+            rows.append([FILES[data], names[tf], a, b, "same" if a == b else "**differs**"])
+    return table(["data", "metric", "teacher-forced, best first", "generated, best first", "order"],
+                 ["l", "l", "l", "l", "l"], rows)
+
+
+def quality_measures_intervals() -> str:
+    """kne compare of `local` against FT-M on the measures (10,000 resamples, seed 0)."""
+    from kne.compare import compare_runs, load_runs, pair_runs
+    from kne.metrics import METRICS
+
+    keys = ["gen_edit_contains", "gen_rephrase_contains", "gen_portability_contains", "gen_locality",
+            "others_moved", "drift", "drift_flips"]
+    names = {k: n for k, n, _ in METRICS}
+    runs = load_runs(RESULTS / MEASURES)
+    rows = []
+    for a, b in pair_runs(runs, runs, "kne (local)", "ft-m"):
+        by = {r["metric"]: r for r in compare_runs(a, b)}
+        n = max(r["n"] for r in by.values())
+        cells = []
+        for k in keys:
+            if k not in by:
+                cells.append("-")
+            elif k == "drift":
+                r = by[k]
+                cell = f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
+                cells.append(f"**{cell}**" if r["low"] > 0 or r["high"] < 0 else cell)
+            else:
+                cells.append(_interval(by[k], n))
+        rows.append([FILES[a["data"]]] + cells)
+    return table(["data"] + [names[k] for k in keys], ["l"] + ["r"] * len(keys), rows)
+
+
+def measures_cost() -> str:
+    """Seconds per record of a kne eval run without and with --generate --other-subjects 8 --drift."""
+    d = load("measures_cost.json")
+    rows = [[FILES.get(r["data"], r["data"]), method_label(r["method"]), f"{r['base_s_per_record']:.2f}",
+             f"{r['measures_s_per_record']:.2f}", f"{r['ratio']:.2f}x"] for r in d["runs"]]
+    for m in dict.fromkeys(r["method"] for r in d["runs"]):  # a run over every file: the ratio of the sums
+        mine = [r for r in d["runs"] if r["method"] == m]
+        base, measured = (sum(r[k] for r in mine) for k in ("base_s_per_record", "measures_s_per_record"))
+        rows.append([f"all {len(mine)} files, a record of each", method_label(m), f"{base:.2f}", f"{measured:.2f}",
+                     f"{measured / base:.2f}x"])
+    return table([f"records {d['skip']}-{d['skip'] + d['limit'] - 1}", "method", "s/record", "with the measures",
+                  "ratio"], ["l", "l", "r", "r", "r"], rows)
+
+
 def relation_spillover() -> str:
     runs = load("relation_spillover.json")["runs"]
     rows = []
@@ -216,6 +330,25 @@ def relation_spillover() -> str:
                      f"{100 * f['own']:.1f} / {100 * f['moved']:.1f}", cell])
     return table(["records 20-69", "`local`: own / moved", "FT-M: own / moved", "moved, `local` - FT-M"],
                  ["l", "l", "l", "l"], rows)
+
+
+def relation_spillover_shipped() -> str:
+    """Other subjects from the shipped templates (quality_measures.json's runs), and the portability
+    split by what FT-M's edit did."""
+    rows = []
+    for r in load("relation_spillover_shipped.json")["runs"]:
+        m, sp = r["methods"], r.get("split") or {}
+        k, f = m["kne (local)"], m["ft-m"]
+        cells = [FILES[r["data"]], str(len(k["rows"])), f"{100 * k['own']:.1f} / {100 * k['moved']:.1f}",
+                 f"{100 * f['own']:.1f} / {100 * f['moved']:.1f}"]
+        for half in ("ftm_moved_at_least", "ftm_moved_less"):
+            v = sp.get(half)
+            cells.append("-" if not v or not v["records"] else
+                         f"{len(v['records'])}: {100 * v['kne']:.1f} / {100 * v['ft-m']:.1f}")
+        rows.append(cells)
+    return table(["records 20-69", "asked", "`local`: own / moved", "FT-M: own / moved",
+                  "FT-M moved half or more: records, portability `local` / FT-M", "less than half: the same"],
+                 ["l", "r", "l", "l", "l", "l"], rows)
 
 
 def spillover() -> str:
@@ -385,10 +518,15 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
 
 #: name -> (renderer, the files it reads: named under the table it renders)
 TABLES: Dict[str, Tuple[Callable[[], str], Tuple[str, ...]]] = {
-    "quality-headline": (quality_headline, ("quality_independent.json",)),
+    "quality-headline": (quality_headline, (MEASURES,)),
     "quality-independent": (quality_independent, ("quality_independent.json",)),
     "quality-intervals": (quality_intervals, ("quality_independent.json",)),
     "quality-relation-spillover": (relation_spillover, ("relation_spillover.json",)),
+    "quality-relation-spillover-shipped": (relation_spillover_shipped, ("relation_spillover_shipped.json",)),
+    "quality-measures": (quality_measures, (MEASURES,)),
+    "quality-measures-cost": (measures_cost, ("measures_cost.json",)),
+    "quality-ranks": (quality_ranks, (MEASURES,)),
+    "quality-measures-intervals": (quality_measures_intervals, (MEASURES,)),
     "quality-heldout": (quality_heldout, ("quality_heldout.json", "quality_heldout_sequential.json")),
     "quality-ftm-kl": (quality_ftm_kl, ("quality_ftm_kl.json", "quality_independent.json")),
     "quality-sequential": (quality_sequential, ("quality_sequential.json",)),
