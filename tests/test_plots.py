@@ -68,3 +68,30 @@ def test_a_metric_a_run_lacks_gets_no_bar(tmp_path, monkeypatch):
     out = kne.plots.plot_results(runs, tmp_path / "x.png")
     assert _png_size(out)[0] > 5000
     assert heights == [[100.0, 30.0, 70.0], [90.0, 50.0, 25.0, 80.0]]
+
+
+def test_one_panel_per_data_file_with_only_its_metrics(tmp_path, monkeypatch):
+    """A results file of several data files: a panel each, each with the metrics its runs have (no
+    empty Rephrase group for counterfact), a method in the same colour in every panel."""
+    import matplotlib.axes
+
+    ticks, colours = [], []
+    orig_ticks, orig_bar = matplotlib.axes.Axes.set_xticks, matplotlib.axes.Axes.bar
+
+    def spy_ticks(self, positions, labels=None, **kw):
+        ticks.append(list(labels))
+        return orig_ticks(self, positions, labels, **kw)
+
+    def spy_bar(self, x, height, *args, **kwargs):
+        colours.append((kwargs.get("label"), kwargs.get("color")))
+        return orig_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", spy_ticks)
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy_bar)
+    runs = [{"method": m, "protocol": "independent", "data": d,
+             "summary": {"edit_succ": 1.0, "rephrase": 0.5 if d.startswith("ZsRE") else None, "locality": 0.7,
+                         "drift": 0.1}}
+            for d in ("ZsRE-test-all.json", "wiki_counterfact-train.json") for m in ("kne (local)", "ft-m")]
+    kne.plots.plot_results(runs, tmp_path / "x.png")
+    assert ticks == [["Edit Succ.", "Rephrase", "Locality", "Drift (nats)"], ["Edit Succ.", "Locality", "Drift (nats)"]]
+    assert colours[:2] == colours[2:] and colours[0][1] != colours[1][1]

@@ -67,27 +67,37 @@ def plot_ensemble(ensemble, out: Union[str, Path], *, n_layers: Optional[int] = 
 
 
 def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Optional[str] = None) -> Path:
-    """Grouped bars: one group per metric, one bar per (data, method, protocol) run; percentages
-    (fluency as EasyEdit's entropy x 100, as the KnowEdit tables print it)."""
+    """Grouped bars, one panel per data file: one group per metric, one bar per (method, protocol)
+    run of that file, the same colour for a method in every panel; percentages (fluency as EasyEdit's
+    entropy x 100, as the KnowEdit tables print it; drift in nats x 100)."""
     plt = _plt()
     metrics = [(k, name) for k, name, _ in METRICS if any(r["summary"].get(k) is not None for r in runs)]
     if not metrics:
         raise ValueError("the results hold no metric to plot (no run has a summary)")
-    fig, ax = plt.subplots(figsize=(1.6 * len(metrics) * max(1, len(runs)) ** 0.5 + 3, 4))
-    width = 0.8 / len(runs)
-    for i, r in enumerate(runs):
-        # a metric a run does not have (no rephrase prompts in the file, fluency not measured)
-        # gets no bar, not a zero
-        have = [(j, 100 * r["summary"][k]) for j, (k, _) in enumerate(metrics) if r["summary"].get(k) is not None]
-        label = f"{r.get('method', '?')} {r.get('protocol', '')} {r.get('data', '')}".strip()
-        xs = [j + (i - (len(runs) - 1) / 2) * width for j, _ in have]
-        bars = ax.bar(xs, [v for _, v in have], width, label=label)
-        for b, (_, v) in zip(bars, have):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(metrics)), [n for _, n in metrics])
-    ax.set_ylabel("%  (fluency: entropy x 100; drift: nats x 100)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title or "KnowEdit evaluation", fontsize=9)
+    files = list(dict.fromkeys(r.get("data", "") for r in runs))
+    labels = list(dict.fromkeys(f"{r.get('method', '?')} {r.get('protocol', '')}".strip() for r in runs))
+    colours = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    per_file = max(sum(1 for r in runs if r.get("data", "") == f) for f in files)
+    fig, axes = plt.subplots(len(files), 1, squeeze=False,
+                             figsize=(max(8.0, 0.2 * len(metrics) * (per_file + 1) + 3.5), 1.2 + 2.8 * len(files)))
+    for ax, f in zip(axes[:, 0], files):
+        mine = [r for r in runs if r.get("data", "") == f]
+        # a metric no run of this file has (no rephrase prompts, fluency not measured) gets no group,
+        # and a metric a run lacks gets no bar, not a zero
+        shown = [(k, n) for k, n in metrics if any(r["summary"].get(k) is not None for r in mine)]
+        width = 0.8 / len(mine)
+        for i, r in enumerate(mine):
+            have = [(j, 100 * r["summary"][k]) for j, (k, _) in enumerate(shown) if r["summary"].get(k) is not None]
+            label = f"{r.get('method', '?')} {r.get('protocol', '')}".strip()
+            xs = [j + (i - (len(mine) - 1) / 2) * width for j, _ in have]
+            bars = ax.bar(xs, [v for _, v in have], width, label=label, color=colours[label])
+            for b, (_, v) in zip(bars, have):
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(shown)), [n for _, n in shown], fontsize=7, rotation=20, ha="right")
+        ax.set_ylabel("%", fontsize=8)
+        ax.set_title(f or "results", fontsize=8, loc="left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle((title or "KnowEdit evaluation") + "  (fluency: entropy x 100; drift: nats x 100)", fontsize=9)
     fig.tight_layout()
     out = Path(out)
     try:
