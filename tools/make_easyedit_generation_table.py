@@ -19,12 +19,9 @@ repository.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import datetime
 import json
 import string
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +29,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from easyedit_source import checkout_args, exec_functions  # tools/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
+FILE = "easyeditor/evaluate/evaluate_utils.py"
 FUNCTIONS = ["normalize_answer", "exact_match_score", "generate_texts", "test_prediction_acc_LLM_judge"]
 RECORDS = {"zsre": range(20, 23), "counterfact": range(20, 23), "recent": range(20, 23)}
 #: strings whose normalisation the table also records (articles, punctuation, case, whitespace)
@@ -48,14 +48,7 @@ def easyedit_namespace(root: Path) -> dict:
           T5ForConditionalGeneration, "__name__": "easyedit_generation"}
     device = root / "easyeditor" / "util" / "device.py"
     exec(compile(device.read_text(), str(device), "exec"), ns)
-    src_path = root / "easyeditor" / "evaluate" / "evaluate_utils.py"
-    tree = ast.parse(src_path.read_text())
-    found = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in FUNCTIONS}
-    missing = set(FUNCTIONS) - set(found)
-    if missing:
-        sys.exit(f"{src_path} has no {sorted(missing)}: is {root} an EasyEdit checkout?")
-    for name in FUNCTIONS:
-        exec(compile(ast.Module(body=[found[name]], type_ignores=[]), str(src_path), "exec"), ns)
+    exec_functions(root, {FILE: FUNCTIONS}, ns)
     return ns
 
 
@@ -77,13 +70,7 @@ def cases():
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("easyedit", type=Path, help="an EasyEdit checkout (https://github.com/zjunlp/EasyEdit)")
-    ap.add_argument("--commit", default=None, help="its commit (default: git rev-parse HEAD in the checkout)")
-    ap.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "easyedit_generation.json")
-    args = ap.parse_args()
-    commit = args.commit or subprocess.run(["git", "-C", str(args.easyedit), "rev-parse", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip() or "unknown"
+    args, commit = checkout_args(__doc__, ROOT / "tests" / "data" / "easyedit_generation.json")
     import kne
 
     torch.set_num_threads(1)
@@ -97,7 +84,7 @@ def main() -> int:
                      "text": texts[0], "exact_match": float(scores[0])})
         print(f"{name} {i} {field}: {texts[0][:70]!r} -> {scores[0]}", file=sys.stderr)
     out = {"easyedit": {"repository": "https://github.com/zjunlp/EasyEdit", "commit": commit,
-                        "file": "easyeditor/evaluate/evaluate_utils.py", "functions": FUNCTIONS},
+                        "file": FILE, "functions": FUNCTIONS},
            "made_by": "tools/make_easyedit_generation_table.py", "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "model": "smollm2-135m (float32, CPU, one thread)", "max_new_tokens": 512, "use_cache": False,

@@ -21,11 +21,8 @@ The script refuses to write a table whose predictions sit on a near-tie (top-2 l
 
 from __future__ import annotations
 
-import argparse
-import ast
 import datetime
 import json
-import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -38,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the case and model builders live in the test module
 
 import test_easyedit_parity as parity  # noqa: E402
+from easyedit_source import checkout_args, exec_functions  # noqa: E402
 
 FUNCTIONS = {
     "easyeditor/evaluate/evaluate.py": ["compute_edit_quality", "compute_rewrite_or_rephrase_quality",
@@ -57,16 +55,7 @@ def easyedit_namespace(root: Path) -> dict:
           "__name__": "easyedit_metrics"}
     for rel in MODULES:
         exec(compile((root / rel).read_text(), str(root / rel), "exec"), ns)
-    for rel, names in FUNCTIONS.items():
-        src = (root / rel).read_text()
-        tree = ast.parse(src)
-        found = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names}
-        missing = set(names) - set(found)
-        if missing:
-            sys.exit(f"{rel} has no {sorted(missing)}: is {root} an EasyEdit checkout?")
-        for name in names:
-            mod = ast.Module(body=[found[name]], type_ignores=[])
-            exec(compile(mod, str(root / rel), "exec"), ns)
+    exec_functions(root, FUNCTIONS, ns)
     return ns
 
 
@@ -124,13 +113,7 @@ def score(ns: dict, model, tok, reqs) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("easyedit", type=Path, help="an EasyEdit checkout (https://github.com/zjunlp/EasyEdit)")
-    ap.add_argument("--commit", default=None, help="its commit (default: git rev-parse HEAD in the checkout)")
-    ap.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "easyedit_parity.json")
-    args = ap.parse_args()
-    commit = args.commit or subprocess.run(["git", "-C", str(args.easyedit), "rev-parse", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip() or "unknown"
+    args, commit = checkout_args(__doc__, ROOT / "tests" / "data" / "easyedit_parity.json")
     torch.set_num_threads(1)
     ns = easyedit_namespace(args.easyedit)
     reqs = parity.cases()
