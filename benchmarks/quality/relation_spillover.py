@@ -130,15 +130,11 @@ def main(argv=None) -> int:
 
     check_output(a.out, "--out")  # before the run, not after it
     label = a.label or f"kne ({a.preset})"
-    split_runs = None
-    if a.split:
-        from kne.metrics import check_results
+    from kne.compare import load_runs  # a kne eval --out file, checked field by field
 
-        split_runs = check_results(json.loads(Path(a.split).read_text()), a.split)
+    split_runs = load_runs(a.split) if a.split else None
     if a.source:
-        from kne.metrics import check_results
-
-        runs = check_results(json.loads(Path(a.source).read_text()), a.source)
+        runs = load_runs(a.source)
         if not any(rows_of(r) for r in runs):
             raise ValueError(f"{a.source}: no run was asked of other subjects (make it with kne eval --other-subjects N)")
         what = {"from": a.source}
