@@ -370,9 +370,8 @@ def grade_generated(request, generated: Dict[str, Any]) -> Dict[str, Any]:
             raise ValueError(f"{len(texts)} generated answers for the {len(probes)} {kind!r} portability probes")
         if probes:
             truths = [pr["ground_truth"] for pr in probes]
-            out["gen_portability"][kind] = sum(float(exact_match(t, g)) for t, g in zip(texts, truths)) / len(probes)
-            out["gen_portability_contains"][kind] = (sum(float(contains_match(t, g)) for t, g in zip(texts, truths))
-                                                     / len(probes))
+            for key, grade in (("gen_portability", exact_match), ("gen_portability_contains", contains_match)):
+                out[key][kind] = sum(float(grade(t, g)) for t, g in zip(texts, truths)) / len(probes)
     return out
 
 

@@ -74,9 +74,11 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
     metrics = [(k, name) for k, name, _ in METRICS if any(r["summary"].get(k) is not None for r in runs)]
     if not metrics:
         raise ValueError("the results hold no metric to plot (no run has a summary)")
+    def label(r):
+        return f"{r.get('method', '?')} {r.get('protocol', '')}".strip()
+
     files = list(dict.fromkeys(r.get("data", "") for r in runs))
-    labels = list(dict.fromkeys(f"{r.get('method', '?')} {r.get('protocol', '')}".strip() for r in runs))
-    colours = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    colours = {lab: f"C{i % 10}" for i, lab in enumerate(dict.fromkeys(label(r) for r in runs))}
     per_file = max(sum(1 for r in runs if r.get("data", "") == f) for f in files)
     fig, axes = plt.subplots(len(files), 1, squeeze=False,
                              figsize=(max(8.0, 0.2 * len(metrics) * (per_file + 1) + 3.5), 1.2 + 2.8 * len(files)))
@@ -88,9 +90,8 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
         width = 0.8 / len(mine)
         for i, r in enumerate(mine):
             have = [(j, 100 * r["summary"][k]) for j, (k, _) in enumerate(shown) if r["summary"].get(k) is not None]
-            label = f"{r.get('method', '?')} {r.get('protocol', '')}".strip()
             xs = [j + (i - (len(mine) - 1) / 2) * width for j, _ in have]
-            bars = ax.bar(xs, [v for _, v in have], width, label=label, color=colours[label])
+            bars = ax.bar(xs, [v for _, v in have], width, label=label(r), color=colours[label(r)])
             for b, (_, v) in zip(bars, have):
                 ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(shown)), [n for _, n in shown], fontsize=7, rotation=20, ha="right")
