@@ -22,7 +22,7 @@ _EXPORTS = {
     "register_architecture": "adapters", "supported_model_types": "adapters",
     "Attribution": "attribution", "attribute": "attribution", "locate": "attribution",
     "KNEConfig": "config",
-    "EditError": "result", "EditResult": "result", "fast_edit": "editing", "ModelBusyError": "_exclusive",
+    "EditError": "result", "EditResult": "result", "CapacityError": "result", "Editor": "editor", "fast_edit": "editing", "ModelBusyError": "_exclusive",
     "apply_edit": "editfile", "read_edit": "editfile", "revert_edit": "editfile",
     "Ensemble": "ensemble",
     "EvalResult": "evaluation", "evaluate": "evaluation",
@@ -32,7 +32,7 @@ _EXPORTS = {
 _MODULES = ("baselines", "datasets", "plots", "reference")
 
 __all__ = [
-    "apply_edit", "read_edit", "revert_edit", "Attribution", "EditError", "EditRequest", "EditResult", "Ensemble", "EvalResult", "KNEConfig",
+    "apply_edit", "read_edit", "revert_edit", "Attribution", "CapacityError", "EditError", "Editor", "EditRequest", "EditResult", "Ensemble", "EvalResult", "KNEConfig",
     "ModelBusyError",
     "attribute", "baselines", "datasets", "evaluate", "plots", "fast_edit", "load_knowedit", "load_model", "locate", "reference",
     "register_architecture", "supported_model_types", "__version__",

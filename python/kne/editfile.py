@@ -210,7 +210,7 @@ def save_edit(result, path: Union[str, Path]) -> Path:
         raise IsADirectoryError(f"{path} is a directory: give the edit file a name, e.g. {path / 'edit.safetensors'}")
     tensors: Dict[str, torch.Tensor] = {}
     sites: List[Dict[str, Any]] = []
-    for i, (site, dim, idx, base) in enumerate(result._saved):
+    for i, (site, dim, idx, base) in enumerate(result.originals()):
         w = site.weight()
         new = w.index_select(dim, idx.to(w.device)).detach().cpu().contiguous()
         if new.is_floating_point() and not bool(torch.isfinite(new).all()):

@@ -186,7 +186,7 @@ def check_keep(keep, tokenizer, cfg: KNEConfig) -> List[Tuple[List[int], int, in
 @holds_model("kne.fast_edit")
 def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
               ensemble: Optional[Ensemble] = None, on_step: Optional[Callable[[int, float], None]] = None,
-              preserve_prompts: Optional[List[str]] = None, keep=None, **overrides: Any) -> EditResult:
+              preserve_prompts: Optional[List[str]] = None, keep=None, state=None, **overrides: Any) -> EditResult:
     """Edit ``model`` in place with KNE; returns an :class:`EditResult`.
 
     ``config`` (a :class:`KNEConfig`) and ``overrides`` (its fields by name) give the settings;
@@ -222,7 +222,10 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     ``config.keep_positions`` and the last token of each neighbour it kept, read from the model as
     it is now, cut at ``config.keep_rtol`` -- so this edit disturbs them as little as the key
     space allows (AlphaEdit's rule for sequential edits; ``kne.runs`` passes every earlier edit of
-    a sequential run).
+    a sequential run). ``state`` (with ``project``): a :class:`kne.nullspace.KeySketch` of the keys
+    kept so far, joined the same way (what :class:`kne.Editor` passes; no re-reading). An edit whose
+    every module instance has its whole key space kept cannot move: :class:`kne.CapacityError`
+    before any step.
 
     >>> res = kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": "Rome"})
     >>> res.stats["steps"], res.restore()
@@ -231,6 +234,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     cfg = check_model(model, cfg)  # loaded weights, layers of this model, no shared module
     held = check_keep(keep, tokenizer, cfg)
+    check_state(state, cfg)
     total = Timer()
     if ensemble is None:
         ensemble = locate(model, tokenizer, reqs, cfg)
@@ -283,11 +287,14 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     backends = [kernel_backend(cfg, s.delta.device) for s in slots]  # once, not every step
     bases: List[Optional[torch.Tensor]] = [None] * len(slots)
 
+    survived = [0.0, 0.0]  # with a projection: sum over steps of |step after| and |step before| it
+
     def step_fn(step: int, grads: List[torch.Tensor]) -> None:
         # One fused AdamW step per module instance (kne_kernels.ensemble_adamw_step_): updates the
         # compact delta and moments, and rewrites the compact merged rows base + s * delta. With
         # optimizer "ngd" the step (ngd_update_) is plain torch on the compact deltas, then the same rewrite.
         with torch.no_grad():
+            prev = [s.delta.clone() if b is not None else None for s, b in zip(slots, bases)]
             if cfg.optimizer == "ngd":  # the step needs the norm over every slot: plain torch ops, then the merge
                 ngd_update_([s.delta for s in slots], grads, [s.exp_avg for s in slots], lr=cfg.lr,
                             momentum=cfg.ngd_momentum)
@@ -304,6 +311,7 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                         adamw_update_(slot.delta, g, slot.exp_avg, slot.exp_avg_sq, step=step, lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
                         slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
+            raw = [float((s.delta - p).pow(2).sum()) for s, p in zip(slots, prev) if p is not None]
             for slot, basis, backend in zip(slots, bases, backends):
                 if basis is not None:  # keep the delta off the preserved keys (kne.nullspace)
                     if slot.merged.dtype in kne_kernels.FLOAT_DTYPES:
@@ -312,6 +320,10 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                     else:
                         slot.delta.sub_((slot.delta @ basis.to(slot.delta.dtype)) @ basis.to(slot.delta.dtype).t())
                         slot.merged.copy_(merged_rows(slot.base_dev, slot.scale, slot.delta))
+            if raw:
+                kept = [float((s.delta - p).pow(2).sum()) for s, p in zip(slots, prev) if p is not None]
+                survived[0] += math.sqrt(sum(kept))
+                survived[1] += math.sqrt(sum(raw))
 
     def penalty() -> torch.Tensor:  # ||s * dW||^2 over every edited module instance
         return sum((s.scale * s.delta).pow(2).sum() for s in slots)
@@ -328,7 +340,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                     keys = objective.capture(lambda *sel: logits_at(model, *sel, gather=True),
                                              [s.site for s in slots] if cfg.project else ())
                 if cfg.project:  # with the earlier edits' keys (keep=), read from the model as it is now
-                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=held)
+                    bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=held, state=state)
+                    check_capacity([s.site for s in slots], bases, cfg)
             before = prompt_predictions(model, objective.edit_batch)  # for the collapse check after the merge
             handles = [s.site.module.register_forward_hook(own_thread(make_hook(s))) for s in slots]
             losses, steps, stopped = _train(forward, deltas, cfg, step_fn, on_step)
@@ -354,6 +367,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
         }
         if keep is not None:
             stats["kept_sequences"] = len(held)
+        if survived[1] > 0:  # how much of the optimizer's steps the projection let through
+            stats["step_survived"] = survived[0] / survived[1]
         refuse_runaway(cfg, stats["edit_losses"], steps, [(s.site.path, s.merged) for s in slots])
         with torch.no_grad(), writing(model):  # other threads' forwards wait: none sees a half merge
             try:
@@ -378,6 +393,40 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
             undo_writes(written, "kne.fast_edit", e)
         raise
     return result
+
+
+def check_state(state, cfg: KNEConfig) -> None:
+    """``state`` of an edit call: ``None`` or a :class:`kne.nullspace.KeySketch`, with ``project``."""
+    if state is None:
+        return
+    from .nullspace import KeySketch
+
+    if not isinstance(state, KeySketch):
+        raise ValueError(f"state must be a kne.nullspace.KeySketch (what kne.Editor keeps), got {type(state).__name__}")
+    if not cfg.project:
+        raise ValueError("state= needs the null-space projection: set KNEConfig.project=True "
+                         "(KNEConfig.preset('local')) or drop state")
+
+
+def capacity_options(cfg: KNEConfig) -> str:
+    """What to do when the kept keys leave an edit no room (named by every capacity error)."""
+    return (f"edit several facts in one call (a batch: Editor.edit([...]) spends the key space once for all), raise "
+            f"KNEConfig.keep_rtol (now {cfg.keep_rtol:g}) so fewer weak key directions are kept, lower the sketch "
+            "rank (Editor(sketch_rank=...)), or edit other layers (KNEConfig.layers)")
+
+
+def check_capacity(sites: List[ModuleSite], bases: List[Optional[torch.Tensor]], cfg: KNEConfig) -> None:
+    """:class:`kne.CapacityError` when the preserved keys span the whole key space of every edited
+    module instance: the projection would take every step back, so the edit cannot move."""
+    from .result import CapacityError
+
+    if not sites or any(b is None or b.shape[1] < s.in_features for s, b in zip(sites, bases)):
+        return
+    occ = {s.path: b.shape[1] / s.in_features for s, b in zip(sites, bases)}
+    raise CapacityError(f"the kept keys span the whole key space of all {len(sites)} module instance(s) this edit "
+                        f"would change ({sites[0].path}: {bases[0].shape[1]} of {sites[0].in_features} directions), "
+                        f"so no step can move it; the model was left as it was. To go on: {capacity_options(cfg)}",
+                        occ)
 
 
 def runaway_message(why: str, cfg: KNEConfig) -> str:

@@ -54,8 +54,8 @@ from .adapters import ModuleSite, get_architecture, num_layers, resolve_sites
 from .models import cache_dir
 from .result import EditResult
 
-__all__ = ["KeyStatistics", "KeyCapture", "build", "load", "model_key", "preserved_basis", "edit_bases", "kept_texts",
-           "kept_keys"]
+__all__ = ["KeyStatistics", "KeyCapture", "KeySketch", "build", "load", "model_key", "preserved_basis", "edit_bases",
+           "kept_texts", "kept_keys", "sketch_rank"]
 
 _FORMAT = "kne.nullspace/1"
 _VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -409,12 +409,14 @@ def kept_keys(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], seqs: Se
 
 
 def edit_bases(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], keys: Sequence[torch.Tensor], config,
-               progress: bool = True, kept: Sequence[Tuple[List[int], int, int]] = ()) -> List[Optional[torch.Tensor]]:
+               progress: bool = True, kept: Sequence[Tuple[List[int], int, int]] = (),
+               state: Optional["KeySketch"] = None) -> List[Optional[torch.Tensor]]:
     """The preserved-key basis of each edited module instance: the cached corpus statistics
     (built on first use, :func:`build`) above ``config.project_threshold`` when
     ``config.project_corpus``, joined with the neighbours' ``keys``, then with the keys of the
     earlier edits' sequences ``kept`` (:func:`kept_texts`; read now by :func:`kept_keys`, cut at
-    ``config.keep_rtol``)."""
+    ``config.keep_rtol``), then with the sketch rows of ``state`` (:class:`KeySketch`, a
+    :class:`kne.Editor`'s kept keys; same cut)."""
     more = kept_keys(model, tokenizer, sites, kept) if kept else None
     stats = None
     if config.project_corpus:
@@ -427,5 +429,140 @@ def edit_bases(model: nn.Module, tokenizer, sites: Sequence[ModuleSite], keys: S
         basis = preserved_basis(k, corpus)
         if more is not None and more[j].numel():
             basis = preserved_basis(more[j].to(k.device), basis, rtol=config.keep_rtol)
+        if state is not None:
+            rows = state.rows(site.path)
+            if rows.numel():
+                basis = preserved_basis(rows.to(k.device), basis, rtol=config.keep_rtol)
         out.append(basis)
     return out
+
+
+def sketch_rank(widths: Sequence[int], budget_bytes: float) -> int:
+    """The largest Frequent-Directions rank ``l`` whose buffers (``2 l x width`` float32 per module
+    instance) fit ``budget_bytes``: ``floor(budget / (8 * sum(widths)))``, at least 1, at most the
+    widest module's width."""
+    total = 8 * sum(int(w) for w in widths)
+    return int(max(1, min(max(widths), budget_bytes // max(1, total))))
+
+
+class KeySketch:
+    """The kept keys of a sequence of edits, per module instance, in bounded memory: a
+    Frequent-Directions sketch (Liberty, KDD 2013; Ghashami et al., SICOMP 2016).
+
+    Per module instance of width ``d`` it holds a float32 buffer ``B`` of ``2 l x d`` (``l`` =
+    ``rank``, at most ``d``): :meth:`add` appends key rows; when the buffer is full it is rotated
+    onto its right singular vectors and shrunk, ``s_i <- sqrt(max(s_i^2 - s_l^2, 0))``, which leaves
+    at most ``l - 1`` non-zero rows. The sketch keeps the second moment of everything added from
+    above and within a known bound: ``0 <= K^T K - B^T B`` and ``||K^T K - B^T B||_2 <=
+    ||K||_F^2 / l`` (exact, ``B^T B == K^T K``, until the first shrink). Its rows stand in for
+    the keys themselves in :func:`preserved_basis` (same projection, same ``keep_rtol`` cut), so
+    the null space of an edit is read from ``O(l d)`` numbers however many edits came before.
+
+    Memory: ``8 * l * sum(d)`` bytes (``2 l`` rows of float32 per instance), constant in the number
+    of edits. Work per added key row: a copy of ``d`` numbers, plus one SVD of ``2 l x d`` per ``l``
+    rows (amortised ``O(l d)`` per row, independent of how many rows came before). ``ops`` counts
+    both (multiply-adds), so a test can see that the work per edit does not grow.
+    """
+
+    def __init__(self, widths: Dict[str, int], rank: int):
+        rank = int(rank)
+        if rank < 1:
+            raise ValueError(f"the sketch rank must be at least 1, got {rank}")
+        self.rank = rank
+        self.widths = dict(widths)
+        self._buf = {p: torch.zeros(2 * min(rank, d), d, dtype=torch.float32) for p, d in self.widths.items()}
+        self._fill = {p: 0 for p in self.widths}
+        self.rows_added = {p: 0 for p in self.widths}
+        self.energy_added = {p: 0.0 for p in self.widths}  # ||K||_F^2 of everything added
+        self.energy_shed = {p: 0.0 for p in self.widths}  # what the shrinks took off the trace
+        self.ops = 0
+        self.shrinks = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the buffers hold (the formula: ``8 * rank * sum(widths)`` when ``rank <= width``)."""
+        return sum(b.numel() * b.element_size() for b in self._buf.values())
+
+    def _check(self, path: str) -> None:
+        if path not in self._buf:
+            raise KeyError(f"the sketch holds no module instance {path!r}; it holds {len(self._buf)} of them, e.g. "
+                           f"{next(iter(self._buf), '(none)')!r}")
+
+    @torch.no_grad()
+    def add(self, path: str, keys: torch.Tensor) -> None:
+        """Append key rows ``[n, d]`` of one module instance."""
+        self._check(path)
+        buf = self._buf[path]
+        k = keys.detach().reshape(-1, buf.shape[1]).float().cpu()
+        if not bool(torch.isfinite(k).all()):
+            raise ValueError(f"non-finite keys for {path}: the model produced NaN or infinity on a kept sequence")
+        self.rows_added[path] += k.shape[0]
+        self.energy_added[path] += float(k.double().pow(2).sum())
+        i = 0
+        while i < k.shape[0]:
+            fill = self._fill[path]
+            take = min(k.shape[0] - i, buf.shape[0] - fill)
+            buf[fill:fill + take] = k[i:i + take]
+            self.ops += take * buf.shape[1]
+            self._fill[path] = fill + take
+            i += take
+            if self._fill[path] == buf.shape[0]:
+                self._shrink(path)
+
+    def _shrink(self, path: str) -> None:
+        buf = self._buf[path]
+        keep = buf.shape[0] // 2  # l (or the width, if smaller)
+        _, S, Vh = torch.linalg.svd(buf.double(), full_matrices=False)
+        self.ops += buf.shape[0] ** 2 * buf.shape[1]
+        self.shrinks += 1
+        cut = S[keep - 1] ** 2
+        S2 = (S ** 2 - cut).clamp_min(0)
+        self.energy_shed[path] += float((S ** 2).sum() - S2.sum())
+        rows = (S2.sqrt()[:, None] * Vh)[:keep]
+        n = int((S2[:keep] > 0).sum())
+        buf.zero_()
+        buf[:n] = rows[:n].float()
+        self._fill[path] = n
+
+    def rows(self, path: str) -> torch.Tensor:
+        """The sketch rows ``[m, d]`` of one module instance (``B^T B`` approximates the kept keys'
+        ``K^T K`` from below)."""
+        self._check(path)
+        return self._buf[path][: self._fill[path]]
+
+    def moment(self, path: str) -> torch.Tensor:
+        """``B^T B`` (float64) of one module instance."""
+        r = self.rows(path).double()
+        return r.t() @ r
+
+    def occupancy(self, path: str, rtol: float) -> float:
+        """The share of the key space of ``path`` the kept keys occupy: the number of sketch
+        directions whose singular value is above ``rtol`` times the largest, over the width."""
+        r = self.rows(path)
+        if not r.numel():
+            return 0.0
+        s = torch.linalg.svdvals(r.double())
+        return float((s > rtol * s[0]).sum()) / self.widths[path]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {p: self.rows(p).contiguous().clone() for p in self._buf}
+
+    def meta(self) -> Dict:
+        return {"rank": self.rank, "widths": self.widths, "rows_added": self.rows_added,
+                "energy_added": self.energy_added, "energy_shed": self.energy_shed, "ops": self.ops,
+                "shrinks": self.shrinks}
+
+    @classmethod
+    def from_state(cls, meta: Dict, tensors: Dict[str, torch.Tensor]) -> "KeySketch":
+        sk = cls({p: int(d) for p, d in meta["widths"].items()}, int(meta["rank"]))
+        for p, rows in tensors.items():
+            sk._check(p)
+            if rows.ndim != 2 or rows.shape[1] != sk.widths[p] or rows.shape[0] >= sk._buf[p].shape[0]:
+                raise ValueError(f"the saved sketch of {p} has shape {tuple(rows.shape)}, not [m < "
+                                 f"{sk._buf[p].shape[0]}, {sk.widths[p]}]")
+            sk._buf[p][: rows.shape[0]] = rows.float()
+            sk._fill[p] = rows.shape[0]
+        for name in ("rows_added", "energy_added", "energy_shed"):
+            getattr(sk, name).update(meta[name])
+        sk.ops, sk.shrinks = int(meta["ops"]), int(meta["shrinks"])
+        return sk

@@ -30,7 +30,8 @@ from ._utils import EditDropout, Timer, forward_logits, input_device, max_positi
 from .adapters import check_model, distinct_sites, require_resident, resolve_sites
 from .attribution import Attribution
 from .config import KNEConfig, describe, edit_config, resolve_config
-from .editing import check_call, check_keep, delta_scale, initial_delta, merged_rows, refuse_runaway, runaway_message
+from .editing import (check_call, check_capacity, check_keep, check_state, delta_scale, initial_delta, merged_rows,
+                      refuse_runaway, runaway_message)
 from .nullspace import edit_bases
 from .objective import EditObjective, collapse, prompt_predictions
 from .ensemble import Ensemble
@@ -137,7 +138,7 @@ def locate(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = 
 
 @holds_model("kne.reference.edit")
 def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = None, *,
-         ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None, keep=None,
+         ensemble: Optional[Ensemble] = None, preserve_prompts: Optional[List[str]] = None, keep=None, state=None,
          **overrides: Any) -> EditResult:
     """Reference edit: dense masked deltas trained with ``torch.optim.AdamW`` (or, with
     ``optimizer="ngd"``, normalised gradient descent written out on them); the preservation KL
@@ -147,6 +148,7 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
     reqs = check_call(model, tokenizer, requests, cfg, ensemble, preserve_prompts)
     cfg = check_model(model, cfg)
     held = check_keep(keep, tokenizer, cfg)
+    check_state(state, cfg)
     total = Timer()
     locate_seconds = 0.0
     if ensemble is None:
@@ -221,7 +223,9 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
             with torch.no_grad():
                 keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
             if cfg.project:  # I - B B^T per edited module instance, formed explicitly
-                for basis in edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg, kept=held):
+                bases = edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg, kept=held, state=state)
+                check_capacity([e["site"] for e in edits], bases, cfg)
+                for basis in bases:
                     n = edits[0]["D"].shape[1]
                     B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
                     projectors.append(torch.eye(B.shape[0], dtype=torch.float64, device=B.device) - B @ B.t())

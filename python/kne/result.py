@@ -21,11 +21,27 @@ from .config import KNEConfig
 from .ensemble import Ensemble
 from .requests import EditRequest
 
-__all__ = ["EditError", "EditResult"]
+__all__ = ["CapacityError", "EditError", "EditResult"]
 
 
 class EditError(RuntimeError):
     """An edit could not be completed; the model was left exactly as it was."""
+
+
+class CapacityError(EditError):
+    """An edit could not land because the keys it must keep fill the key space of the modules it
+    edits (``kne.Editor``, ``keep=``); the model was left exactly as it was. ``capacity`` maps each
+    edited module instance to the share of its key space the kept keys occupy."""
+
+    def __init__(self, message: str, capacity: Optional[Dict[str, float]] = None):
+        super().__init__(message)
+        self.capacity = dict(capacity or {})
+
+
+def _rows(base) -> torch.Tensor:
+    """An edit's original rows: a tensor, or a callable that reads them back (``kne.Editor`` keeps
+    them in a file, off the heap)."""
+    return base() if callable(base) else base
 
 
 _LOCK = threading.Lock()
@@ -160,8 +176,9 @@ class EditResult:
                     for site, dim, idx, base in reversed(self._saved):
                         w = site.weight()
                         i = idx.to(w.device)
+                        rows = _rows(base).to(w.device)  # read first: a failed read writes nothing
                         done.append((site.path, w, dim, i, w.index_select(dim, i)))
-                        w.index_copy_(dim, i, base.to(w.device))
+                        w.index_copy_(dim, i, rows)
                     self._done()
             except BaseException as e:
                 self.restored = False
@@ -176,9 +193,14 @@ class EditResult:
         with torch.no_grad():
             for site, dim, idx, base in self._saved:
                 w = site.weight()
-                if _rows_digest(w.index_select(dim, idx.to(w.device))) != _rows_digest(base):
+                if _rows_digest(w.index_select(dim, idx.to(w.device))) != _rows_digest(_rows(base)):
                     return False
         return True
+
+    def originals(self) -> List[Tuple[ModuleSite, int, torch.Tensor, torch.Tensor]]:
+        """``(site, dim, index, original rows)`` of every module instance this edit wrote (the
+        rows read back from a ``kne.Editor``'s file where it keeps them)."""
+        return [(site, dim, idx, _rows(base)) for site, dim, idx, base in self._saved]
 
     def _done(self) -> None:
         self.restored = True

@@ -193,7 +193,7 @@ def apply_kne_to_model(model: nn.Module, tok, requests: Sequence[Dict[str, Any]]
     result = fast_edit(model, tok, reqs, cfg, ensemble=ensemble)
     weights_copy: Dict[str, torch.Tensor] = {}
     if return_orig_weights:
-        for site, dim, idx, base in result._saved:
+        for site, dim, idx, base in result.originals():
             w = site.weight()
             orig = (w.t() if site.transposed else w).detach().clone()  # the parameter's own layout
             view = orig.t() if site.transposed else orig

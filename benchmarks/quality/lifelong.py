@@ -1,0 +1,200 @@
+"""Lifelong editing: a long sequence of single-fact (or batched) edits, scored over every edit so far
+at each checkpoint.
+
+Methods (``--method``, one process may run several, one after the other, the model put back in
+between):
+
+* ``editor``: kne ``local`` on :class:`kne.Editor` (kept keys in a bounded sketch);
+* ``keep``: kne ``local`` with ``fast_edit(..., keep=[every earlier result])`` (re-reads every earlier
+  edit's keys at each edit) -- stopped once an edit takes more than ``--keep-budget`` seconds;
+* ``tuned``: kne ``tuned``, no keep;
+* ``ft-m``: kne's FT-M baseline (EasyEdit's settings), sequential;
+* ``batch``: the ``editor`` with ``--batch`` facts per ``Editor.edit`` call.
+
+At each checkpoint (``--checkpoints``) every edit so far is evaluated (EasyEdit's teacher-forced
+metrics, the generated answers with the contains grade, other subjects, and drift on
+``--drift-sequences`` held-out sequences), and the run records seconds per edit, RSS, the state's
+bytes and the capacity. Records: the shipped KnowEdit file's records from ``--first`` on (default
+100: records 0-99 are the tuning and report records) that fed none of ``kne/data/preservation.json``
+(neither one of its prompts nor one of its subjects), in file order.
+
+    python benchmarks/quality/lifelong.py --data counterfact --edits 100 --checkpoints 10,25,50,100 \\
+        --method editor ft-m tuned --out benchmarks/results/lifelong_counterfact.json
+
+Embedded model, CPU, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def lifelong_records(data: str, first: int):
+    """``(indices, requests)``: the records from ``first`` on that fed nothing shipped."""
+    from importlib import resources
+
+    import kne
+
+    shipped = json.loads(resources.files("kne").joinpath("data/preservation.json").read_text())
+    prompts = set(shipped["prompts"])
+    subjects = {s for subs in shipped["subjects"].values() for s in subs}
+    reqs = kne.datasets.knowedit(data)
+    out = [(i, r) for i, r in enumerate(reqs) if i >= first and r.prompt not in prompts and r.subject not in subjects]
+    return [i for i, _ in out], [r for _, r in out]
+
+
+def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep_budget: float, drift_rows: int,
+        progress: bool, sketch_rank=None):
+    import torch
+
+    import kne
+    from kne import drift as driftmod
+    from kne.evaluation import EvalResult, measure_before
+    from kne.runs import edit_with
+
+    n = max(checkpoints)
+    reqs, indices = reqs[:n], indices[:n]
+    local = kne.KNEConfig.preset("local")
+    tuned = kne.KNEConfig.preset("tuned")
+    other = 4
+    t0 = time.perf_counter()
+    before = measure_before(model, tok, reqs, generate=True, other_subjects=other)
+    pre = kne.evaluate(model, tok, reqs)
+    for rec, extra in zip(pre.records, before):
+        rec.update(extra)
+    text = driftmod.drift_text(model, tok, progress=False)
+    rows = list(range(min(drift_rows, len(text.sequences))))
+    base = driftmod.token_scores(model, tok, text, rows)
+    setup = time.perf_counter() - t0
+    editor = None
+    if method in ("editor", "batch"):
+        editor = kne.Editor(model, tok, local, sketch_rank=sketch_rank)
+    results, seconds, failures, points = [], [], [], []
+    done = 0  # records edited (or attempted)
+    stopped = None
+    rss0 = rss_mb()
+    try:
+        while done < n:
+            step = batch if method == "batch" else 1
+            chunk = list(range(done, min(n, done + step)))
+            t = time.perf_counter()
+            try:
+                if editor is not None:
+                    res = editor.edit([reqs[i] for i in chunk])
+                elif method == "keep":
+                    res = edit_with("kne", model, tok, [reqs[chunk[0]]], local, keep=list(results))
+                elif method == "tuned":
+                    res = edit_with("kne", model, tok, [reqs[chunk[0]]], tuned)
+                else:
+                    res = edit_with("ft-m", model, tok, [reqs[chunk[0]]], local)
+                results.append(res)
+            except kne.EditError as e:
+                failures.append({"index": [indices[i] for i in chunk], "error": str(e)[:300]})
+            dt = time.perf_counter() - t
+            seconds.extend([dt / len(chunk)] * len(chunk))
+            done += len(chunk)
+            if progress:
+                print(f"{method} {done}/{n} {dt:.1f}s failures={len(failures)}", file=sys.stderr, flush=True)
+            if method == "keep" and dt > keep_budget:
+                stopped = (f"edit {done} took {dt:.0f} s, over the {keep_budget:.0f} s budget: re-reading the keys of "
+                           f"{len(results)} earlier edits at every edit")
+            if done in checkpoints or stopped or done == n:
+                te = time.perf_counter()
+                post = kne.evaluate(model, tok, reqs[:done], pre=EvalResult(pre.records[:done]), generate=True,
+                                    other_subjects=other)
+                d, flips = driftmod.compare(base, driftmod.token_scores(model, tok, text, rows))
+                s = post.summary()
+                point = {"edits": done, "summary": s, "drift": d, "drift_flips": flips,
+                         "seconds_per_edit_window": sum(seconds[-min(len(seconds), 10):]) / min(len(seconds), 10),
+                         "seconds_per_edit_mean": sum(seconds) / len(seconds), "rss_mb": rss_mb(),
+                         "rss_growth_mb": rss_mb() - rss0, "failures": len(failures),
+                         "eval_seconds": time.perf_counter() - te}
+                if editor is not None:
+                    st = editor.stats
+                    caps = list(st["capacity"].values())
+                    point.update(state_bytes=st["state_bytes"], sketch_rank=st["sketch_rank"],
+                                 capacity_max=st["capacity_max"], capacity_mean=sum(caps) / len(caps),
+                                 undo_bytes=st["undo_bytes"], state_ops=st["state_ops"])
+                points.append(point)
+                if progress:
+                    print(method, json.dumps({k: v for k, v in point.items() if k != "summary"}),
+                          {k: s.get(k) for k in ("edit_succ", "locality", "gen_edit_contains", "others_moved")},
+                          file=sys.stderr, flush=True)
+            if stopped:
+                break
+    finally:
+        if editor is not None:
+            editor.undo_all()
+            editor.close()
+        else:
+            for res in reversed(results):
+                res.restore()
+    return {"method": method, "batch": batch if method == "batch" else 1, "setup_seconds": setup,
+            "seconds": seconds, "failures": failures, "stopped": stopped, "points": points,
+            "indices": indices[:done], "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="counterfact", help="a shipped KnowEdit set: zsre, counterfact or recent")
+    p.add_argument("--first", type=int, default=100, help="first record that may be used (default 100)")
+    p.add_argument("--checkpoints", default="10,25,50,100", help="edit counts to evaluate at (the last: the length)")
+    p.add_argument("--method", nargs="+", default=["editor", "ft-m"],
+                   choices=["editor", "keep", "tuned", "ft-m", "batch"])
+    p.add_argument("--batch", type=int, default=10, help="facts per Editor.edit call of method batch")
+    p.add_argument("--keep-budget", type=float, default=60.0, help="seconds per edit at which method keep stops")
+    p.add_argument("--drift-sequences", type=int, default=64, help="held-out sequences drift is scored on")
+    p.add_argument("--sketch-rank", type=int, default=None, help="Editor sketch rank (default: 10%% of model bytes)")
+    p.add_argument("--out", required=True, help="write the run as JSON here")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    import torch
+
+    import kne
+
+    torch.set_num_threads(1)
+    checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
+    indices, reqs = lifelong_records(a.data, a.first)
+    if len(reqs) < max(checkpoints):
+        raise SystemExit(f"{a.data}: only {len(reqs)} records from {a.first} on fed nothing shipped; "
+                         f"the last checkpoint asks {max(checkpoints)}")
+    model, tok = kne.load_model()
+    runs = []
+    for m in a.method:
+        runs.append(run(m, model, tok, reqs, indices, checkpoints, batch=a.batch, keep_budget=a.keep_budget,
+                        drift_rows=a.drift_sequences, progress=not a.quiet, sketch_rank=a.sketch_rank))
+        doc = {"data": a.data, "first": a.first, "available": len(reqs), "checkpoints": checkpoints,
+               "command": "python benchmarks/quality/lifelong.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "kne": kne.__version__, "torch": torch.__version__, "cpu": _cpu(), "runs": runs}
+        with open(a.out, "w") as f:  # after every method: a long run keeps what it has
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
