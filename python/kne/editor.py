@@ -366,6 +366,7 @@ class Editor:
                           str(gen / "state.safetensors"))
             suffixes = sorted({s.suffix for s in self._sites.values()})
             doc = {"format": FORMAT, "method": self.method, "config": self.config.to_dict(),
+                   "require_landed": self.require_landed,
                    "model": fingerprint(self.model), "values": value_fingerprint(self.model, suffixes),
                    "state": self.state.meta() if self.state is not None else None,
                    "rows_bytes": self._rows.size, "seconds": self._seconds,
@@ -398,11 +399,13 @@ class Editor:
 
     @classmethod
     def load(cls, model: nn.Module, tokenizer, directory: Union[str, os.PathLike], *,
-             work_directory: Optional[Union[str, os.PathLike]] = None, require_landed: bool = True) -> "Editor":
+             work_directory: Optional[Union[str, os.PathLike]] = None,
+             require_landed: Optional[bool] = None) -> "Editor":
         """Resume a saved sequence on ``model``: the model the sequence started from, unedited (a
         freshly loaded copy). Checks the model's fingerprints and, before each edit is applied
         again, that its rows hold what that edit started from; all or nothing (a mismatch or an
-        interrupt leaves the model as it was). The saved folder is only read."""
+        interrupt leaves the model as it was). The saved folder is only read. ``require_landed``:
+        as saved unless given."""
         from safetensors.torch import load_file
 
         from .editfile import _check_model
@@ -431,7 +434,8 @@ class Editor:
         cfg = KNEConfig.from_dict(doc["config"])
         st = doc["state"]
         ed = cls(model, tokenizer, cfg, method=doc["method"], sketch_rank=st["rank"] if st else None,
-                 directory=work_directory, require_landed=require_landed)
+                 directory=work_directory,
+                 require_landed=doc["require_landed"] if require_landed is None else require_landed)
         if os.path.getsize(gen / "rows.bin") != int(doc["rows_bytes"]):
             raise ValueError(f"{gen / 'rows.bin'} holds {os.path.getsize(gen / 'rows.bin')} bytes, its index "
                              f"{doc['rows_bytes']}: the save is damaged")

@@ -26,14 +26,20 @@ def keeps_earlier(method: str, config: KNEConfig) -> bool:
 
 
 def edit_with(method: str, model: nn.Module, tokenizer, requests: Sequence[EditRequest], config: KNEConfig,
-              ensemble=None, keep=None) -> EditResult:
+              ensemble=None, keep=None, editor=None) -> EditResult:
     """One edit with ``method``: ``kne`` (kne.fast_edit), ``reference`` (kne.reference.edit),
     ``ft-m`` (kne.baselines.ft_m with EasyEdit's settings) or ``ft-m+kl`` (FT-M with kne's neighbour
     KL at ``config.preserve_weight`` and ``config.preserve_count``). ``keep``: earlier edits the
-    projection keeps (kne and reference with ``config.project``; see :func:`kne.fast_edit`)."""
+    projection keeps (kne and reference with ``config.project``; see :func:`kne.fast_edit`).
+    ``editor``: a :class:`kne.Editor` of ``method`` on ``model`` that makes the edit (keeping every
+    earlier edit it made)."""
     from . import baselines, reference
     from .editing import fast_edit
 
+    if editor is not None:
+        if editor.method != method or editor.model is not model:
+            raise ValueError(f"the editor edits with {editor.method} on another model or method than {method}")
+        return editor.edit(list(requests), ensemble=ensemble)
     if method == "kne":
         return fast_edit(model, tokenizer, requests, config, ensemble=ensemble, keep=keep)
     if method == "reference":
@@ -67,8 +73,10 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
     edited twice). ``sequential``: evaluate every request on the unedited model, apply every edit in
     turn without restoring, evaluate every request at the end (earlier edits must survive later
     ones), then restore them all (newest first; a Ctrl-C waits for the restores, so the model is left as
-    it was whatever happens). With ``config.project`` (kne, reference) and ``keep_earlier`` each
-    sequential edit keeps the earlier ones (``keep=``, :func:`kne.fast_edit`). A request whose
+    it was whatever happens). With ``config.project`` (kne, reference) and ``keep_earlier`` the
+    sequential edits are made by one :class:`kne.Editor` (``require_landed=False``: an edit that
+    did not land is kept and scored, as for the other methods), so each keeps the earlier ones'
+    keys. A request whose
     edit fails (``EditError``) is left out of the means and listed under ``failures``. ``ensemble`` (kne and reference only) is a dataset-level ensemble
     used for every edit instead of locating one per request. ``indices`` name the requests in the
     records (default ``0..n-1``; a data-parallel shard passes its global indices). ``evaluation``:
@@ -127,10 +135,12 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
             rec.update(steps=res.stats["steps"], seconds=res.stats["total_seconds"], final_loss=res.stats["losses"][-1])
         return rec
 
-    def attempt(i: int, req: EditRequest, keep=None) -> Optional[EditResult]:
+    def attempt(i: int, req: EditRequest, editor=None) -> Optional[EditResult]:
         """The edit, or ``None`` with the failure listed (the model is left as it was)."""
         try:
-            return edit_with(method, model, tokenizer, [req], config, ensemble, keep)
+            if editor is not None:
+                return edit_with(method, model, tokenizer, [req], config, ensemble, editor=editor)
+            return edit_with(method, model, tokenizer, [req], config, ensemble)
         except EditError as e:
             failures.append({"index": indices[i], "error": str(e)})
             bar.update(1)
@@ -168,9 +178,14 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
         for rec, extra in zip(pre.records, before):
             rec.update(extra)
         results: Dict[int, EditResult] = {}  # request position -> its edit, in the order applied
+        editor = None
+        if keep_earlier:
+            from .editor import Editor
+
+            editor = Editor(model, tokenizer, config, method=method, require_landed=False)
         try:
             for i, req in enumerate(requests):
-                res = attempt(i, req, list(results.values()) if keep_earlier else None)
+                res = attempt(i, req, editor)
                 if res is None:
                     continue
                 results[i] = res
@@ -185,8 +200,12 @@ def run_edits(model: nn.Module, tokenizer, requests: Sequence[EditRequest], meth
                 records.append(record(i, requests[i], post, res))
         finally:
             with deferred_interrupt():  # a Ctrl-C waits until every edit is restored, newest first
-                for res in reversed(list(results.values())):
-                    res.restore()
+                if editor is not None:
+                    editor.undo_all()
+                    editor.close()
+                else:
+                    for res in reversed(list(results.values())):
+                        res.restore()
     bar.close()
     summary = EvalResult(records).summary() if records else {"n": 0}
     return {"method": method, "protocol": protocol, "summary": summary,
