@@ -207,7 +207,7 @@ def test_the_work_per_edit_does_not_grow_with_the_number_of_edits(tiny_model, to
         new_rows = sum(ed.state.rows_added.values()) - rows_before
         ops.append(ed.state.ops - before)
         d, n_sites = 48, len(ed.state.widths)
-        bound = new_rows * d + (new_rows / rank + n_sites) * (2 * rank) ** 2 * d
+        bound = new_rows * d + (new_rows / rank + n_sites) * 2 * (2 * rank) ** 2 * d
         assert ops[-1] <= bound, (i, ops[-1], bound)
     assert read == [2] * 30  # prompt + answer, and the one neighbour: the same at edit 1 and edit 30
     assert max(ops[20:]) <= max(ops[:10]) * 1.5

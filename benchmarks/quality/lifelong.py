@@ -58,7 +58,7 @@ def lifelong_records(data: str, first: int):
 
 
 def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep_budget: float, drift_rows: int,
-        progress: bool, sketch_rank=None):
+        progress: bool, sketch_rank=None, save=None):
     import torch
 
     import kne
@@ -130,6 +130,10 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
                                  capacity_max=st["capacity_max"], capacity_mean=sum(caps) / len(caps),
                                  undo_bytes=st["undo_bytes"], state_ops=st["state_ops"])
                 points.append(point)
+                if save is not None:  # what the run has so far, after every checkpoint
+                    save({"method": method, "batch": batch if method == "batch" else 1, "setup_seconds": setup,
+                          "seconds": seconds, "failures": failures, "stopped": stopped, "points": points,
+                          "indices": indices[:done], "partial": True})
                 if progress:
                     print(method, json.dumps({k: v for k, v in point.items() if k != "summary"}),
                           {k: s.get(k) for k in ("edit_succ", "locality", "gen_edit_contains", "others_moved")},
@@ -174,14 +178,19 @@ def main(argv=None) -> int:
                          f"the last checkpoint asks {max(checkpoints)}")
     model, tok = kne.load_model()
     runs = []
-    for m in a.method:
-        runs.append(run(m, model, tok, reqs, indices, checkpoints, batch=a.batch, keep_budget=a.keep_budget,
-                        drift_rows=a.drift_sequences, progress=not a.quiet, sketch_rank=a.sketch_rank))
+
+    def save(partial=None):
         doc = {"data": a.data, "first": a.first, "available": len(reqs), "checkpoints": checkpoints,
                "command": "python benchmarks/quality/lifelong.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "kne": kne.__version__, "torch": torch.__version__, "cpu": _cpu(), "runs": runs}
-        with open(a.out, "w") as f:  # after every method: a long run keeps what it has
+               "kne": kne.__version__, "torch": torch.__version__, "cpu": _cpu(),
+               "runs": runs + ([partial] if partial else [])}
+        with open(a.out, "w") as f:  # a long run keeps what it has
             json.dump(doc, f, indent=1)
+
+    for m in a.method:
+        runs.append(run(m, model, tok, reqs, indices, checkpoints, batch=a.batch, keep_budget=a.keep_budget,
+                        drift_rows=a.drift_sequences, progress=not a.quiet, sketch_rank=a.sketch_rank, save=save))
+        save()
     return 0
 
 
