@@ -516,6 +516,68 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
     return render
 
 
+LIFELONG = ("lifelong_counterfact.json", "lifelong_zsre.json")
+LIFELONG_NAMES = {"editor": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M", "keep": "kne `local`, `keep=`",
+                  "batch": "kne `local`, `kne.Editor`, batches"}
+
+
+def lifelong() -> str:
+    """Every checkpoint of the lifelong runs: retention over every edit so far (teacher-forced edit
+    success and the generated answer's contains grade), locality, other subjects moved, drift, the
+    seconds per edit of the last ten edits, the RSS growth since the first edit, the state's bytes
+    and the largest capacity share."""
+    rows = []
+    for name in LIFELONG:
+        doc = load(name)
+        for run in doc["runs"]:
+            for pt in run["points"]:
+                s = pt["summary"]
+                mb = pt.get("state_bytes")
+                rows.append([FILES.get(doc["data"], doc["data"]), LIFELONG_NAMES.get(run["method"], run["method"]),
+                             str(pt["edits"]), pct(s.get("edit_succ")), pct(s.get("gen_edit_contains")),
+                             pct(s.get("locality")), pct(s.get("others_moved")), f"{pt['drift']:.3f}",
+                             f"{pt['seconds_per_edit_window']:.1f}", f"{pt['rss_growth_mb']:.0f}",
+                             "-" if mb is None else f"{mb / 2**20:.1f}",
+                             "-" if pt.get("capacity_max") is None else pct(pt["capacity_max"]),
+                             str(pt["failures"])])
+    return table(["data", "method", "edits", "Edit Succ.", "generated (contains)", "Locality", "others moved",
+                  "drift (nats)", "s/edit (last 10)", "RSS growth (MB)", "state (MiB)", "capacity (max)",
+                  "refused"], ["l", "l"] + ["r"] * 11, rows)
+
+
+def editor_state() -> str:
+    """The kept-key state at the Llama-2-7B shape and the embedded model's (benchmarks/speed/editor_state.py)."""
+    rows = []
+    for name in ("editor_state_llama7b.json", "editor_state_smollm2.json"):
+        d = load(name)
+        rows.append([d["shape"], f"{d['modules']} x {d['width']}", str(d["sketch_rank"]),
+                     f"{d['formula_bytes'] / 2**20:.1f}", f"{d['state_bytes'] / 2**20:.1f}",
+                     f"{100 * d['state_share_of_model']:.1f}%", f"{d['rss_growth_allocation_mb']:.0f}",
+                     f"{d['rss_growth_edits_mb']:.0f}", str(d["edits"]), f"{1000 * d['seconds_per_edit_mean']:.0f}",
+                     f"{1000 * max(d['seconds_per_edit']):.0f}", str(d["shrinks"])])
+    return table(["shape", "down_proj", "rank", "formula (MiB)", "measured (MiB)", "of the model", "RSS at allocation (MB)",
+                  "RSS over the edits (MB)", "edits", "ms/edit (mean)", "ms/edit (max)", "shrinks"],
+                 ["l", "l"] + ["r"] * 10, rows)
+
+
+def editor_7b() -> str:
+    """Ten Editor edits on the Llama-2-7B-shaped bf16 model (benchmarks/speed/editor_7b.py)."""
+    d = load("editor_7b.json")
+    gib = 2 ** 30
+    rows = [["model (bf16)", f"{d['model_bytes'] / gib:.2f} GiB"],
+            ["kept-key state: formula `8 l sum(d)`, l = " + str(d["sketch_rank"]), f"{d['formula_bytes'] / gib:.3f} GiB"],
+            ["kept-key state: measured (buffers)", f"{d['state_bytes'] / gib:.3f} GiB "
+             f"({100 * d['state_share_of_model']:.2f}% of the model)"],
+            ["RSS: the model loaded", f"{d['rss_model_mb'] / 1024:.2f} GiB"],
+            ["RSS: the editor made (its state allocated)", f"+{d['editor_rss_mb'] / 1024:.2f} GiB"],
+            ["RSS after each of the edits", f"{min(e['rss_mb'] for e in d['edits']) / 1024:.2f}-"
+             f"{max(e['rss_mb'] for e in d['edits']) / 1024:.2f} GiB"],
+            ["peak RSS over the run", f"{d['peak_mb'] / 1024:.2f} GiB"],
+            ["undo file after the edits (on disk)", f"{d['undo_bytes'] / 2**20:.0f} MiB"],
+            ["seconds per edit (mean of " + str(len(d["edits"])) + ")", f"{d['seconds_per_edit_mean']:.1f}"]]
+    return table(["", "measured"], ["l", "r"], rows)
+
+
 #: name -> (renderer, the files it reads: named under the table it renders)
 TABLES: Dict[str, Tuple[Callable[[], str], Tuple[str, ...]]] = {
     "quality-headline": (quality_headline, (MEASURES,)),
@@ -538,6 +600,9 @@ TABLES: Dict[str, Tuple[Callable[[], str], Tuple[str, ...]]] = {
     "performance-kernels": (performance_kernels, ("kernels_cpu.csv",)),
     "performance-overhead": (performance_overhead, ("overhead_cpu.csv",)),
     "soak": (soak, ("soak_summary.csv",)),
+    "lifelong": (lifelong, LIFELONG),
+    "editor-7b": (editor_7b, ("editor_7b.json",)),
+    "editor-state": (editor_state, ("editor_state_llama7b.json", "editor_state_smollm2.json")),
     "settings": (settings, ()),
     "tuning-rev3": (tuning("local_rev3_tuning.json"), ("local_rev3_tuning.json",)),
     "tuning-rev2": (tuning("local_rev2_tuning.json"), ("local_rev2_tuning.json",)),

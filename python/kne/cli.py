@@ -520,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--protocol", choices=("independent", "sequential", "both"), default="independent")
     v.add_argument("--no-keep-earlier", dest="keep_earlier", action="store_false",
                    help="sequential edits with the projection on (--preset local): do not keep the earlier edits "
-                        "(by default each edit is kept off their prompts' and neighbours' keys, fast_edit's keep=)")
+                        "(by default one kne.Editor makes them, and each edit is kept off the earlier edits' prompt and "
+                        "neighbour keys it holds)")
     v.add_argument("--fluency", action="store_true", help="also measure generation fluency (slower)")
     v.add_argument("--generate", action="store_true",
                    help="also grade generated answers, EasyEdit's protocol: the chat template, greedy until '.', "
