@@ -72,7 +72,8 @@ def test_sequential_projected_edits_keep_the_earlier_ones(method, tiny_model, to
     monkeypatch.setattr(runs, "edit_with", spy)
     # the neighbours of these subject-less requests (shipped training prompts, every token) fill the tiny
     # models' 48-wide key space on their own; this test is about who holds the earlier edits, not capacity
-    monkeypatch.setattr(kne.editing, "check_capacity", lambda *a: None)
+    for module in (kne.editing, kne.reference):
+        monkeypatch.setattr(module, "check_capacity", lambda *a: None)
     cfg = kne.KNEConfig(percentile=90.0, steps=3, project=True, project_corpus=False, preserve_count=1)
     for protocol in ("sequential", "independent"):
         runs.run_edits(model, tok, reqs(3), method, cfg, protocol=protocol, progress=False)

@@ -221,11 +221,12 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
     prompt strings whose keys the projection keeps too -- an earlier edit's ``prompt + answer`` at
     ``config.keep_positions`` and the last token of each neighbour it kept, read from the model as
     it is now, cut at ``config.keep_rtol`` -- so this edit disturbs them as little as the key
-    space allows (AlphaEdit's rule for sequential edits; ``kne.runs`` passes every earlier edit of
-    a sequential run). ``state`` (with ``project``): a :class:`kne.nullspace.KeySketch` of the keys
-    kept so far, joined the same way (what :class:`kne.Editor` passes; no re-reading). An edit whose
-    every module instance has its whole key space kept cannot move: :class:`kne.CapacityError`
-    before any step.
+    space allows (AlphaEdit's rule for sequential edits; :class:`kne.Editor` keeps a whole run's
+    edits without re-reading them). ``state`` (with ``project``): a
+    :class:`kne.nullspace.KeySketch` of the keys kept so far, joined the same way (what
+    :class:`kne.Editor` passes). With ``keep``
+    or ``state``, an edit whose every module instance has its whole key space kept cannot move:
+    :class:`kne.CapacityError` before any step.
 
     >>> res = kne.fast_edit(model, tok, {"prompt": "The capital of France is", "target_new": "Rome"})
     >>> res.stats["steps"], res.restore()
@@ -341,7 +342,8 @@ def fast_edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig]
                                              [s.site for s in slots] if cfg.project else ())
                 if cfg.project:  # with the earlier edits' keys (keep=), read from the model as it is now
                     bases = edit_bases(model, tokenizer, [s.site for s in slots], keys, cfg, kept=held, state=state)
-                    check_capacity([s.site for s in slots], bases, cfg)
+                    if state is not None or held:  # earlier edits' keys: a full key space is said, not run
+                        check_capacity([s.site for s in slots], bases, cfg)
             before = prompt_predictions(model, objective.edit_batch)  # for the collapse check after the merge
             handles = [s.site.module.register_forward_hook(own_thread(make_hook(s))) for s in slots]
             losses, steps, stopped = _train(forward, deltas, cfg, step_fn, on_step)

@@ -224,7 +224,8 @@ def edit(model: nn.Module, tokenizer, requests, config: Optional[KNEConfig] = No
                 keys = objective.capture(full_logits, [e["site"] for e in edits] if cfg.project else ())
             if cfg.project:  # I - B B^T per edited module instance, formed explicitly
                 bases = edit_bases(model, tokenizer, [e["site"] for e in edits], keys, cfg, kept=held, state=state)
-                check_capacity([e["site"] for e in edits], bases, cfg)
+                if state is not None or held:
+                    check_capacity([e["site"] for e in edits], bases, cfg)
                 for basis in bases:
                     n = edits[0]["D"].shape[1]
                     B = basis.double() if basis is not None else torch.zeros(n, 0, dtype=torch.float64)
