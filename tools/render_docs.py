@@ -516,7 +516,7 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
     return render
 
 
-LIFELONG = ("lifelong_counterfact.json", "lifelong_zsre.json")
+LIFELONG = ("lifelong_counterfact.json", "lifelong_tuned.json", "lifelong_rank1536.json", "lifelong_zsre.json")
 LIFELONG_NAMES = {"editor": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M", "keep": "kne `local`, `keep=`",
                   "batch": "kne `local`, `kne.Editor`, batches"}
 
@@ -533,7 +533,10 @@ def lifelong() -> str:
             for pt in run["points"]:
                 s = pt["summary"]
                 mb = pt.get("state_bytes")
-                rows.append([FILES.get(doc["data"], doc["data"]), LIFELONG_NAMES.get(run["method"], run["method"]),
+                label = LIFELONG_NAMES.get(run["method"], run["method"])
+                if pt.get("sketch_rank") is not None:
+                    label += f" (rank {pt['sketch_rank']})"
+                rows.append([FILES.get(doc["data"], doc["data"]), label,
                              str(pt["edits"]), pct(s.get("edit_succ")), pct(s.get("gen_edit_contains")),
                              pct(s.get("locality")), pct(s.get("others_moved")), f"{pt['drift']:.3f}",
                              f"{pt['seconds_per_edit_window']:.1f}", f"{pt['rss_growth_mb']:.0f}",
@@ -558,6 +561,23 @@ def editor_state() -> str:
     return table(["shape", "down_proj", "rank", "formula (MiB)", "measured (MiB)", "of the model", "RSS at allocation (MB)",
                   "RSS over the edits (MB)", "edits", "ms/edit (mean)", "ms/edit (max)", "shrinks"],
                  ["l", "l"] + ["r"] * 10, rows)
+
+
+def batch_table() -> str:
+    """N facts in one call on the unedited model (benchmarks/quality/batch.py)."""
+    d = load("batch_counterfact.json")
+    names = {"local": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M"}
+    rows = []
+    for r in d["rows"]:
+        if r.get("skipped"):
+            rows.append([names[r["method"]], str(r["n"])] + ["-"] * 6 + [r["skipped"]])
+            continue
+        s = r.get("summary") or {}
+        rows.append([names[r["method"]], str(r["n"]), f"{r['seconds']:.1f}", f"{r['facts_per_second']:.3f}",
+                     pct(s.get("edit_succ")), pct(s.get("gen_edit_contains")), pct(s.get("locality")),
+                     "-" if r.get("steps") is None else str(r["steps"]), r.get("error") or ""])
+    return table(["method", "N", "seconds", "facts/s", "Edit Succ.", "generated (contains)", "Locality", "steps",
+                  "note"], ["l", "r", "r", "r", "r", "r", "r", "r", "l"], rows)
 
 
 def editor_7b() -> str:
@@ -602,6 +622,7 @@ TABLES: Dict[str, Tuple[Callable[[], str], Tuple[str, ...]]] = {
     "soak": (soak, ("soak_summary.csv",)),
     "lifelong": (lifelong, LIFELONG),
     "editor-7b": (editor_7b, ("editor_7b.json",)),
+    "batch": (batch_table, ("batch_counterfact.json",)),
     "editor-state": (editor_state, ("editor_state_llama7b.json", "editor_state_smollm2.json")),
     "settings": (settings, ()),
     "tuning-rev3": (tuning("local_rev3_tuning.json"), ("local_rev3_tuning.json",)),

@@ -58,7 +58,7 @@ def lifelong_records(data: str, first: int):
 
 
 def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep_budget: float, drift_rows: int,
-        progress: bool, sketch_rank=None, save=None):
+        progress: bool, sketch_rank=None, save=None, overrides=None):
     import torch
 
     import kne
@@ -68,7 +68,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
 
     n = max(checkpoints)
     reqs, indices = reqs[:n], indices[:n]
-    local = kne.KNEConfig.preset("local")
+    local = kne.KNEConfig.preset("local", **(overrides or {}))
     tuned = kne.KNEConfig.preset("tuned")
     other = 4
     t0 = time.perf_counter()
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-budget", type=float, default=60.0, help="seconds per edit at which method keep stops")
     p.add_argument("--drift-sequences", type=int, default=64, help="held-out sequences drift is scored on")
     p.add_argument("--sketch-rank", type=int, default=None, help="Editor sketch rank (default: 10%% of model bytes)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="KNEConfig fields changed from the local preset (values as JSON: project_corpus=true)")
     p.add_argument("--out", required=True, help="write the run as JSON here")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -172,6 +174,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
+    overrides = {}
+    for item in a.set:
+        k, _, v = item.partition("=")
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
     indices, reqs = lifelong_records(a.data, a.first)
     if len(reqs) < max(checkpoints):
         raise SystemExit(f"{a.data}: only {len(reqs)} records from {a.first} on fed nothing shipped; "
@@ -182,14 +191,15 @@ def main(argv=None) -> int:
     def save(partial=None):
         doc = {"data": a.data, "first": a.first, "available": len(reqs), "checkpoints": checkpoints,
                "command": "python benchmarks/quality/lifelong.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "kne": kne.__version__, "torch": torch.__version__, "cpu": _cpu(),
+               "kne": kne.__version__, "torch": torch.__version__, "cpu": _cpu(), "overrides": overrides,
                "runs": runs + ([partial] if partial else [])}
         with open(a.out, "w") as f:  # a long run keeps what it has
             json.dump(doc, f, indent=1)
 
     for m in a.method:
         runs.append(run(m, model, tok, reqs, indices, checkpoints, batch=a.batch, keep_budget=a.keep_budget,
-                        drift_rows=a.drift_sequences, progress=not a.quiet, sketch_rank=a.sketch_rank, save=save))
+                        drift_rows=a.drift_sequences, progress=not a.quiet, sketch_rank=a.sketch_rank, save=save,
+                        overrides=overrides))
         save()
     return 0
 
