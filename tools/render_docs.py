@@ -516,7 +516,8 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
     return render
 
 
-LIFELONG = ("lifelong_counterfact.json", "lifelong_tuned.json", "lifelong_rank1536.json", "lifelong_zsre.json")
+LIFELONG = ("lifelong_counterfact.json", "lifelong_counterfact_ftm.json", "lifelong_tuned.json", "lifelong_rank1536.json",
+            "lifelong_zsre.json")
 LIFELONG_NAMES = {"editor": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M", "keep": "kne `local`, `keep=`",
                   "batch": "kne `local`, `kne.Editor`, batches"}
 
