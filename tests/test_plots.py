@@ -95,3 +95,40 @@ def test_one_panel_per_data_file_with_only_its_metrics(tmp_path, monkeypatch):
     kne.plots.plot_results(runs, tmp_path / "x.png")
     assert ticks == [["Edit Succ.", "Rephrase", "Locality", "Drift (nats)"], ["Edit Succ.", "Locality", "Drift (nats)"]]
     assert colours[:2] == colours[2:] and colours[0][1] != colours[1][1]
+
+
+def _lifelong(data, method, points):
+    return {"data": data, "checkpoints": [p[0] for p in points],
+            "runs": [{"method": method, "points": [{"edits": n, "drift": d, "seconds_per_edit_window": 2.0,
+                                                      "sketch_rank": 145 if method == "editor" else None,
+                                                      "summary": {"edit_succ": e, "locality": lo}}
+                                                     for n, e, lo, d in points]}]}
+
+
+def test_lifelong_curves_several_files_in_one_picture(tmp_path, monkeypatch, capsys):
+    """benchmarks/quality/lifelong.py's results: one row of panels per data file, one line per run
+    (retention and locality in %, drift in nats) against the edits so far; files drawn together."""
+    import matplotlib.axes
+
+    lines = []
+    orig = matplotlib.axes.Axes.plot
+
+    def spy(self, xs, ys, *args, **kwargs):
+        lines.append((kwargs.get("label"), list(xs), [round(y, 6) for y in ys]))
+        return orig(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_lifelong("zsre", "editor", [(10, 1.0, 0.8, 0.2), (25, 0.9, 0.7, 0.3)])))
+    b.write_text(json.dumps(_lifelong("zsre", "ft-m", [(10, 0.8, 0.7, 0.1)])))
+    assert cli.main(["plot", str(a), str(b), "--out", str(tmp_path / "l.png")]) == 0
+    assert _png_size(tmp_path / "l.png")[0] > 5000
+    assert lines[:4] == [("editor (rank 145)", [10, 25], [100.0, 90.0]), ("ft-m", [10], [80.0]),
+                         ("editor (rank 145)", [10, 25], [80.0, 70.0]), ("ft-m", [10], [70.0])]
+    assert lines[4] == ("editor (rank 145)", [10, 25], [0.2, 0.3])
+    runs = tmp_path / "r.json"
+    runs.write_text(json.dumps({"runs": [{"method": "kne", "data": "d", "summary": {"n": 1, "edit_succ": 1.0}}]}))
+    with pytest.raises(ValueError, match="only lifelong results are drawn together"):
+        kne.plots.plot_file(a, tmp_path / "x.png", [runs])
+    with pytest.raises(ValueError, match="several files are drawn together only for lifelong"):
+        kne.plots.plot_file(runs, tmp_path / "x.png", [a])

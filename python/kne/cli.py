@@ -444,7 +444,7 @@ def cmd_compare(args) -> int:
 def cmd_plot(args) -> int:
     from kne.plots import plot_file
 
-    out = plot_file(args.file, args.out)
+    out = plot_file(args.file, args.out, args.more)
     print(f"wrote {out}")
     return 0
 
@@ -542,11 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(v)
     v.set_defaults(func=cmd_eval)
 
-    pl = sub.add_parser("plot", help="picture of an ensemble JSON or of kne eval results",
+    pl = sub.add_parser("plot", help="picture of an ensemble JSON, of kne eval results or of lifelong runs",
                         description="An ensemble JSON (kne's or the authors' knb_dict) becomes a heatmap of ensemble "
                                     "density per layer and module with the counts; a results JSON from kne eval "
-                                    "becomes bars of its metrics.")
-    pl.add_argument("file", help="ensemble JSON or results JSON")
+                                    "becomes bars of its metrics; the results of benchmarks/quality/lifelong.py "
+                                    "become curves against the number of edits (several files in one picture).")
+    pl.add_argument("file", help="ensemble JSON, results JSON or lifelong results JSON")
+    pl.add_argument("more", nargs="*", help="more lifelong results JSON files drawn in the same picture")
     pl.add_argument("-o", "--out", default=None, help="PNG path (default: the input with .png)")
     pl.set_defaults(func=cmd_plot)
 

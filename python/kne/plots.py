@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 from .io import check_input, write_atomic
 from .metrics import METRICS, check_results
 
-__all__ = ["plot_ensemble", "plot_results", "plot_file"]
+__all__ = ["plot_ensemble", "plot_results", "plot_lifelong", "plot_file"]
 
 
 def _plt():
@@ -108,8 +108,72 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
     return out
 
 
-def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Path:
-    """Plot an ensemble JSON (kne's or a bare knb_dict) or a results JSON written by ``kne eval``."""
+#: the curves of a lifelong run: (point key or summary key, panel title, scale)
+LIFELONG_PANELS = (("edit_succ", "retention: edit success of every edit so far (%)", 100),
+                   ("locality", "locality (%)", 100), ("drift", "drift (nats per token)", 1),
+                   ("seconds_per_edit_window", "seconds per edit (last 10)", 1))
+
+
+def _is_lifelong(data: Any) -> bool:
+    runs = data.get("runs") if isinstance(data, dict) else None
+    return isinstance(runs, list) and bool(runs) and all(isinstance(r, dict) and isinstance(r.get("points"), list)
+                                                         for r in runs)
+
+
+def plot_lifelong(docs: List[Dict[str, Any]], out: Union[str, Path], *, title: Optional[str] = None) -> Path:
+    """Curves of lifelong runs (``benchmarks/quality/lifelong.py``): one row of panels per data file
+    (retention, locality, drift, seconds per edit against the number of edits so far), one line per
+    run, the same colour for a method in every panel."""
+    plt = _plt()
+
+    def label(run: Dict[str, Any]) -> str:
+        rank = next((p.get("sketch_rank") for p in run["points"] if p.get("sketch_rank") is not None), None)
+        return run["method"] + (f" (rank {rank})" if rank is not None else "")
+
+    files = list(dict.fromkeys(d.get("data", "") for d in docs))
+    runs = [(d.get("data", ""), r) for d in docs for r in d["runs"] if r["points"]]
+    if not runs:
+        raise ValueError("the lifelong results hold no checkpoint to plot")
+    colours = {lab: f"C{i % 10}" for i, lab in enumerate(dict.fromkeys(label(r) for _, r in runs))}
+    fig, axes = plt.subplots(len(files), len(LIFELONG_PANELS), squeeze=False,
+                             figsize=(3.4 * len(LIFELONG_PANELS), 0.8 + 2.6 * len(files)))
+    for row, f in zip(axes, files):
+        for ax, (key, name, scale) in zip(row, LIFELONG_PANELS):
+            for data, r in runs:
+                if data != f:
+                    continue
+                pts = [(p["edits"], p.get(key, p["summary"].get(key))) for p in r["points"]]
+                pts = [(x, scale * y) for x, y in pts if y is not None]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=label(r),
+                        color=colours[label(r)])
+            ax.set_title(f"{f}: {name}", fontsize=7, loc="left")
+            ax.set_xlabel("edits so far", fontsize=7)
+            ax.tick_params(labelsize=6)
+        row[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title or "lifelong editing", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))  # whole or not at all; special files in place
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give {what}")
+    check_input(path, what)  # missing, a symlink loop, unreadable: said as such
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e}); give {what}") from None
+
+
+def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None, more=()) -> Path:
+    """Plot an ensemble JSON (kne's or a bare knb_dict), a results JSON written by ``kne eval``, or
+    the curves of lifelong runs (``benchmarks/quality/lifelong.py``; ``more`` adds other such files
+    to the same picture)."""
     from .ensemble import Ensemble
 
     path = Path(path)
@@ -125,6 +189,18 @@ def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None) ->
         raise IsADirectoryError(f"{out} is a directory: give the picture a file name, e.g. {out / 'plot.png'}")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of {out} does not exist: create it first")
+    if _is_lifelong(data):
+        docs = [data]
+        for m in more:
+            extra = _read_json(Path(m), "a lifelong results JSON")
+            if not _is_lifelong(extra):
+                raise ValueError(f"{m}: not the results of benchmarks/quality/lifelong.py (runs with points); only "
+                                 "lifelong results are drawn together")
+            docs.append(extra)
+        return plot_lifelong(docs, out, title=path.name if not more else None)
+    if more:
+        raise ValueError("several files are drawn together only for lifelong results (benchmarks/quality/lifelong.py); "
+                         "plot an ensemble or a kne eval results file on its own")
     if isinstance(data, dict) and ("runs" in data or "summary" in data):
         runs = check_results(data, path)  # one line naming a bad field; NaN refused
         missing = [f"runs[{i}]" for i, r in enumerate(runs) if not isinstance(r.get("summary"), dict)]
