@@ -517,7 +517,7 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
 
 
 LIFELONG = ("lifelong_counterfact.json", "lifelong_counterfact_ftm.json", "lifelong_tuned.json", "lifelong_rank1536.json",
-            "lifelong_zsre.json")
+            "lifelong_corpus.json", "lifelong_zsre.json")
 LIFELONG_NAMES = {"editor": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M", "keep": "kne `local`, `keep=`",
                   "batch": "kne `local`, `kne.Editor`, batches"}
 
@@ -537,6 +537,8 @@ def lifelong() -> str:
                 label = LIFELONG_NAMES.get(run["method"], run["method"])
                 if pt.get("sketch_rank") is not None:
                     label += f" (rank {pt['sketch_rank']})"
+                for k, v in (doc.get("overrides") or {}).items():
+                    label += f", `{k}={json.dumps(v)}`"
                 rows.append([FILES.get(doc["data"], doc["data"]), label,
                              str(pt["edits"]), pct(s.get("edit_succ")), pct(s.get("gen_edit_contains")),
                              pct(s.get("locality")), pct(s.get("others_moved")), f"{pt['drift']:.3f}",

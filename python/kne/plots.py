@@ -128,10 +128,12 @@ def plot_lifelong(docs: List[Dict[str, Any]], out: Union[str, Path], *, title: O
 
     def label(run: Dict[str, Any]) -> str:
         rank = next((p.get("sketch_rank") for p in run["points"] if p.get("sketch_rank") is not None), None)
-        return run["method"] + (f" (rank {rank})" if rank is not None else "")
+        more = ", ".join(f"{k}={v}" for k, v in (run.get("overrides") or {}).items())
+        return run["method"] + (f" (rank {rank})" if rank is not None else "") + (f" ({more})" if more else "")
 
     files = list(dict.fromkeys(d.get("data", "") for d in docs))
-    runs = [(d.get("data", ""), r) for d in docs for r in d["runs"] if r["points"]]
+    # a file's settings changed from the preset (lifelong.py --set) name its runs apart
+    runs = [(d.get("data", ""), dict(r, overrides=d.get("overrides"))) for d in docs for r in d["runs"] if r["points"]]
     if not runs:
         raise ValueError("the lifelong results hold no checkpoint to plot")
     colours = {lab: f"C{i % 10}" for i, lab in enumerate(dict.fromkeys(label(r) for _, r in runs))}
