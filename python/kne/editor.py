@@ -356,7 +356,6 @@ class Editor:
             raise FileExistsError(f"{directory} holds files but no saved editor (no HEAD file): give a new or empty "
                                   "folder, or one an earlier Editor.save wrote")
         directory.mkdir(parents=True, exist_ok=True)
-        current = (directory / "HEAD").read_text().strip() if (directory / "HEAD").is_file() else None
         gen = directory / f"gen-{uuid.uuid4().hex[:12]}"
         try:
             gen.mkdir()
@@ -394,7 +393,6 @@ class Editor:
         for old in directory.glob("gen-*"):  # the previous save, and any an interrupted save left
             if old.name != gen.name:
                 shutil.rmtree(old, ignore_errors=True)
-        del current
         return directory
 
     @classmethod

@@ -23,6 +23,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Union[str, Path]) -> Path:
+    """Write ``fig`` as a PNG at ``out`` (whole or not at all; special files in place) and close it."""
+    out = Path(out)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))
+    finally:
+        plt.close(fig)
+    return out
+
+
 def plot_ensemble(ensemble, out: Union[str, Path], *, n_layers: Optional[int] = None,
                   n_neurons: Optional[Dict[str, int]] = None, title: Optional[str] = None) -> Path:
     """Heatmap: one row per module, one column per layer, colour = share of that module instance's
@@ -56,12 +66,7 @@ def plot_ensemble(ensemble, out: Union[str, Path], *, n_layers: Optional[int] = 
     cb.set_label("share of neurons" if (n_neurons or ensemble.n_neurons) else "neurons", fontsize=8)
     ax.set_title(title or f"KNE ensemble: {len(ensemble)} neurons (axis {ensemble.neuron_axis})", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    try:
-        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))  # whole or not at all; special files in place
-    finally:
-        plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 
@@ -100,12 +105,7 @@ def plot_results(runs: List[Dict[str, Any]], out: Union[str, Path], *, title: Op
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle((title or "KnowEdit evaluation") + "  (fluency: entropy x 100; drift: nats x 100)", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    try:
-        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))  # whole or not at all; special files in place
-    finally:
-        plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 #: the curves of a lifelong run: (point key or summary key, panel title, scale)
@@ -154,18 +154,15 @@ def plot_lifelong(docs: List[Dict[str, Any]], out: Union[str, Path], *, title: O
         row[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title or "lifelong editing", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    try:
-        write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=130))  # whole or not at all; special files in place
-    finally:
-        plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str, kind: Optional[str] = None) -> Any:
+    """The JSON in ``path``; a folder, a missing or unreadable file, or not JSON: an error naming
+    ``what`` to give (``kind``: the short name :func:`kne.io.check_input` says)."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give {what}")
-    check_input(path, what)  # missing, a symlink loop, unreadable: said as such
+    check_input(path, kind or what)  # missing, a symlink loop, unreadable: said as such
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -179,13 +176,7 @@ def plot_file(path: Union[str, Path], out: Optional[Union[str, Path]] = None, mo
     from .ensemble import Ensemble
 
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory: give an ensemble JSON or a results JSON of kne eval")
-    check_input(path, "ensemble or results JSON")  # missing, a symlink loop, unreadable: said as such
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e}); give an ensemble JSON or a results JSON of kne eval") from None
+    data = _read_json(path, "an ensemble JSON or a results JSON of kne eval", "ensemble or results JSON")
     out = Path(out) if out else path.with_suffix(".png")
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory: give the picture a file name, e.g. {out / 'plot.png'}")
