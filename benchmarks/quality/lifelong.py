@@ -18,8 +18,15 @@ bytes and the capacity. Records: the shipped KnowEdit file's records from ``--fi
 100: records 0-99 are the tuning and report records) that fed none of ``kne/data/preservation.json``
 (neither one of its prompts nor one of its subjects), in file order.
 
-    python benchmarks/quality/lifelong.py --data counterfact --edits 100 --checkpoints 10,25,50,100 \\
+    python benchmarks/quality/lifelong.py --data counterfact --checkpoints 10,25,50,100 \\
         --method editor ft-m tuned --out benchmarks/results/lifelong_counterfact.json
+
+A sequence longer than one sitting: ``--state DIR`` keeps, at every checkpoint, what the run needs to
+go on (for ``editor`` and ``batch`` the :meth:`kne.Editor.save` folder, for ``tuned`` and ``ft-m``
+the weights the edits changed, and the run so far), written all or nothing; the same command with
+later checkpoints added goes on from the last checkpoint reached, on a freshly loaded model (the
+unedited model's measures are cached there too). ``keep`` cannot go on (its earlier results live only
+in the process).
 
 Embedded model, CPU, one thread.
 """
@@ -57,13 +64,69 @@ def lifelong_records(data: str, first: int):
     return [i for i, _ in out], [r for _, r in out]
 
 
-def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep_budget: float, drift_rows: int,
-        progress: bool, sketch_rank=None, save=None, overrides=None):
+def _fingerprints(model) -> dict:
+    """sha256 of every parameter's bytes: which weights a method's edits changed."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous().view(torch.uint8) if p.dtype != torch.uint8 else p.detach().contiguous()
+        out[name] = hashlib.sha256(t.reshape(-1).numpy().tobytes()).hexdigest()
+    return out
+
+
+def _unedited_measures(model, tok, reqs, indices, drift_rows, cache):
+    """``(pre, base, text, rows)``: the unedited model's records for ``reqs`` and its drift scores,
+    read from (and added to) ``cache`` (a file, or ``None``), keyed by record index."""
     import torch
 
     import kne
     from kne import drift as driftmod
     from kne.evaluation import EvalResult, measure_before
+
+    other = 4
+    doc = torch.load(cache, weights_only=False) if cache is not None and cache.is_file() else {"records": {}}
+    todo = [j for j, i in enumerate(indices) if i not in doc["records"]]
+    changed = bool(todo)
+    if todo:
+        sub = [reqs[j] for j in todo]
+        before = measure_before(model, tok, sub, generate=True, other_subjects=other)
+        pre = kne.evaluate(model, tok, sub)
+        for j, rec, extra in zip(todo, pre.records, before):
+            rec.update(extra)
+            doc["records"][indices[j]] = rec
+    text = driftmod.drift_text(model, tok, progress=False)
+    rows = list(range(min(drift_rows, len(text.sequences))))
+    if doc.get("drift_rows") != rows:
+        doc["base"], doc["drift_rows"] = driftmod.token_scores(model, tok, text, rows), rows
+        changed = True
+    if changed and cache is not None:
+        _write_atomic(cache, lambda f: torch.save(doc, f))
+    return EvalResult([doc["records"][i] for i in indices]), doc["base"], text, rows
+
+
+def _write_atomic(path, write, mode="wb"):
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep_budget: float, drift_rows: int,
+        progress: bool, sketch_rank=None, save=None, overrides=None, state=None):
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import kne
+    from kne import drift as driftmod
+    from kne.evaluation import EvalResult
     from kne.runs import edit_with
 
     n = max(checkpoints)
@@ -72,21 +135,71 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
     tuned = kne.KNEConfig.preset("tuned")
     other = 4
     t0 = time.perf_counter()
-    before = measure_before(model, tok, reqs, generate=True, other_subjects=other)
-    pre = kne.evaluate(model, tok, reqs)
-    for rec, extra in zip(pre.records, before):
-        rec.update(extra)
-    text = driftmod.drift_text(model, tok, progress=False)
-    rows = list(range(min(drift_rows, len(text.sequences))))
-    base = driftmod.token_scores(model, tok, text, rows)
+    sdir = None if state is None else Path(state) / method
+    if sdir is not None:
+        sdir.mkdir(parents=True, exist_ok=True)
+    pre, base, text, rows = _unedited_measures(model, tok, reqs, indices, drift_rows,
+                                               None if state is None else Path(state) / "unedited.pt")
     setup = time.perf_counter() - t0
     editor = None
-    if method in ("editor", "batch"):
-        editor = kne.Editor(model, tok, local, sketch_rank=sketch_rank)
-    results, seconds, failures, points = [], [], [], []
+    results, seconds, failures, points, segments = [], [], [], [], []
     done = 0  # records edited (or attempted)
     stopped = None
+    originals = {}  # resumed ft-m / tuned: the unedited tensors of the weights put back from the state
+    prior = None if sdir is None else _read_run(sdir)
+    # ft-m and tuned keep the weights their edits changed: those that differ from the unedited model's
+    unedited = _fingerprints(model) if sdir is not None and method not in ("editor", "batch", "keep") else None
+    if prior is not None:
+        if method == "keep":
+            raise SystemExit(f"{sdir}: method keep cannot go on from a saved state (its earlier results live "
+                             "only in the process that made them); start it without --state")
+        if prior["indices"] != indices[:prior["done"]]:
+            raise SystemExit(f"{sdir}: the saved run edited other records (another --data, --first or --set?); "
+                             "give a new --state folder")
+        if prior["done"] >= n:
+            raise SystemExit(f"{sdir}: the saved run already has {prior['done']} edits; add a later checkpoint "
+                             f"(the last is {n})")
+        done, seconds, failures, points = prior["done"], prior["seconds"], prior["failures"], prior["points"]
+        segments, setup = prior["segments"], prior["setup_seconds"]
+        ck = sdir / prior["checkpoint"]
+        if method in ("editor", "batch"):
+            editor = kne.Editor.load(model, tok, ck)
+        else:
+            saved = load_file(str(ck / "weights.safetensors"))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, t in saved.items():
+                    originals[name] = params[name].detach().clone()
+                    params[name].copy_(t)
+        if progress:
+            print(f"{method}: went on from {ck} ({done} edits)", file=sys.stderr, flush=True)
+    elif method in ("editor", "batch"):
+        editor = kne.Editor(model, tok, local, sketch_rank=sketch_rank)
     rss0 = rss_mb()
+    segments.append({"from_edit": done, "rss_mb_at_start": rss0, "cpu": _cpu()})
+
+    def record():
+        return {"method": method, "batch": batch if method == "batch" else 1, "setup_seconds": setup,
+                "seconds": seconds, "failures": failures, "stopped": stopped, "points": points,
+                "indices": indices[:done], "segments": segments}
+
+    def keep_state():  # all or nothing: a new checkpoint folder, then run.json names it, then the old one goes
+        ck = sdir / f"ckpt-{done}"
+        if ck.exists():
+            shutil.rmtree(ck)
+        if editor is not None:
+            editor.save(ck)
+        else:
+            now = _fingerprints(model)
+            changed = {k: p.detach().contiguous() for k, p in model.named_parameters() if now[k] != unedited[k]}
+            ck.mkdir()
+            save_file(changed, str(ck / "weights.safetensors"))
+        doc = dict(record(), done=done, checkpoint=ck.name)
+        _write_atomic(sdir / "run.json", lambda f: json.dump(doc, f), mode="w")
+        for old in sdir.glob("ckpt-*"):
+            if old != ck:
+                shutil.rmtree(old)
+
     try:
         while done < n:
             step = batch if method == "batch" else 1
@@ -130,10 +243,10 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
                                  capacity_max=st["capacity_max"], capacity_mean=sum(caps) / len(caps),
                                  undo_bytes=st["undo_bytes"], state_ops=st["state_ops"])
                 points.append(point)
+                if sdir is not None and method != "keep":
+                    keep_state()
                 if save is not None:  # what the run has so far, after every checkpoint
-                    save({"method": method, "batch": batch if method == "batch" else 1, "setup_seconds": setup,
-                          "seconds": seconds, "failures": failures, "stopped": stopped, "points": points,
-                          "indices": indices[:done], "partial": True})
+                    save(dict(record(), partial=True))
                 if progress:
                     print(method, json.dumps({k: v for k, v in point.items() if k != "summary"}),
                           {k: s.get(k) for k in ("edit_succ", "locality", "gen_edit_contains", "others_moved")},
@@ -147,9 +260,22 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
         else:
             for res in reversed(results):
                 res.restore()
-    return {"method": method, "batch": batch if method == "batch" else 1, "setup_seconds": setup,
-            "seconds": seconds, "failures": failures, "stopped": stopped, "points": points,
-            "indices": indices[:done], "torch_threads": torch.get_num_threads()}
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, t in originals.items():
+                    params[name].copy_(t)
+    return dict(record(), torch_threads=torch.get_num_threads())
+
+
+def _read_run(sdir):
+    path = sdir / "run.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if not (sdir / doc["checkpoint"]).is_dir():
+        raise SystemExit(f"{sdir}: run.json names {doc['checkpoint']}, which is missing: the state folder was "
+                         "changed by hand; give a new --state folder")
+    return doc
 
 
 def main(argv=None) -> int:
@@ -165,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--sketch-rank", type=int, default=None, help="Editor sketch rank (default: 10%% of model bytes)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="KNEConfig fields changed from the local preset (values as JSON: project_corpus=true)")
+    p.add_argument("--state", default=None, metavar="DIR",
+                   help="keep what the run needs to go on in DIR at every checkpoint, and go on from it when it "
+                        "holds a run (the same command with later checkpoints added)")
     p.add_argument("--out", required=True, help="write the run as JSON here")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -185,6 +314,20 @@ def main(argv=None) -> int:
     if len(reqs) < max(checkpoints):
         raise SystemExit(f"{a.data}: only {len(reqs)} records from {a.first} on fed nothing shipped; "
                          f"the last checkpoint asks {max(checkpoints)}")
+    if a.state is not None:  # a state folder holds one sequence: the same records, settings and scoring
+        os.makedirs(a.state, exist_ok=True)
+        args = {"data": a.data, "first": a.first, "overrides": overrides, "sketch_rank": a.sketch_rank,
+                "batch": a.batch, "drift_sequences": a.drift_sequences}
+        path = os.path.join(a.state, "args.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                was = json.load(f)
+            if was != args:
+                diff = ", ".join(f"{k}: {was.get(k)!r} there, {v!r} here" for k, v in args.items() if was.get(k) != v)
+                raise SystemExit(f"{a.state} holds a run with other settings ({diff}); give a new --state folder")
+        else:
+            with open(path, "w") as f:
+                json.dump(args, f)
     model, tok = kne.load_model()
     runs = []
 
@@ -199,7 +342,7 @@ def main(argv=None) -> int:
     for m in a.method:
         runs.append(run(m, model, tok, reqs, indices, checkpoints, batch=a.batch, keep_budget=a.keep_budget,
                         drift_rows=a.drift_sequences, progress=not a.quiet, sketch_rank=a.sketch_rank, save=save,
-                        overrides=overrides))
+                        overrides=overrides, state=a.state))
         save()
     return 0
 

@@ -306,7 +306,10 @@ def preserved_basis(keys: Optional[torch.Tensor], corpus: Optional[torch.Tensor]
     parts = [] if corpus is None else [corpus.float()]
     if keys is not None and keys.numel():
         k = keys.double()
-        top = float(torch.linalg.matrix_norm(k, 2))  # the keys' largest singular value
+        # the keys' largest singular value, from the smaller Gram matrix (a full SVD of the keys
+        # cost more than the rest of this function)
+        g = k @ k.t() if k.shape[0] <= k.shape[1] else k.t() @ k
+        top = float(torch.linalg.eigvalsh(g)[-1].clamp_min(0).sqrt())
         if parts:
             U0 = parts[0].to(k)
             k = k - (k @ U0) @ U0.t()
