@@ -66,6 +66,42 @@ def test_sketch_is_exact_until_full_then_within_the_frequent_directions_bound(ge
         sk.rows("other")
 
 
+def test_sketch_shrinks_are_staggered_across_instances_and_keep_the_bound(gen):
+    """Instances fed the same number of rows per edit do not all shrink at the same edit (at most
+    ceil(M / spread) + 1 of M per edit, not all M), each stays within the Frequent-Directions bound,
+    and a saved sketch goes on with the same schedule."""
+    d, rank, m, per_edit = 24, 8, 8, 3
+    widths = {f"layers.{j}.mlp.down_proj": d for j in range(m)}
+    plain, stag = KeySketch(widths, rank, stagger=False), KeySketch(widths, rank)
+    fed = {p: [] for p in widths}
+    worst = {"plain": 0, "stag": 0}
+    for e in range(60):
+        if e == 30:  # save and load half-way: the rest of the schedule is kept
+            stag = KeySketch.from_state(json.loads(json.dumps(stag.meta())), stag.state_dict())
+        before = (plain.shrinks, stag.shrinks)
+        for p in widths:
+            rows = torch.randn(per_edit, d, generator=gen) * torch.linspace(3, 0.1, d)
+            fed[p].append(rows)
+            plain.add(p, rows)
+            stag.add(p, rows)
+        worst["plain"] = max(worst["plain"], plain.shrinks - before[0])
+        worst["stag"] = max(worst["stag"], stag.shrinks - before[1])
+    assert worst["plain"] == m  # every instance shrinks at the same edit
+    spread = rank // per_edit  # edits over which the first shrinks spread
+    assert worst["stag"] <= -(-m // spread) + 1, worst
+    assert stag.shrinks <= plain.shrinks + m  # at most one more shrink per instance
+    for p in widths:
+        K = torch.cat(fed[p]).double()
+        diff = torch.linalg.eigvalsh(K.t() @ K - stag.moment(p))
+        assert float(diff.min()) > -1e-6 * float(K.pow(2).sum())
+        assert float(diff.max()) <= float(K.pow(2).sum()) / rank * (1 + 1e-6)
+    meta = stag.meta()
+    meta["first_shrink"] = {next(iter(widths)): 10_000}
+    fresh = KeySketch(widths, rank)
+    with pytest.raises(ValueError, match="damaged"):
+        KeySketch.from_state(meta, fresh.state_dict())
+
+
 def test_sketch_rank_fits_the_budget():
     assert nullspace.sketch_rank([11008] * 32, 0.1 * 6.74e9 * 2) == 478  # Llama-2-7B's down_proj, bf16 model
     assert 8 * 478 * 11008 * 32 <= 0.1 * 6.74e9 * 2

@@ -467,9 +467,17 @@ class KeySketch:
     an eigendecomposition of size ``2 l``), amortised ``O(l d)`` per row, independent of how many
     rows came before. ``ops`` counts both (multiply-adds), so a test can see that the work per edit
     does not grow.
+
+    Staggered shrinks (``stagger=True``, the default): an edit adds about as many rows to every
+    instance, so their buffers would fill, and shrink, at the same edit: one edit would pay every
+    instance's shrink (at a Llama-7B shape, 32 of them). Instead the ``j``-th of ``M`` instances
+    shrinks the first time at ``2 l - floor(j l / M)`` rows (between ``l + 1`` and ``2 l``), and from
+    then on when its buffer is full, so the shrinks spread over the edits that add ``l`` rows. A
+    shrink of at least ``l`` rows takes ``s_l^2`` off at least ``l`` squared singular values, so the
+    bound above still holds; it costs at most one more shrink per instance over a sequence.
     """
 
-    def __init__(self, widths: Dict[str, int], rank: int):
+    def __init__(self, widths: Dict[str, int], rank: int, *, stagger: bool = True):
         rank = int(rank)
         if rank < 1:
             raise ValueError(f"the sketch rank must be at least 1, got {rank}")
@@ -477,6 +485,10 @@ class KeySketch:
         self.widths = dict(widths)
         self._buf = {p: torch.zeros(2 * min(rank, d), d, dtype=torch.float32) for p, d in self.widths.items()}
         self._fill = {p: 0 for p in self.widths}
+        # the fill at which an instance shrinks the first time (then: when full)
+        m = len(self.widths)
+        self._first = {p: self._buf[p].shape[0] - (j * (self._buf[p].shape[0] // 2)) // m
+                       for j, p in enumerate(self.widths)} if stagger else {}
         self.rows_added = {p: 0 for p in self.widths}
         self.energy_added = {p: 0.0 for p in self.widths}  # ||K||_F^2 of everything added
         self.energy_shed = {p: 0.0 for p in self.widths}  # what the shrinks took off the trace
@@ -506,12 +518,14 @@ class KeySketch:
         i = 0
         while i < k.shape[0]:
             fill = self._fill[path]
-            take = min(k.shape[0] - i, buf.shape[0] - fill)
+            limit = self._first.get(path, buf.shape[0])
+            take = min(k.shape[0] - i, limit - fill)
             buf[fill:fill + take] = k[i:i + take]
             self.ops += take * buf.shape[1]
             self._fill[path] = fill + take
             i += take
-            if self._fill[path] == buf.shape[0]:
+            if self._fill[path] == limit:
+                self._first.pop(path, None)
                 self._shrink(path)
 
     def _shrink(self, path: str) -> None:
@@ -560,7 +574,7 @@ class KeySketch:
     def meta(self) -> Dict:
         return {"rank": self.rank, "widths": self.widths, "rows_added": self.rows_added,
                 "energy_added": self.energy_added, "energy_shed": self.energy_shed, "ops": self.ops,
-                "shrinks": self.shrinks}
+                "shrinks": self.shrinks, "first_shrink": dict(self._first)}
 
     @classmethod
     def from_state(cls, meta: Dict, tensors: Dict[str, torch.Tensor]) -> "KeySketch":
@@ -575,4 +589,11 @@ class KeySketch:
         for name in ("rows_added", "energy_added", "energy_shed"):
             getattr(sk, name).update(meta[name])
         sk.ops, sk.shrinks = int(meta["ops"]), int(meta["shrinks"])
+        # instances still before their first shrink (a save without the field shrank when full)
+        sk._first = {p: int(v) for p, v in meta.get("first_shrink", {}).items()}
+        for p, v in sk._first.items():
+            sk._check(p)
+            if not sk._fill[p] < v <= sk._buf[p].shape[0]:
+                raise ValueError(f"the saved sketch of {p} holds {sk._fill[p]} rows and names its first shrink at "
+                                 f"{v}: the save is damaged")
         return sk
