@@ -551,19 +551,46 @@ def lifelong() -> str:
                   "refused"], ["l", "l"] + ["r"] * 11, rows)
 
 
+LIFELONG_LONG = ("lifelong_zsre_editor_500.json", "lifelong_zsre_ftm_500.json")
+
+
+def lifelong_pace() -> str:
+    """The long runs' cost over the sequence: wall-clock seconds per edit by hundred edits, the last
+    hundred over the first, and the RSS at each checkpoint from 100 on with its slope per edit."""
+    rows = []
+    for name in LIFELONG_LONG:
+        doc = load(name)
+        for run in doc["runs"]:
+            sec, pts = run["seconds"], run["points"]
+            blocks = [sum(sec[i:i + 100]) / len(sec[i:i + 100]) for i in range(0, len(sec), 100)]
+            late = [p for p in pts if p["edits"] >= 100]
+            slope = ((late[-1]["rss_mb"] - late[0]["rss_mb"]) / (late[-1]["edits"] - late[0]["edits"])
+                     if len(late) > 1 else float("nan"))
+            rows.append([FILES.get(doc["data"], doc["data"]), LIFELONG_NAMES.get(run["method"], run["method"]),
+                         str(len(sec)), " / ".join(f"{b:.1f}" for b in blocks), f"{blocks[-1] / blocks[0]:.2f}",
+                         " / ".join(f"{p['rss_mb']:.0f}" for p in late), f"{slope:+.3f}",
+                         str(len(run.get("segments", [])))])
+    return table(["data", "method", "edits", "s/edit by hundred edits", "last 100 / first 100",
+                  "RSS at checkpoints from 100 on (MB)", "RSS per edit (MB)", "processes"],
+                 ["l", "l", "r", "l", "r", "l", "r", "r"], rows)
+
+
 def editor_state() -> str:
-    """The kept-key state at the Llama-2-7B shape and the embedded model's (benchmarks/speed/editor_state.py)."""
+    """The kept-key state at the Llama-2-7B shape and the embedded model's (benchmarks/speed/editor_state.py),
+    for each shrink schedule the file measured."""
     rows = []
     for name in ("editor_state_llama7b.json", "editor_state_smollm2.json"):
         d = load(name)
-        rows.append([d["shape"], f"{d['modules']} x {d['width']}", str(d["sketch_rank"]),
-                     f"{d['formula_bytes'] / 2**20:.1f}", f"{d['state_bytes'] / 2**20:.1f}",
-                     f"{100 * d['state_share_of_model']:.1f}%", f"{d['rss_growth_allocation_mb']:.0f}",
-                     f"{d['rss_growth_edits_mb']:.0f}", str(d["edits"]), f"{1000 * d['seconds_per_edit_mean']:.0f}",
-                     f"{1000 * max(d['seconds_per_edit']):.0f}", str(d["shrinks"])])
-    return table(["shape", "down_proj", "rank", "formula (MiB)", "measured (MiB)", "of the model", "RSS at allocation (MB)",
-                  "RSS over the edits (MB)", "edits", "ms/edit (mean)", "ms/edit (max)", "shrinks"],
-                 ["l", "l"] + ["r"] * 10, rows)
+        for schedule, r in d["schedules"].items():
+            rows.append([d["shape"], f"{d['modules']} x {d['width']}", str(d["sketch_rank"]), schedule,
+                         f"{d['formula_bytes'] / 2**20:.1f}", f"{r['state_bytes'] / 2**20:.1f}",
+                         f"{100 * r['state_share_of_model']:.1f}%", f"{r['rss_growth_allocation_mb']:.0f}",
+                         f"{r['rss_growth_edits_mb']:.0f}", str(d["edits"]), f"{1000 * r['seconds_per_edit_mean']:.0f}",
+                         f"{1000 * max(r['seconds_per_edit']):.0f}", str(r["shrinks"]), str(max(r["shrinks_per_edit"]))])
+    return table(["shape", "down_proj", "rank", "shrinks", "formula (MiB)", "measured (MiB)", "of the model",
+                  "RSS at allocation (MB)", "RSS over the edits (MB)", "edits", "ms/edit (mean)", "ms/edit (max)",
+                  "shrinks (all)", "shrinks in one edit (max)"],
+                 ["l", "l", "r", "l"] + ["r"] * 10, rows)
 
 
 def batch_table() -> str:

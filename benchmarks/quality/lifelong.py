@@ -325,9 +325,8 @@ def main(argv=None) -> int:
             if was != args:
                 diff = ", ".join(f"{k}: {was.get(k)!r} there, {v!r} here" for k, v in args.items() if was.get(k) != v)
                 raise SystemExit(f"{a.state} holds a run with other settings ({diff}); give a new --state folder")
-        else:
-            with open(path, "w") as f:
-                json.dump(args, f)
+        else:  # atomically: two methods may start on one folder at once
+            _write_atomic(Path(path), lambda f: f.write(json.dumps(args).encode()))
     model, tok = kne.load_model()
     runs = []
 
