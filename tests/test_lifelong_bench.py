@@ -34,6 +34,9 @@ def _same(a, b):
         else:
             assert w == v, k
     assert b["drift"] == pytest.approx(a["drift"], abs=1e-4)
+    for f in ("rewrite_acc", "locality"):  # every edit's own scores, oldest first
+        assert len(b["by_edit"][f]) == b["edits"]
+        assert b["by_edit"][f] == pytest.approx(a["by_edit"][f], abs=1e-4), f
     assert b["failures"] == a["failures"]
 
 
@@ -59,6 +62,7 @@ def test_a_sequence_goes_on_from_its_state_as_if_never_cut(tmp_path, monkeypatch
         for p, q in zip(a[m]["points"], b[m]["points"]):
             _same(p, q)
         assert b[m]["indices"] == a[m]["indices"] and len(b[m]["seconds"]) == 3
+        assert len(b[m]["cpu_seconds"]) == 3 and all(c > 0 for c in b[m]["cpu_seconds"])
         assert [s["from_edit"] for s in b[m]["segments"]] == [0, 1]
     # the state went on to the new checkpoint, and only it is kept
     assert sorted(p.name for p in (state / "editor").glob("ckpt-*")) == ["ckpt-3"]

@@ -555,24 +555,29 @@ LIFELONG_LONG = ("lifelong_zsre_editor_500.json", "lifelong_zsre_ftm_500.json")
 
 
 def lifelong_pace() -> str:
-    """The long runs' cost over the sequence: wall-clock seconds per edit by hundred edits, the last
-    hundred over the first, and the RSS at each checkpoint from 100 on with its slope per edit."""
+    """The long runs' cost over the sequence: wall-clock (and, where recorded, CPU) seconds per edit by
+    hundred edits, the last hundred over the first, and the RSS at each checkpoint from 100 on with
+    its slope per edit."""
     rows = []
     for name in LIFELONG_LONG:
         doc = load(name)
         for run in doc["runs"]:
             sec, pts = run["seconds"], run["points"]
             blocks = [sum(sec[i:i + 100]) / len(sec[i:i + 100]) for i in range(0, len(sec), 100)]
+            cpu = run.get("cpu_seconds") or [None]
+            cpu_blocks = ("-" if None in cpu else
+                          " / ".join(f"{sum(cpu[i:i + 100]) / len(cpu[i:i + 100]):.1f}" for i in range(0, len(cpu), 100)))
             late = [p for p in pts if p["edits"] >= 100]
             slope = ((late[-1]["rss_mb"] - late[0]["rss_mb"]) / (late[-1]["edits"] - late[0]["edits"])
                      if len(late) > 1 else float("nan"))
             rows.append([FILES.get(doc["data"], doc["data"]), LIFELONG_NAMES.get(run["method"], run["method"]),
-                         str(len(sec)), " / ".join(f"{b:.1f}" for b in blocks), f"{blocks[-1] / blocks[0]:.2f}",
-                         " / ".join(f"{p['rss_mb']:.0f}" for p in late), f"{slope:+.3f}",
+                         str(len(sec)), " / ".join(f"{b:.1f}" for b in blocks), cpu_blocks,
+                         f"{blocks[-1] / blocks[0]:.2f}",
+                         " / ".join(f"{p['rss_mb']:.0f}" for p in late), "-" if slope != slope else f"{slope:+.3f}",
                          str(len(run.get("segments", [])))])
-    return table(["data", "method", "edits", "s/edit by hundred edits", "last 100 / first 100",
-                  "RSS at checkpoints from 100 on (MB)", "RSS per edit (MB)", "processes"],
-                 ["l", "l", "r", "l", "r", "l", "r", "r"], rows)
+    return table(["data", "method", "edits", "s/edit by hundred edits", "CPU s/edit by hundred edits",
+                  "last 100 / first 100 (wall)", "RSS at checkpoints from 100 on (MB)", "RSS per edit (MB)",
+                  "processes"], ["l", "l", "r", "l", "l", "r", "l", "r", "r"], rows)
 
 
 def editor_state() -> str:

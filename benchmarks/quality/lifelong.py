@@ -13,8 +13,8 @@ between):
 
 At each checkpoint (``--checkpoints``) every edit so far is evaluated (EasyEdit's teacher-forced
 metrics, the generated answers with the contains grade, other subjects, and drift on
-``--drift-sequences`` held-out sequences), and the run records seconds per edit, RSS, the state's
-bytes and the capacity. Records: the shipped KnowEdit file's records from ``--first`` on (default
+``--drift-sequences`` held-out sequences), and the run records seconds per edit (wall clock and
+the process's CPU seconds), RSS, the state's bytes and the capacity. Records: the shipped KnowEdit file's records from ``--first`` on (default
 100: records 0-99 are the tuning and report records) that fed none of ``kne/data/preservation.json``
 (neither one of its prompts nor one of its subjects), in file order.
 
@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -119,7 +120,6 @@ def _write_atomic(path, write, mode="wb"):
 def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep_budget: float, drift_rows: int,
         progress: bool, sketch_rank=None, save=None, overrides=None, state=None):
     import shutil
-    from pathlib import Path
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -127,6 +127,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
     import kne
     from kne import drift as driftmod
     from kne.evaluation import EvalResult
+    from kne.metrics import record_value
     from kne.runs import edit_with
 
     n = max(checkpoints)
@@ -143,6 +144,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
     setup = time.perf_counter() - t0
     editor = None
     results, seconds, failures, points, segments = [], [], [], [], []
+    cpu_seconds = []  # the process's CPU seconds per edit: unlike the wall clock, blind to other processes
     done = 0  # records edited (or attempted)
     stopped = None
     originals = {}  # resumed ft-m / tuned: the unedited tensors of the weights put back from the state
@@ -161,6 +163,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
                              f"(the last is {n})")
         done, seconds, failures, points = prior["done"], prior["seconds"], prior["failures"], prior["points"]
         segments, setup = prior["segments"], prior["setup_seconds"]
+        cpu_seconds = prior.get("cpu_seconds") or [None] * done  # a run saved before they were recorded
         ck = sdir / prior["checkpoint"]
         if method in ("editor", "batch"):
             editor = kne.Editor.load(model, tok, ck)
@@ -180,7 +183,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
 
     def record():
         return {"method": method, "batch": batch if method == "batch" else 1, "setup_seconds": setup,
-                "seconds": seconds, "failures": failures, "stopped": stopped, "points": points,
+                "seconds": seconds, "cpu_seconds": cpu_seconds, "failures": failures, "stopped": stopped, "points": points,
                 "indices": indices[:done], "segments": segments}
 
     def keep_state():  # all or nothing: a new checkpoint folder, then run.json names it, then the old one goes
@@ -204,7 +207,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
         while done < n:
             step = batch if method == "batch" else 1
             chunk = list(range(done, min(n, done + step)))
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 if editor is not None:
                     res = editor.edit([reqs[i] for i in chunk])
@@ -219,6 +222,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
                 failures.append({"index": [indices[i] for i in chunk], "error": str(e)[:300]})
             dt = time.perf_counter() - t
             seconds.extend([dt / len(chunk)] * len(chunk))
+            cpu_seconds.extend([(time.process_time() - c) / len(chunk)] * len(chunk))
             done += len(chunk)
             if progress:
                 print(f"{method} {done}/{n} {dt:.1f}s failures={len(failures)}", file=sys.stderr, flush=True)
@@ -235,7 +239,10 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
                          "seconds_per_edit_window": sum(seconds[-min(len(seconds), 10):]) / min(len(seconds), 10),
                          "seconds_per_edit_mean": sum(seconds) / len(seconds), "rss_mb": rss_mb(),
                          "rss_growth_mb": rss_mb() - rss0, "failures": len(failures),
-                         "eval_seconds": time.perf_counter() - te}
+                         "eval_seconds": time.perf_counter() - te,
+                         # each edit's own scores, oldest first: what the sequence forgets, by the edit's age
+                         "by_edit": {f: [record_value(r, f) for r in post.records]
+                                     for f in ("rewrite_acc", "locality")}}
                 if editor is not None:
                     st = editor.stats
                     caps = list(st["capacity"].values())
