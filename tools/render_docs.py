@@ -517,7 +517,7 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
 
 
 LIFELONG = ("lifelong_counterfact.json", "lifelong_counterfact_ftm.json", "lifelong_tuned.json", "lifelong_rank1536.json",
-            "lifelong_corpus.json", "lifelong_zsre.json")
+            "lifelong_corpus.json", "lifelong_zsre_editor_500.json", "lifelong_zsre_ftm_500.json")
 LIFELONG_NAMES = {"editor": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M", "keep": "kne `local`, `keep=`",
                   "batch": "kne `local`, `kne.Editor`, batches"}
 
@@ -573,11 +573,12 @@ def lifelong_pace() -> str:
             rows.append([FILES.get(doc["data"], doc["data"]), LIFELONG_NAMES.get(run["method"], run["method"]),
                          str(len(sec)), " / ".join(f"{b:.1f}" for b in blocks), cpu_blocks,
                          f"{blocks[-1] / blocks[0]:.2f}",
+                         f"{statistics.median(sec[:100]):.1f} / {statistics.median(sec[-100:]):.1f}",
                          " / ".join(f"{p['rss_mb']:.0f}" for p in late), "-" if slope != slope else f"{slope:+.3f}",
                          str(len(run.get("segments", [])))])
     return table(["data", "method", "edits", "s/edit by hundred edits", "CPU s/edit by hundred edits",
-                  "last 100 / first 100 (wall)", "RSS at checkpoints from 100 on (MB)", "RSS per edit (MB)",
-                  "processes"], ["l", "l", "r", "l", "l", "r", "l", "r", "r"], rows)
+                  "last 100 / first 100 (wall)", "median s/edit: first / last 100", "RSS at checkpoints from 100 on (MB)",
+                  "RSS per edit (MB)", "processes that made it"], ["l", "l", "r", "l", "l", "r", "r", "l", "r", "r"], rows)
 
 
 def editor_state() -> str:
@@ -656,6 +657,7 @@ TABLES: Dict[str, Tuple[Callable[[], str], Tuple[str, ...]]] = {
     "performance-overhead": (performance_overhead, ("overhead_cpu.csv",)),
     "soak": (soak, ("soak_summary.csv",)),
     "lifelong": (lifelong, LIFELONG),
+    "lifelong-pace": (lifelong_pace, LIFELONG_LONG),
     "editor-7b": (editor_7b, ("editor_7b.json",)),
     "batch": (batch_table, ("batch_counterfact.json",)),
     "editor-state": (editor_state, ("editor_state_llama7b.json", "editor_state_smollm2.json")),

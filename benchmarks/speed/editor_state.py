@@ -36,6 +36,17 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def measure(KeySketch, n, d, rank, edits, rows, stagger):
     """Feed one sketch per module instance ``edits`` edits of ``rows`` random key rows each."""
     import torch
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
     rank = sketch_rank([d] * n, a.budget * model_bytes)
     doc = {"shape": a.shape, "modules": n, "width": d, "model_bytes": model_bytes, "budget": a.budget,
            "sketch_rank": rank, "formula_bytes": 8 * rank * d * n, "edits": a.edits, "rows_per_edit": a.rows,
-           "torch": torch.__version__, "command": "python benchmarks/speed/editor_state.py "
+           "torch": torch.__version__, "cpu": _cpu(), "command": "python benchmarks/speed/editor_state.py "
            + " ".join(argv if argv is not None else sys.argv[1:]), "schedules": {}}
     for schedule in (["staggered", "plain"] if a.schedule == "both" else [a.schedule]):
         run = measure(KeySketch, n, d, rank, a.edits, a.rows, schedule == "staggered")
