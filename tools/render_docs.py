@@ -517,7 +517,8 @@ def tuning(name: str, fluency: bool = False) -> Callable[[], str]:
 
 
 LIFELONG = ("lifelong_counterfact.json", "lifelong_counterfact_ftm.json", "lifelong_tuned.json", "lifelong_rank1536.json",
-            "lifelong_corpus.json", "lifelong_zsre_editor_500.json", "lifelong_zsre_ftm_500.json")
+            "lifelong_corpus.json", "lifelong_zsre_editor_500.json", "lifelong_zsre_ftm_500.json",
+            "lifelong_zsre_rank512.json")
 LIFELONG_NAMES = {"editor": "kne `local`, `kne.Editor`", "tuned": "kne `tuned`", "ft-m": "FT-M", "keep": "kne `local`, `keep=`",
                   "batch": "kne `local`, `kne.Editor`, batches"}
 
