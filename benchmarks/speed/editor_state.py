@@ -19,6 +19,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+# the process's RSS and the CPU's name, read as the lifelong runs read them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
+from lifelong import _cpu, rss_mb  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -26,25 +31,6 @@ SHAPES = {  # name -> (modules, width, model parameters, bytes per parameter)
     "llama-7b": (32, 11008, 6_738_415_616, 2),  # Llama-2-7B, bf16
     "smollm2-135m": (30, 1536, 134_515_008, 4),  # the embedded model, float32
 }
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def measure(KeySketch, n, d, rank, edits, rows, stagger):
