@@ -42,6 +42,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+#: other subjects asked of each edited relation: the unedited measures and every checkpoint's alike
+OTHER_SUBJECTS = 4
+
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -87,13 +90,12 @@ def _unedited_measures(model, tok, reqs, indices, drift_rows, cache):
     from kne import drift as driftmod
     from kne.evaluation import EvalResult, measure_before
 
-    other = 4
     doc = torch.load(cache, weights_only=False) if cache is not None and cache.is_file() else {"records": {}}
     todo = [j for j, i in enumerate(indices) if i not in doc["records"]]
     changed = bool(todo)
     if todo:
         sub = [reqs[j] for j in todo]
-        before = measure_before(model, tok, sub, generate=True, other_subjects=other)
+        before = measure_before(model, tok, sub, generate=True, other_subjects=OTHER_SUBJECTS)
         pre = kne.evaluate(model, tok, sub)
         for j, rec, extra in zip(todo, pre.records, before):
             rec.update(extra)
@@ -134,7 +136,6 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
     reqs, indices = reqs[:n], indices[:n]
     local = kne.KNEConfig.preset("local", **(overrides or {}))
     tuned = kne.KNEConfig.preset("tuned")
-    other = 4
     t0 = time.perf_counter()
     sdir = None if state is None else Path(state) / method
     if sdir is not None:
@@ -232,7 +233,7 @@ def run(method: str, model, tok, reqs, indices, checkpoints, *, batch: int, keep
             if done in checkpoints or stopped or done == n:
                 te = time.perf_counter()
                 post = kne.evaluate(model, tok, reqs[:done], pre=EvalResult(pre.records[:done]), generate=True,
-                                    other_subjects=other)
+                                    other_subjects=OTHER_SUBJECTS)
                 d, flips = driftmod.compare(base, driftmod.token_scores(model, tok, text, rows))
                 s = post.summary()
                 point = {"edits": done, "summary": s, "drift": d, "drift_flips": flips,
