@@ -559,15 +559,17 @@ def lifelong_pace() -> str:
     """The long runs' cost over the sequence: wall-clock (and, where recorded, CPU) seconds per edit by
     hundred edits, the last hundred over the first, and the RSS at each checkpoint from 100 on with
     its slope per edit."""
+    def by_hundred(xs):
+        return [statistics.mean(xs[i:i + 100]) for i in range(0, len(xs), 100)]
+
     rows = []
     for name in LIFELONG_LONG:
         doc = load(name)
         for run in doc["runs"]:
             sec, pts = run["seconds"], run["points"]
-            blocks = [sum(sec[i:i + 100]) / len(sec[i:i + 100]) for i in range(0, len(sec), 100)]
+            blocks = by_hundred(sec)
             cpu = run.get("cpu_seconds") or [None]
-            cpu_blocks = ("-" if None in cpu else
-                          " / ".join(f"{sum(cpu[i:i + 100]) / len(cpu[i:i + 100]):.1f}" for i in range(0, len(cpu), 100)))
+            cpu_blocks = "-" if None in cpu else " / ".join(f"{b:.1f}" for b in by_hundred(cpu))
             late = [p for p in pts if p["edits"] >= 100]
             slope = ((late[-1]["rss_mb"] - late[0]["rss_mb"]) / (late[-1]["edits"] - late[0]["edits"])
                      if len(late) > 1 else float("nan"))
